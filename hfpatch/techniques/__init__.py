@@ -1,0 +1,1 @@
+"""Built-in techniques. Importing this package registers every one of them with `hfpatch.registry`."""

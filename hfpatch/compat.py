@@ -1,0 +1,102 @@
+"""The one place that knows how transformers versions differ.
+
+Everything else in hfpatch asks this module instead of checking `transformers.__version__` itself.
+Tested range: transformers 5.23 and 5.24 (see `TESTED_TRANSFORMERS`).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+
+import transformers
+from packaging.version import Version
+
+TESTED_TRANSFORMERS = (">=5.23", "<5.25")
+TRANSFORMERS_VERSION = Version(transformers.__version__)
+
+
+@functools.cache
+def warn_if_untested() -> None:
+    """Warn once per process when the installed transformers is outside the range hfpatch was tested on."""
+    low, high = (Version(spec.lstrip("<>=")) for spec in TESTED_TRANSFORMERS)
+    if not (low <= TRANSFORMERS_VERSION < high):
+        warnings.warn(
+            f"hfpatch was tested with transformers {','.join(TESTED_TRANSFORMERS)}; you have "
+            f"{TRANSFORMERS_VERSION}. Patches may still work; please report problems.",
+            stacklevel=3,
+        )
+
+
+@functools.cache
+def _forward_parameters(model_class: type) -> frozenset[str]:
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
+def cache_kwarg(model) -> str:
+    """Name of the forward keyword that carries the KV cache.
+
+    5.24 renamed `past_key_values` to `cache`; 5.23 silently ignores `cache=`, so the name is decided by
+    the model's own forward signature rather than by version number.
+    """
+    params = _forward_parameters(type(model))
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(outputs):
+    """The cache object of a model output, under whichever field name this version uses."""
+    cache = getattr(outputs, "cache", None)
+    if cache is None:
+        cache = getattr(outputs, "past_key_values", None)
+    return cache
+
+
+def crop_cache(cache, new_length: int) -> None:
+    """Shorten a cache to its first `new_length` positions.
+
+    `DynamicCache.crop` takes only a negative count of tokens to remove in 5.x (a positive argument used to
+    mean the final length); this helper hides that.
+    """
+    current = cache.get_seq_length()
+    if new_length < current:
+        cache.crop(new_length - current)
+
+
+def attention_functions():
+    """transformers' global registry of attention functions (name -> callable)."""
+    from transformers import AttentionInterface
+
+    return AttentionInterface
+
+
+def mask_functions():
+    """transformers' global registry of attention-mask builders (name -> callable)."""
+    from transformers.masking_utils import AttentionMaskInterface
+
+    return AttentionMaskInterface
+
+
+def register_attention(name: str, attention_fn, mask_like: str) -> None:
+    """Register an attention function and the mask builder it shares with a built-in implementation.
+
+    Without a mask function registered under the same name, `create_causal_mask` returns None and padding
+    is silently ignored, so both are always registered together.
+    """
+    attention_functions().register(name, attention_fn)
+    masks = mask_functions()
+    masks.register(name, masks._global_mapping[mask_like])
+
+
+def unregister_attention(name: str) -> None:
+    attention_functions()._global_mapping.pop(name, None)
+    mask_functions()._global_mapping.pop(name, None)
+
+
+def attn_implementation(config) -> str | None:
+    """The attention implementation a (sub-)config currently selects."""
+    return getattr(config, "_attn_implementation", None)
+
+
+def sub_config_names(config) -> tuple[str, ...]:
+    """Names of the nested configs (text_config, vision_config, ...) that exist on this config."""
+    return tuple(name for name in getattr(config, "sub_configs", {}) if getattr(config, name, None) is not None)

@@ -1,0 +1,209 @@
+"""`patch()` / `unpatch()` and `PatchHandle`: atomic application with an ordered undo stack.
+
+Composition rule: a model may carry several patches at once. They apply in order; each technique
+declares the parts of the model it takes over (`Technique.claims`), and a technique whose claim is already
+held by an active patch (or by an earlier technique of the same recipe) is refused with
+`PatchConflictError`. Patches come off in reverse order: `handle.unpatch()` on a handle that has newer
+patches above it raises; `hfpatch.unpatch(model)` removes all of them, newest first.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any
+
+import torch
+
+from . import arch, compat
+from .errors import PatchConflictError, PatchError, UnsupportedModelError
+from .primitives import Undo
+from .recipe import Recipe, resolve_recipe
+
+logger = logging.getLogger(__name__)
+
+# model -> its active handles, oldest first. Weak keys: the registry never keeps a model alive.
+_ACTIVE: weakref.WeakKeyDictionary[torch.nn.Module, list[PatchHandle]] = weakref.WeakKeyDictionary()
+
+
+class PatchContext:
+    """What a technique's `apply` receives: the model's adapter and a place to record undos."""
+
+    def __init__(self, model: torch.nn.Module, handle: PatchHandle):
+        self.model = model
+        self.adapter = arch.adapter_for(model)
+        self.handle = handle
+        self._undo: list[Undo] = []
+
+    def record(self, undo: Undo) -> Undo:
+        """Keep the undo of a change just made; undos run newest first."""
+        if not callable(undo):
+            raise TypeError(f"record() takes the undo callable a primitive returned, got {type(undo).__name__}")
+        self._undo.append(undo)
+        return undo
+
+    def rollback(self) -> list[BaseException]:
+        errors: list[BaseException] = []
+        while self._undo:
+            undo = self._undo.pop()
+            try:
+                undo()
+            except BaseException as exc:  # keep undoing the rest; report all at the end
+                errors.append(exc)
+        return errors
+
+
+class PatchHandle:
+    """An applied recipe on one model. Use it to read statistics and to take the patch off.
+
+    Example:
+        >>> handle = hfpatch.patch(model, "token-recycling")
+        >>> model.generate(**inputs)
+        >>> handle.stats
+        >>> handle.unpatch()
+        >>> with hfpatch.patch(model, recipe):   # or scoped
+        ...     model.generate(**inputs)
+    """
+
+    def __init__(self, model: torch.nn.Module, recipe: Recipe, techniques: list[Any]):
+        self.model = model
+        self.recipe = recipe
+        self.techniques = techniques
+        self._context = PatchContext(model, self)
+        self.active = False
+
+    @property
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Per technique name, what it did during the last call (see each technique's docs)."""
+        return {technique.name: technique.stats() for technique in self.techniques}
+
+    def technique(self, name: str):
+        """The applied technique instance called `name`."""
+        for technique in self.techniques:
+            if technique.name == name:
+                return technique
+        raise KeyError(f"no technique {name!r} in this patch; it has {[t.name for t in self.techniques]}")
+
+    def unpatch(self) -> None:
+        """Restore the model exactly as it was before this patch."""
+        if not self.active:
+            return
+        handles = _ACTIVE.get(self.model, [])
+        if handles and handles[-1] is not self:
+            newer = [h.recipe.name for h in handles[handles.index(self) + 1 :]]
+            raise PatchError(
+                f"patch {self.recipe.name!r} has newer patches on top of it ({newer}); unpatch those first, "
+                "or call hfpatch.unpatch(model) to remove all"
+            )
+        errors = self._context.rollback()
+        self.active = False
+        if handles:
+            handles.remove(self)
+            if not handles:
+                _ACTIVE.pop(self.model, None)
+        if errors:
+            raise PatchError(f"unpatching {self.recipe.name!r} hit {len(errors)} error(s): {errors!r}") from errors[0]
+
+    def __enter__(self) -> PatchHandle:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.unpatch()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"PatchHandle({self.recipe.name!r}, techniques={[t.name for t in self.techniques]}, {state})"
+
+
+def active_patches(model: torch.nn.Module) -> list[PatchHandle]:
+    """The patches currently applied to `model` (a PEFT wrapper is looked through), oldest first."""
+    return list(_ACTIVE.get(arch.unwrap_model(model), []))
+
+
+def _check_claims(model: torch.nn.Module, techniques: list[Any]) -> None:
+    held: dict[str, str] = {}
+    for handle in _ACTIVE.get(model, []):
+        for technique in handle.techniques:
+            for claim in technique.claims:
+                held[claim] = f"{technique.name} (patch {handle.recipe.name!r})"
+    for technique in techniques:
+        for claim in technique.claims:
+            if claim in held:
+                raise PatchConflictError(
+                    f"{technique.name} needs the model's {claim!r}, which {held[claim]} already holds; "
+                    "unpatch that first"
+                )
+            held[claim] = f"{technique.name} (this recipe)"
+
+
+def patch(
+    model: torch.nn.Module,
+    recipe: str | Recipe | dict,
+    *,
+    revision: str | None = None,
+    **overrides: Any,
+) -> PatchHandle:
+    """Apply a recipe to `model` in place and return a handle to inspect or undo it.
+
+    Args:
+        model: a transformers model (or a PEFT `PeftModel` wrapping one).
+        recipe: a built-in recipe name, a local `.json` file or directory, a Hub repo id, a `Recipe`, or a
+            dict in the recipe format.
+        revision: branch, tag or commit of a Hub recipe.
+        **overrides: technique parameters by name, e.g. `budget=512`. A name must belong to exactly one
+            technique of the recipe; use "technique.param" (via `**{"a.b": v}`) to disambiguate.
+
+    Either every technique applies or none does: on any failure the model is restored and `PatchError`
+    (or `UnsupportedModelError` / `PatchConflictError`) names the technique, the model type and the reason.
+
+    Example:
+        >>> handle = hfpatch.patch(model, "token-recycling")
+        >>> model.generate(**inputs, max_new_tokens=64)
+        >>> handle.unpatch()
+    """
+    compat.warn_if_untested()
+    target = arch.unwrap_model(model)
+    if not isinstance(target, torch.nn.Module):
+        raise TypeError(f"patch() takes a torch model, got {type(model).__name__}")
+    recipe_obj = resolve_recipe(recipe, revision=revision)
+    if overrides:
+        recipe_obj = recipe_obj.with_overrides(overrides)
+    techniques = recipe_obj.build_techniques()
+    kind = arch.model_type(target)
+    recipe_obj.check_requirements(kind)
+    for technique in techniques:
+        ok, reason = technique.supports(target)
+        if not ok:
+            raise UnsupportedModelError(f"{technique.name} cannot patch {kind!r}: {reason}")
+    _check_claims(target, techniques)
+
+    handle = PatchHandle(target, recipe_obj, techniques)
+    for technique in techniques:
+        try:
+            technique.apply(target, handle._context)
+        except Exception as exc:
+            errors = handle._context.rollback()
+            note = f" (and {len(errors)} undo error(s) while restoring: {errors!r})" if errors else ""
+            raise PatchError(
+                f"technique {technique.name!r} failed on model type {kind!r}: {type(exc).__name__}: {exc}; "
+                f"the model was restored{note}"
+            ) from exc
+    handle.active = True
+    _ACTIVE.setdefault(target, []).append(handle)
+    logger.info("patched %s with %s", kind, [t.name for t in techniques])
+    return handle
+
+
+def unpatch(model: torch.nn.Module) -> int:
+    """Remove every hfpatch patch from `model`, newest first. Returns how many were removed.
+
+    Example:
+        >>> hfpatch.unpatch(model)
+    """
+    target = arch.unwrap_model(model)
+    handles = list(_ACTIVE.get(target, []))
+    for handle in reversed(handles):
+        handle.unpatch()
+    return len(handles)
+
+
+__all__ = ["PatchContext", "PatchHandle", "active_patches", "patch", "unpatch"]

@@ -1,0 +1,171 @@
+"""The few ways hfpatch touches a model. Each returns an undo closure that restores exactly what it changed.
+
+Techniques never change a model any other way, so one ordered stack of these undos (see `patcher`) is
+enough to make every patch atomic and reversible. All changes are per instance: nothing here edits a
+class, a shared config object or a module-level function.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import compat
+
+Undo = Callable[[], None]
+_MISSING = object()
+_attention_names = itertools.count()
+
+
+def set_attribute(obj: Any, name: str, value: Any) -> Undo:
+    """Set `obj.name = value` on the instance; the undo restores the previous instance value or removes it.
+
+    On an nn.Module, a plain value is stored in the instance `__dict__`, so this shadows a class attribute or
+    method for this instance only.
+    """
+    # Writing to __dict__ directly bypasses nn.Module.__setattr__, which would register a module value as a
+    # submodule (and change state_dict keys).
+    previous = obj.__dict__.get(name, _MISSING)
+    obj.__dict__[name] = value
+
+    def undo() -> None:
+        if previous is _MISSING:
+            obj.__dict__.pop(name, None)
+        else:
+            obj.__dict__[name] = previous
+
+    return undo
+
+
+def wrap_method(obj: Any, name: str, wrapper: Callable[..., Any]) -> Undo:
+    """Route calls of `obj.name(...)` through `wrapper(original, *args, **kwargs)` for this instance only.
+
+    `original` is the method as bound at patch time (possibly an earlier wrapper), so wrappers stack in the
+    order they were applied and come off in reverse. Used for `generate` and for training-loss hooks
+    (`Trainer.compute_loss` on one trainer instance).
+    """
+    original = getattr(obj, name)
+
+    @functools.wraps(original)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        return wrapper(original, *args, **kwargs)
+
+    wrapped.__hfpatch_original__ = original  # type: ignore[attr-defined]
+    return set_attribute(obj, name, wrapped)
+
+
+def wrap_generate(model: torch.nn.Module, wrapper: Callable[..., Any]) -> Undo:
+    """Instance-level `generate` wrapper: `wrapper(original_generate, *args, **kwargs)`."""
+    return wrap_method(model, "generate", wrapper)
+
+
+def replace_forward(module: torch.nn.Module, forward: Callable[..., Any]) -> Undo:
+    """Give one module instance a different `forward` (a plain function taking the module's arguments)."""
+    return set_attribute(module, "forward", forward)
+
+
+def replace_module(parent: torch.nn.Module, child_name: str, new_module: torch.nn.Module) -> Undo:
+    """Swap a child module; the original object is kept and put back by the undo."""
+    original = parent._modules[child_name]
+    parent._modules[child_name] = new_module
+
+    def undo() -> None:
+        parent._modules[child_name] = original
+
+    return undo
+
+
+def add_forward_hook(
+    module: torch.nn.Module,
+    hook: Callable[..., Any],
+    *,
+    pre: bool = False,
+    with_kwargs: bool = True,
+    prepend: bool = False,
+) -> Undo:
+    """Register a forward (pre-)hook that sees keyword arguments; the undo removes exactly that hook."""
+    if pre:
+        handle = module.register_forward_pre_hook(hook, with_kwargs=with_kwargs, prepend=prepend)
+    else:
+        handle = module.register_forward_hook(hook, with_kwargs=with_kwargs, prepend=prepend)
+    return handle.remove
+
+
+def _config_pairs(old: Any, new: Any) -> list[tuple[Any, Any]]:
+    """(old, new) pairs of a config and its copy, sub-configs included, at every depth."""
+    pairs = [(old, new)]
+    for name in compat.sub_config_names(old):
+        pairs.extend(_config_pairs(getattr(old, name), getattr(new, name)))
+    return pairs
+
+
+def unshare_config(model: torch.nn.Module) -> Undo:
+    """Give this model private copies of its config objects.
+
+    Two models built from one config object share it, and the attention implementation is read from the
+    config at every forward, so changing it in place would patch both. Every submodule that points at the
+    original config (or one of its sub-configs) is re-pointed at the copy; the undo points them back, which
+    also restores every config field changed while patched.
+    """
+    new_config = copy.deepcopy(model.config)
+    replacements = {id(old): (old, new) for old, new in _config_pairs(model.config, new_config)}
+    changed: list[tuple[torch.nn.Module, Any]] = []
+    for module in model.modules():
+        config = module.__dict__.get("config")
+        if config is not None and id(config) in replacements:
+            old, new = replacements[id(config)]
+            module.__dict__["config"] = new
+            changed.append((module, old))
+
+    def undo() -> None:
+        for module, old in changed:
+            module.__dict__["config"] = old
+
+    return undo
+
+
+def set_config_field(model: torch.nn.Module, field: str, value: Any, *, sub_config: str | None = None) -> Undo:
+    """Set a config field (optionally on a sub-config such as "text_config") for this model only."""
+    undo_unshare = unshare_config(model)
+    target = model.config if sub_config is None else getattr(model.config, sub_config)
+    setattr(target, field, value)
+    return undo_unshare
+
+
+def use_attention_function(
+    model: torch.nn.Module,
+    attention_fn: Callable[..., Any],
+    *,
+    mask_like: str = "sdpa",
+    sub_configs: tuple[str, ...] | None = None,
+    label: str = "custom",
+) -> tuple[str, Undo]:
+    """Register `attention_fn` under a fresh name and select it for this model only.
+
+    The function has transformers' attention signature `(module, query, key, value, attention_mask,
+    scaling, dropout, **kwargs)`. It is registered with the mask builder of `mask_like` (so padding masks
+    keep working). `sub_configs` limits the change to those nested configs (e.g. `("text_config",)` in a
+    VLM); by default the whole model switches. Returns the registered name and the undo.
+    """
+    name = f"hfpatch_{label}_{next(_attention_names)}"
+    compat.register_attention(name, attention_fn, mask_like)
+    undo_unshare = unshare_config(model)
+    try:
+        if sub_configs is None:
+            model.set_attn_implementation(name)
+        else:
+            model.set_attn_implementation({key: name for key in sub_configs})
+    except Exception:
+        undo_unshare()
+        compat.unregister_attention(name)
+        raise
+
+    def undo() -> None:
+        undo_unshare()
+        compat.unregister_attention(name)
+
+    return name, undo

@@ -1,0 +1,460 @@
+"""Recipes: which techniques, with which parameters, plus optional tensors. Plain data, never code.
+
+On disk (a folder, locally or in a Hub repo):
+    hfpatch_recipe.json         {"hfpatch_version": "1.0", "name": ..., "description": ...,
+                                 "techniques": [{"type": "token_recycling", "k": 8}, ...],
+                                 "requirements": {"transformers": ">=5.23", "model_types": ["llama"]},
+                                 "tensors": {"file": "hfpatch_recipe.safetensors", "sha256": ..., "keys": [...]}}
+    hfpatch_recipe.safetensors  optional tensor payload; keys are "<technique type>/<name>"
+
+`hfpatch_version` is the version of this recipe format (major.minor). A newer major version is refused; a
+newer minor version is read, with unknown keys warned about and ignored; in a recipe of this version or
+older, an unknown key is an error.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.resources
+import json
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import RecipeError, RecipeNotFoundError
+from .registry import build_params, parameter_fields, technique_class
+
+FORMAT_VERSION = "1.0"
+RECIPE_FILE = "hfpatch_recipe.json"
+TENSOR_FILE = "hfpatch_recipe.safetensors"
+_TOP_LEVEL_KEYS = {"hfpatch_version", "name", "description", "techniques", "requirements", "tensors"}
+_REQUIREMENT_KEYS = {"transformers", "model_types"}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _is_newer_minor(version: Any, where: str) -> bool:
+    """Whether a recipe's format version is a newer minor of ours; raise on a malformed or newer major one."""
+    if not isinstance(version, str) or not re.fullmatch(r"\d+\.\d+", version):
+        raise RecipeError(f"{where}.hfpatch_version: expected a 'major.minor' string such as {FORMAT_VERSION!r}, got {version!r}")
+    major, minor = (int(part) for part in version.split("."))
+    our_major, our_minor = (int(part) for part in FORMAT_VERSION.split("."))
+    if major > our_major:
+        raise RecipeError(
+            f"{where}: format version {version} is newer than this hfpatch reads ({FORMAT_VERSION}); "
+            "upgrade hfpatch (pip install -U hfpatch)"
+        )
+    return major == our_major and minor > our_minor
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Recipe:
+    """A named list of techniques with parameters, and optional tensors (e.g. a warmed draft table).
+
+    Example:
+        >>> recipe = hfpatch.Recipe([{"type": "token_recycling", "k": 8}], name="my-recipe")
+        >>> recipe.save_pretrained("my_recipe/")
+        >>> recipe.push_to_hub("me/my-recipe")
+        >>> recipe = hfpatch.Recipe.from_pretrained("me/my-recipe", revision="v1")
+        >>> handle = hfpatch.patch(model, recipe)
+    """
+
+    techniques: list[dict[str, Any]]
+    name: str = "custom"
+    description: str = ""
+    requirements: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, Any] = field(default_factory=dict)
+    tensor_metadata: dict[str, str] = field(default_factory=dict)
+    hfpatch_version: str = FORMAT_VERSION
+    #: where the recipe was read from (a path, "builtin:<name>" or "hub:<repo>@<commit>"); not saved.
+    source: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.techniques, list):
+            self.techniques = [dict(t) if isinstance(t, dict) else t for t in self.techniques]
+        self.validate()
+
+    # ----- validation -------------------------------------------------------------------------------
+    def _where(self) -> str:
+        return f"recipe {self.name!r}" + (f" from {self.source}" if self.source else "")
+
+    def validate(self) -> None:
+        """Check the recipe against the format and every technique's parameters; raise `RecipeError`."""
+        where = self._where()
+        newer_minor = _is_newer_minor(self.hfpatch_version, where)
+        for key, expected in (("name", str), ("description", str)):
+            if not isinstance(getattr(self, key), expected):
+                raise RecipeError(f"{where}.{key}: expected a string, got {getattr(self, key)!r}")
+        if not isinstance(self.techniques, list) or not self.techniques:
+            raise RecipeError(f"{where}.techniques: expected a non-empty list of {{'type': ..., params...}} objects")
+        for index, entry in enumerate(self.techniques):
+            self._build_params(index, entry, newer_minor)
+        self._validate_requirements(where, newer_minor)
+        if not isinstance(self.tensors, dict) or not all(isinstance(k, str) for k in self.tensors):
+            raise RecipeError(f"{where}.tensors: expected a dict of name -> torch.Tensor")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.tensor_metadata.items()):
+            raise RecipeError(f"{where}.tensor_metadata: keys and values must be strings")
+
+    def _build_params(self, index: int, entry: Any, newer_minor: bool):
+        where = f"{self._where()}.techniques[{index}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
+            raise RecipeError(f"{where}: expected an object with a string 'type', got {entry!r}")
+        cls = technique_class(entry["type"])
+        raw = {k: v for k, v in entry.items() if k != "type"}
+        unknown = sorted(set(raw) - set(parameter_fields(cls.Params)))
+        if unknown and newer_minor:
+            warnings.warn(f"{where} ({cls.name}): ignoring parameters {unknown} from a newer recipe format", stacklevel=4)
+            raw = {k: v for k, v in raw.items() if k not in unknown}
+        return cls, build_params(cls.Params, raw, where=f"{where} ({cls.name})")
+
+    def _validate_requirements(self, where: str, newer_minor: bool) -> None:
+        if not isinstance(self.requirements, dict):
+            raise RecipeError(f"{where}.requirements: expected an object, got {self.requirements!r}")
+        unknown = sorted(set(self.requirements) - _REQUIREMENT_KEYS)
+        if unknown:
+            if not newer_minor:
+                raise RecipeError(f"{where}.requirements: unknown key(s) {unknown}; allowed: {sorted(_REQUIREMENT_KEYS)}")
+            warnings.warn(f"{where}.requirements: ignoring keys {unknown} from a newer recipe format", stacklevel=4)
+        spec = self.requirements.get("transformers")
+        if spec is not None:
+            from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+            try:
+                SpecifierSet(spec)
+            except (InvalidSpecifier, TypeError):
+                raise RecipeError(f"{where}.requirements.transformers: not a version specifier: {spec!r}") from None
+        types_ = self.requirements.get("model_types")
+        if types_ is not None and (not isinstance(types_, list) or not all(isinstance(t, str) for t in types_)):
+            raise RecipeError(f"{where}.requirements.model_types: expected a list of model type strings")
+
+    def check_requirements(self, model_type: str) -> None:
+        """Raise `RecipeError` when the installed transformers or the model type is not what the recipe needs."""
+        from packaging.specifiers import SpecifierSet
+
+        from .compat import TRANSFORMERS_VERSION
+
+        spec = self.requirements.get("transformers")
+        if spec and TRANSFORMERS_VERSION not in SpecifierSet(spec):
+            raise RecipeError(f"{self._where()} needs transformers{spec}; installed: {TRANSFORMERS_VERSION}")
+        types_ = self.requirements.get("model_types")
+        if types_ and model_type not in types_:
+            raise RecipeError(f"{self._where()} is for model types {types_}, not {model_type!r}")
+
+    # ----- techniques -------------------------------------------------------------------------------
+    def build_techniques(self) -> list[Any]:
+        """Instantiate the recipe's techniques with validated parameters and their share of the tensors."""
+        newer_minor = _is_newer_minor(self.hfpatch_version, self._where())
+        instances = []
+        for index, entry in enumerate(self.techniques):
+            cls, params = self._build_params(index, entry, newer_minor)
+            technique = cls(params)
+            prefix = f"{cls.name}/"
+            tensors = {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+            metadata = {k[len(prefix):]: v for k, v in self.tensor_metadata.items() if k.startswith(prefix)}
+            if tensors or metadata:
+                technique.load_tensors(tensors, metadata)
+            instances.append(technique)
+        return instances
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Recipe:
+        """A copy with technique parameters replaced by name ("budget") or by "technique.param".
+
+        Raises `RecipeError` when a name matches no technique or more than one.
+        """
+        techniques = copy.deepcopy(self.techniques)
+        for key, value in overrides.items():
+            if "." in key:
+                type_name, param_name = key.split(".", 1)
+                targets = [t for t in techniques if t["type"] == type_name]
+            else:
+                param_name = key
+                targets = [t for t in techniques if param_name in parameter_fields(technique_class(t["type"]).Params)]
+            if len(targets) != 1:
+                names = [t["type"] for t in techniques]
+                problem = "matches no technique" if not targets else "is ambiguous"
+                raise RecipeError(
+                    f"override {key!r} {problem} in recipe {self.name!r} (techniques: {names}); "
+                    "use 'technique.param' to pick one"
+                )
+            targets[0][param_name] = value
+        return Recipe(
+            techniques, name=self.name, description=self.description, requirements=dict(self.requirements),
+            tensors=dict(self.tensors), tensor_metadata=dict(self.tensor_metadata),
+            hfpatch_version=self.hfpatch_version, source=self.source,
+        )
+
+    # ----- serialisation ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document (without tensor bookkeeping, which `save_pretrained` adds)."""
+        data: dict[str, Any] = {
+            "hfpatch_version": self.hfpatch_version,
+            "name": self.name,
+            "description": self.description,
+            "techniques": copy.deepcopy(self.techniques),
+        }
+        if self.requirements:
+            data["requirements"] = copy.deepcopy(self.requirements)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str | None = None, tensors: dict | None = None,
+                  tensor_metadata: dict | None = None) -> Recipe:
+        """Validate a parsed `hfpatch_recipe.json` document and build the recipe."""
+        where = f"recipe from {source}" if source else "recipe"
+        if not isinstance(data, dict):
+            raise RecipeError(f"{where}: expected a JSON object at the top level, got {type(data).__name__}")
+        if "hfpatch_version" not in data:
+            raise RecipeError(f"{where}: missing 'hfpatch_version' (this format is {FORMAT_VERSION!r})")
+        newer_minor = _is_newer_minor(data["hfpatch_version"], where)
+        unknown = sorted(set(data) - _TOP_LEVEL_KEYS)
+        if unknown:
+            if not newer_minor:
+                raise RecipeError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(_TOP_LEVEL_KEYS)}")
+            warnings.warn(f"{where}: ignoring keys {unknown} from newer recipe format {data['hfpatch_version']}", stacklevel=3)
+        if "techniques" not in data:
+            raise RecipeError(f"{where}: missing 'techniques'")
+        return cls(
+            techniques=data["techniques"],
+            name=data.get("name", "custom"),
+            description=data.get("description", ""),
+            requirements=data.get("requirements", {}),
+            tensors=tensors or {},
+            tensor_metadata=tensor_metadata or {},
+            hfpatch_version=data["hfpatch_version"],
+            source=source,
+        )
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write `hfpatch_recipe.json` (and `hfpatch_recipe.safetensors` when there are tensors) to a folder."""
+        from safetensors.torch import save_file
+
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        data = self.to_dict()
+        if self.tensors:
+            tensor_path = directory / TENSOR_FILE
+            tmp = tensor_path.with_name(f".{TENSOR_FILE}.tmp")
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}, str(tmp),
+                      metadata=dict(self.tensor_metadata))
+            os.replace(tmp, tensor_path)
+            data["tensors"] = {"file": TENSOR_FILE, "sha256": _sha256(tensor_path), "keys": sorted(self.tensors)}
+        json_path = directory / RECIPE_FILE
+        tmp = json_path.with_name(f".{RECIPE_FILE}.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, json_path)
+        return json_path
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, *, source: str | None = None) -> Recipe:
+        """Read a recipe JSON file (and the tensor file it names, from the same folder)."""
+        path = Path(path)
+        source = source or str(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise RecipeError(f"recipe from {source}: invalid JSON ({exc})") from None
+        except UnicodeDecodeError:
+            raise RecipeError(f"recipe from {source}: not a UTF-8 text file") from None
+        tensors, metadata = ({}, {})
+        if isinstance(data, dict) and "tensors" in data:
+            tensors, metadata = _load_tensor_payload(data["tensors"], path.parent, source)
+        return cls.from_dict(data, source=source, tensors=tensors, tensor_metadata=metadata)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        revision: str | None = None,
+        *,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+    ) -> Recipe:
+        """Load a recipe from a local file or folder, a built-in recipe name, or a Hub repo id.
+
+        Resolution order: an existing local path, then a built-in name (`hfpatch recipes` lists them), then
+        a Hub repository (`revision` = branch, tag or commit; honours `HF_HUB_OFFLINE` and the Hub cache).
+
+        Example:
+            >>> recipe = hfpatch.Recipe.from_pretrained("token-recycling")
+            >>> recipe = hfpatch.Recipe.from_pretrained("org/my-recipe", revision="v1")
+        """
+        text = os.fspath(name_or_path)
+        path = Path(text).expanduser()
+        if path.is_file():
+            return cls.from_file(path)
+        if path.is_dir():
+            if not (path / RECIPE_FILE).is_file():
+                raise RecipeNotFoundError(f"folder {text!r} has no {RECIPE_FILE}")
+            return cls.from_file(path / RECIPE_FILE)
+        builtin = builtin_recipe_path(text)
+        if builtin is not None and revision is None:
+            return cls.from_file(builtin, source=f"builtin:{text}")
+        if _REPO_ID.match(text):
+            return _from_hub(cls, text, revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+        raise RecipeNotFoundError(
+            f"no recipe called {text!r}: it is not a local file or folder, not a built-in recipe "
+            f"({', '.join(r['name'] for r in list_recipes()) or 'none'}), and not a Hub repo id like 'org/name'"
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        revision: str | None = None,
+        token: str | None = None,
+        private: bool | None = None,
+        commit_message: str | None = None,
+    ) -> str:
+        """Upload the recipe to a Hub model repo (created if needed); returns the commit sha.
+
+        `revision` names a branch, created from the default branch when missing.
+
+        Example:
+            >>> recipe.push_to_hub("me/my-recipe", revision="v1")
+        """
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="hfpatch-recipe-") as tmp:
+            self.save_pretrained(tmp)
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=tmp,
+                revision=revision,
+                commit_message=commit_message or f"Upload hfpatch recipe {self.name}",
+            )
+        return info.oid
+
+
+def _load_tensor_payload(spec: Any, folder: Path, source: str, path: Path | None = None) -> tuple[dict, dict]:
+    """Load and verify the tensor file a recipe declares (sha256 and key list must match)."""
+    from safetensors import SafetensorError, safe_open
+
+    where = f"recipe from {source}.tensors"
+    if not isinstance(spec, dict) or spec.get("file") != TENSOR_FILE or not isinstance(spec.get("sha256"), str) \
+            or not isinstance(spec.get("keys"), list):
+        raise RecipeError(f"{where}: expected {{'file': {TENSOR_FILE!r}, 'sha256': <hex>, 'keys': [...]}}, got {spec!r}")
+    path = path or folder / TENSOR_FILE
+    if not path.is_file():
+        raise RecipeError(f"{where}: the recipe declares {TENSOR_FILE} but it is missing")
+    actual = _sha256(path)
+    if actual != spec["sha256"]:
+        raise RecipeError(
+            f"{where}: {TENSOR_FILE} does not match the recipe (sha256 {actual[:12]}..., recipe says "
+            f"{spec['sha256'][:12]}...); the file was modified or truncated"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            metadata = dict(f.metadata() or {})
+    except SafetensorError as exc:
+        raise RecipeError(f"{where}: unreadable {TENSOR_FILE} ({exc})") from None
+    if sorted(tensors) != sorted(spec["keys"]):
+        raise RecipeError(f"{where}: tensor keys {sorted(tensors)} differ from the declared {sorted(spec['keys'])}")
+    metadata.pop("format", None)
+    return tensors, metadata
+
+
+def _from_hub(cls, repo_id: str, revision: str | None, *, token, cache_dir, local_files_only: bool) -> Recipe:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    def download(filename: str, rev: str | None) -> Path:
+        return Path(hf_hub_download(repo_id, filename, revision=rev, token=token, cache_dir=cache_dir,
+                                    local_files_only=local_files_only))
+
+    at = f"{repo_id}" + (f"@{revision}" if revision else "")
+    try:
+        json_path = download(RECIPE_FILE, revision)
+    except RepositoryNotFoundError:
+        raise RecipeNotFoundError(f"Hub repo {repo_id!r} not found (or you lack access)") from None
+    except RevisionNotFoundError:
+        raise RecipeNotFoundError(f"Hub repo {repo_id!r} has no revision {revision!r}") from None
+    except EntryNotFoundError:
+        raise RecipeNotFoundError(f"Hub repo {at} has no {RECIPE_FILE}; is it an hfpatch recipe?") from None
+    except LocalEntryNotFoundError:
+        raise RecipeNotFoundError(
+            f"recipe {at} is not in the local Hub cache and downloads are off (offline or local_files_only)"
+        ) from None
+    # The cache stores files under snapshots/<commit>/; pin the tensor file to that same commit.
+    commit = json_path.parent.name
+    source = f"hub:{repo_id}@{commit}"
+    try:
+        data = json.loads(json_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"recipe from {source}: invalid JSON ({exc})") from None
+    tensors, metadata = ({}, {})
+    if isinstance(data, dict) and "tensors" in data:
+        spec = data["tensors"]
+        try:
+            tensor_path = download(TENSOR_FILE, commit if re.fullmatch(r"[0-9a-f]{40}", commit) else revision)
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            raise RecipeError(f"recipe from {source}: declares {TENSOR_FILE} but the repo does not have it") from None
+        tensors, metadata = _load_tensor_payload(spec, tensor_path.parent, source, path=tensor_path)
+    return cls.from_dict(data, source=source, tensors=tensors, tensor_metadata=metadata)
+
+
+def builtin_recipes_dir() -> Path:
+    """Folder of the built-in recipes: inside the installed wheel, or `recipes/` of a source checkout."""
+    packaged = Path(str(importlib.resources.files("hfpatch"))) / "_builtin_recipes"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def builtin_recipe_path(name: str) -> Path | None:
+    if not re.fullmatch(r"[\w.+-]+", name):
+        return None
+    path = builtin_recipes_dir() / f"{name}.json"
+    return path if path.is_file() else None
+
+
+def list_recipes() -> list[dict[str, Any]]:
+    """The built-in recipes: name, description and technique types.
+
+    Example:
+        >>> [r["name"] for r in hfpatch.list_recipes()]
+    """
+    folder = builtin_recipes_dir()
+    result = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        result.append({
+            "name": path.stem,
+            "description": data.get("description", ""),
+            "techniques": [t.get("type") for t in data.get("techniques", [])],
+        })
+    return result
+
+
+def resolve_recipe(recipe: str | os.PathLike | Recipe | dict, *, revision: str | None = None) -> Recipe:
+    """Turn any accepted recipe argument (name, path, repo id, dict or Recipe) into a `Recipe`."""
+    if isinstance(recipe, Recipe):
+        if revision is not None:
+            raise TypeError("revision= only applies when the recipe is named by a Hub repo id")
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe, source="dict")
+    if isinstance(recipe, (str, os.PathLike)):
+        return Recipe.from_pretrained(recipe, revision=revision)
+    raise TypeError(f"recipe must be a name, path, Hub repo id, dict or hfpatch.Recipe, got {type(recipe).__name__}")

@@ -1,0 +1,275 @@
+"""Technique base class, parameter validation and the name -> technique registry.
+
+A technique is a class with a `name`, a dataclass of parameters (`Params`) and an `apply` method that
+changes a model only through `hfpatch.primitives`, recording an undo for every change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, ClassVar
+
+from .errors import RecipeError, UnsupportedModelError
+
+_MISSING = dataclasses.MISSING
+
+
+def param(
+    default: Any = _MISSING,
+    *,
+    help: str,
+    ge: float | None = None,
+    le: float | None = None,
+    gt: float | None = None,
+    choices: tuple | None = None,
+    default_factory: Any = _MISSING,
+) -> Any:
+    """Declare a technique parameter: a dataclass field with help text and range/choice constraints.
+
+    Example:
+        @dataclasses.dataclass
+        class Params:
+            k: int = param(8, help="successors kept per token", ge=1, le=64)
+    """
+    metadata = {"help": help, "ge": ge, "le": le, "gt": gt, "choices": choices}
+    if default_factory is not _MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass
+class NoParams:
+    """Parameters of a technique that takes none."""
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return f"list of {_type_name(args[0])}" if args else "list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against a parameter annotation; return it (ints are accepted where floats are)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, where)
+            except RecipeError as exc:
+                errors.append(exc)
+        raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            (item_tp, *_) = typing.get_args(tp) or (Any,)
+            items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+            return tuple(items) if origin is tuple else items
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _check_range(value: Any, meta: dict, where: str) -> None:
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise RecipeError(f"{where}: {value!r} is not one of {list(choices)}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if meta.get("ge") is not None and value < meta["ge"]:
+        raise RecipeError(f"{where}: must be >= {meta['ge']}, got {value!r}")
+    if meta.get("gt") is not None and value <= meta["gt"]:
+        raise RecipeError(f"{where}: must be > {meta['gt']}, got {value!r}")
+    if meta.get("le") is not None and value > meta["le"]:
+        raise RecipeError(f"{where}: must be <= {meta['le']}, got {value!r}")
+
+
+def parameter_fields(params_cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(params_cls)}
+
+
+def build_params(params_cls: type, raw: dict[str, Any], *, where: str, ignore_unknown: bool = False) -> Any:
+    """Validate a plain dict against a Params dataclass and build it.
+
+    Unknown keys raise (naming the allowed ones) unless `ignore_unknown`, which a recipe from a newer minor
+    format version sets after warning about them.
+    """
+    fields = parameter_fields(params_cls)
+    unknown = sorted(set(raw) - set(fields))
+    if unknown and not ignore_unknown:
+        allowed = ", ".join(sorted(fields)) or "(none)"
+        raise RecipeError(f"{where}: unknown parameter(s) {unknown}; allowed: {allowed}")
+    hints = typing.get_type_hints(params_cls)
+    values = {}
+    for name, field in fields.items():
+        if name not in raw:
+            if field.default is _MISSING and field.default_factory is _MISSING:
+                raise RecipeError(f"{where}.{name}: required parameter is missing")
+            continue
+        value = _coerce(raw[name], hints[name], f"{where}.{name}")
+        _check_range(value, field.metadata, f"{where}.{name}")
+        values[name] = value
+    try:
+        return params_cls(**values)
+    except (ValueError, TypeError) as exc:
+        raise RecipeError(f"{where}: {exc}") from exc
+
+
+def params_to_dict(params: Any) -> dict[str, Any]:
+    return {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
+
+
+class Technique:
+    """Base class of every technique.
+
+    Subclasses set `name`, `family`, `summary`, `Params` and implement `apply(model, ctx)`, where every change
+    to the model goes through a primitive whose undo is recorded with `ctx.record(...)`.
+
+    Example:
+        @register
+        class MyTechnique(Technique):
+            name = "my_technique"
+            family = "generation"
+            summary = "what it does in one line"
+            Params = MyParams
+
+            def apply(self, model, ctx):
+                ctx.record(primitives.add_forward_hook(model, my_hook))
+    """
+
+    name: ClassVar[str]
+    family: ClassVar[str]
+    summary: ClassVar[str] = ""
+    Params: ClassVar[type] = NoParams
+    #: Parts of a model this technique takes over exclusively (e.g. "attention", "generate-loop").
+    claims: ClassVar[frozenset[str]] = frozenset()
+    #: Model types (config.model_type) this technique accepts; None means every type hfpatch's arch/ knows.
+    model_types: ClassVar[frozenset[str] | None] = None
+
+    def __init__(self, params: Any = None, **kwargs: Any):
+        if params is not None and kwargs:
+            raise TypeError("pass either a Params object or keyword parameters, not both")
+        if params is None:
+            params = build_params(self.Params, kwargs, where=self.name)
+        elif not isinstance(params, self.Params):
+            raise TypeError(f"{self.name}: params must be {self.Params.__name__}, got {type(params).__name__}")
+        self.params = params
+        self.tensors: dict[str, Any] = {}
+        self.tensor_metadata: dict[str, str] = {}
+
+    def supports(self, model) -> tuple[bool, str]:
+        """Whether this technique can patch `model`, and why not when it cannot."""
+        from . import arch
+
+        try:
+            adapter = arch.adapter_for(model)
+        except UnsupportedModelError as exc:
+            return False, str(exc)
+        if self.model_types is not None and adapter.model_type not in self.model_types:
+            return False, (
+                f"{self.name} supports model types {sorted(self.model_types)}, not {adapter.model_type!r}"
+            )
+        return True, ""
+
+    def apply(self, model, ctx) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, Any]:
+        """What the technique did during the last call (empty when it keeps no statistics)."""
+        return {}
+
+    def load_tensors(self, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
+        """Receive this technique's share of a recipe's tensor payload (keys without the technique prefix)."""
+        self.tensors = dict(tensors)
+        self.tensor_metadata = dict(metadata)
+
+    def export_tensors(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """Tensors (and string metadata) to store in a recipe's payload, e.g. a warmed draft table."""
+        return dict(self.tensors), dict(self.tensor_metadata)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.params!r})"
+
+
+_REGISTRY: dict[str, type[Technique]] = {}
+
+
+def register(cls: type[Technique]) -> type[Technique]:
+    """Class decorator adding a technique to the registry under `cls.name`."""
+    if not dataclasses.is_dataclass(cls.Params):
+        raise TypeError(f"{cls.__name__}.Params must be a dataclass")
+    existing = _REGISTRY.get(cls.name)
+    if existing is not None and existing is not cls:
+        raise ValueError(f"technique name {cls.name!r} is already registered by {existing.__qualname__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def unregister(name: str) -> None:
+    """Remove a technique from the registry (used by tests that register throwaway techniques)."""
+    _REGISTRY.pop(name, None)
+
+
+def _load_builtin_techniques() -> None:
+    from . import techniques  # noqa: F401  (importing registers them)
+
+
+def technique_class(name: str) -> type[Technique]:
+    _load_builtin_techniques()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY)) or "(none)"
+        raise RecipeError(f"unknown technique type {name!r}; known techniques: {known}") from None
+
+
+def list_techniques() -> list[dict[str, Any]]:
+    """Describe every registered technique: name, family, summary and parameters with defaults.
+
+    Example:
+        >>> [t["name"] for t in hfpatch.list_techniques()]
+    """
+    _load_builtin_techniques()
+    result = []
+    for name in sorted(_REGISTRY):
+        cls = _REGISTRY[name]
+        hints = typing.get_type_hints(cls.Params)
+        params = []
+        for field in dataclasses.fields(cls.Params):
+            default = field.default
+            if default is _MISSING and field.default_factory is not _MISSING:
+                default = field.default_factory()
+            params.append(
+                {
+                    "name": field.name,
+                    "type": _type_name(hints[field.name]),
+                    "default": None if default is _MISSING else default,
+                    "help": field.metadata.get("help", ""),
+                    **{k: field.metadata[k] for k in ("ge", "le", "gt", "choices") if field.metadata.get(k) is not None},
+                }
+            )
+        result.append({"name": name, "family": cls.family, "summary": cls.summary, "params": params})
+    return result

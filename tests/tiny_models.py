@@ -1,0 +1,62 @@
+"""Tiny random models of every architecture hfpatch supports, built from configs (no downloads)."""
+from __future__ import annotations
+
+import torch
+import transformers
+
+_TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             bos_token_id=1, eos_token_id=2, pad_token_id=0,
+             num_key_value_heads=2, max_position_embeddings=256)
+
+
+def _text_config(kind: str):
+    if kind == "llama":
+        return transformers.LlamaConfig(**_TEXT)
+    if kind == "mistral":
+        return transformers.MistralConfig(**_TEXT, sliding_window=None)
+    if kind == "qwen2":
+        return transformers.Qwen2Config(**_TEXT)
+    if kind == "qwen3":
+        return transformers.Qwen3Config(**_TEXT, head_dim=8)
+    if kind == "gemma3_text":
+        return transformers.Gemma3TextConfig(**_TEXT, head_dim=8, sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+    if kind == "phi3":
+        return transformers.Phi3Config(**_TEXT)
+    if kind == "gpt2":
+        return transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    raise KeyError(kind)
+
+
+TEXT_KINDS = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gpt2")
+VLM_KINDS = ("llava", "qwen2_vl", "qwen2_5_vl")
+ALL_KINDS = TEXT_KINDS + VLM_KINDS
+
+
+def tiny_config(kind: str):
+    if kind in TEXT_KINDS:
+        return _text_config(kind)
+    if kind == "llava":
+        vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, image_size=28, patch_size=14)
+        return transformers.LlavaConfig(vision_config=vision, text_config=_text_config("llama"), image_token_id=127)
+    if kind in ("qwen2_vl", "qwen2_5_vl"):
+        cls = transformers.Qwen2VLConfig if kind == "qwen2_vl" else transformers.Qwen2_5_VLConfig
+        text = dict(_TEXT, rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0})
+        vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, in_channels=3, out_hidden_size=32, intermediate_size=64)
+        if kind == "qwen2_vl":
+            vision.pop("intermediate_size"); vision.pop("out_hidden_size")
+            vision["mlp_ratio"] = 2
+        return cls(text_config=text, vision_config=vision, image_token_id=120, video_token_id=121,
+                   vision_start_token_id=122, vision_end_token_id=123)
+    raise KeyError(kind)
+
+
+def tiny_model(kind: str, seed: int = 0, config=None):
+    """A tiny random model in eval mode, fp32, deterministic for a given seed."""
+    config = config if config is not None else tiny_config(kind)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config) if kind in TEXT_KINDS else \
+        transformers.AutoModelForImageTextToText.from_config(config)
+    return model.eval()
