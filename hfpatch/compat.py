@@ -100,3 +100,34 @@ def attn_implementation(config) -> str | None:
 def sub_config_names(config) -> tuple[str, ...]:
     """Names of the nested configs (text_config, vision_config, ...) that exist on this config."""
     return tuple(name for name in getattr(config, "sub_configs", {}) if getattr(config, name, None) is not None)
+
+
+def has_sliding_window_layers(config) -> bool:
+    """Whether any decoder layer uses sliding-window attention (its cache layer drops old positions)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = getattr(text, "layer_types", None) or ()
+    return any("sliding" in str(kind) for kind in layer_types)
+
+
+def compactable_cache(cache) -> bool:
+    """Whether `keep_cache_positions` can serve this cache: a DynamicCache whose layers keep every position."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def keep_cache_positions(cache, keep) -> None:
+    """Keep only the cached positions in `keep` (1-D LongTensor, ascending), in every layer.
+
+    RoPE is already applied to cached keys, so kept positions keep their original positions.
+    """
+    contiguous = int(keep[-1]) == len(keep) - 1
+    if contiguous:
+        crop_cache(cache, len(keep))
+        return
+    for layer in cache.layers:
+        if layer.keys is None or layer.keys.numel() == 0:
+            continue
+        index = keep.to(layer.keys.device)
+        layer.keys = layer.keys.index_select(-2, index)
+        layer.values = layer.values.index_select(-2, index)

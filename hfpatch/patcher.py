@@ -32,6 +32,8 @@ class PatchContext:
         self.model = model
         self.adapter = arch.adapter_for(model)
         self.handle = handle
+        #: scratch space where techniques of one recipe meet (e.g. drafters sharing one speculative engine)
+        self.shared: dict[str, Any] = {}
         self._undo: list[Undo] = []
 
     def record(self, undo: Undo) -> Undo:
@@ -125,6 +127,7 @@ def _check_claims(model: torch.nn.Module, techniques: list[Any]) -> None:
         for technique in handle.techniques:
             for claim in technique.claims:
                 held[claim] = f"{technique.name} (patch {handle.recipe.name!r})"
+    in_recipe: dict[str, Any] = {}
     for technique in techniques:
         for claim in technique.claims:
             if claim in held:
@@ -132,7 +135,12 @@ def _check_claims(model: torch.nn.Module, techniques: list[Any]) -> None:
                     f"{technique.name} needs the model's {claim!r}, which {held[claim]} already holds; "
                     "unpatch that first"
                 )
-            held[claim] = f"{technique.name} (this recipe)"
+            earlier = in_recipe.get(claim)
+            if earlier is not None and not (claim in earlier.cooperative_claims and claim in technique.cooperative_claims):
+                raise PatchConflictError(
+                    f"{technique.name} needs the model's {claim!r}, which {earlier.name} (this recipe) already holds"
+                )
+            in_recipe.setdefault(claim, technique)
 
 
 def patch(

@@ -106,15 +106,20 @@ class Recipe:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.tensor_metadata.items()):
             raise RecipeError(f"{where}.tensor_metadata: keys and values must be strings")
 
-    def _build_params(self, index: int, entry: Any, newer_minor: bool):
+    def _build_params(self, index: int, entry: Any, newer_minor: bool, *, warn: bool = True):
         where = f"{self._where()}.techniques[{index}]"
         if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
             raise RecipeError(f"{where}: expected an object with a string 'type', got {entry!r}")
-        cls = technique_class(entry["type"])
+        try:
+            cls = technique_class(entry["type"])
+        except RecipeError as exc:
+            raise RecipeError(f"{where}: {exc}") from None
         raw = {k: v for k, v in entry.items() if k != "type"}
         unknown = sorted(set(raw) - set(parameter_fields(cls.Params)))
         if unknown and newer_minor:
-            warnings.warn(f"{where} ({cls.name}): ignoring parameters {unknown} from a newer recipe format", stacklevel=4)
+            if warn:
+                warnings.warn(f"{where} ({cls.name}): ignoring parameters {unknown} from a newer recipe format",
+                              stacklevel=4)
             raw = {k: v for k, v in raw.items() if k not in unknown}
         return cls, build_params(cls.Params, raw, where=f"{where} ({cls.name})")
 
@@ -157,7 +162,7 @@ class Recipe:
         newer_minor = _is_newer_minor(self.hfpatch_version, self._where())
         instances = []
         for index, entry in enumerate(self.techniques):
-            cls, params = self._build_params(index, entry, newer_minor)
+            cls, params = self._build_params(index, entry, newer_minor, warn=False)
             technique = cls(params)
             prefix = f"{cls.name}/"
             tensors = {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
@@ -337,6 +342,8 @@ class Recipe:
                 folder_path=tmp,
                 revision=revision,
                 commit_message=commit_message or f"Upload hfpatch recipe {self.name}",
+                # A tensor file left from an earlier push would otherwise linger beside a JSON that no longer names it.
+                delete_patterns=None if self.tensors else [TENSOR_FILE],
             )
         return info.oid
 

@@ -166,6 +166,8 @@ class Technique:
     Params: ClassVar[type] = NoParams
     #: Parts of a model this technique takes over exclusively (e.g. "attention", "generate-loop").
     claims: ClassVar[frozenset[str]] = frozenset()
+    #: Claims that several techniques of one recipe may hold together (they cooperate through `ctx.shared`).
+    cooperative_claims: ClassVar[frozenset[str]] = frozenset()
     #: Model types (config.model_type) this technique accepts; None means every type hfpatch's arch/ knows.
     model_types: ClassVar[frozenset[str] | None] = None
 

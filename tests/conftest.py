@@ -10,3 +10,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from hub_server import configure_hub_env, hub_server  # noqa: E402,F401
 configure_hub_env()
+
+import pytest  # noqa: E402
+
+from hfpatch import assets  # noqa: E402
+
+# The real SmolLM2-135M-Instruct (converted once per cache, then ~0.5 s per load). Outside CI a missing asset
+# package skips those tests; in CI (CI=true) it fails them, so a missing install step cannot hide.
+smollm2 = pytest.fixture(scope="session")(assets.smollm2_fixture_factory(skip_if_missing=not os.environ.get("CI")))

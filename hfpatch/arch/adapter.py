@@ -87,8 +87,9 @@ class ArchAdapter:
         return _get(self.model, self.spec.projector) if self.spec.projector else None
 
 
-def supported_model_types() -> list[str]:
-    return sorted(SPECS)
+def supported_model_types(family: str | None = None) -> list[str]:
+    """Model types hfpatch knows, optionally only one family ("decoder" or "vlm")."""
+    return sorted(kind for kind, spec in SPECS.items() if family is None or spec.family == family)
 
 
 def adapter_for(model: torch.nn.Module) -> ArchAdapter:

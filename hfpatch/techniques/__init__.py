@@ -1,1 +1,2 @@
 """Built-in techniques. Importing this package registers every one of them with `hfpatch.registry`."""
+from . import generation  # noqa: F401

@@ -1,0 +1,194 @@
+"""Token Recycling (Luo et al., 2024, arXiv:2408.08696): recycle the target's own top-k candidates as drafts.
+
+A `[vocab, k]` table holds, for each token, the k most likely next tokens the target model produced the
+last time that token was in a verified tree. Each step a fixed tree template is filled level by level from
+the table, starting at the last accepted token; after the verification forward every tree token's row is
+replaced by that position's top-k. The table persists across generate calls (hot start) and can be shared
+through a recipe's tensor payload.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+import torch
+
+from ...errors import RecipeError
+from ...registry import param, register
+from .base import DrafterTechnique
+from .engine import Drafter
+from .tree import DraftTree
+
+# The paper's tree: 80 nodes over 6 levels (widths 8/21/25/15/8/3). Each entry is a path of ranks: [0, 2]
+# is the 3rd-best successor of the best successor of the root token.
+_PAPER_LEVELS = [
+    "0 1 2 3 4 5 6 7",
+    "00 01 02 03 04 05 06 07 10 11 12 13 20 21 22 30 31 40 50 60 70",
+    "000 001 002 003 004 005 006 007 010 011 012 020 021 030 040 050 060 070 100 101 110 200 300 400 500",
+    "0000 0001 0002 0003 0004 0010 0011 0020 0030 0040 0100 0200 1000 2000 3000",
+    "00000 00001 00002 00010 00020 00100 01000 10000",
+    "000000 000001 000100",
+]
+PAPER_TEMPLATE: list[list[int]] = [[int(c) for c in code] for level in _PAPER_LEVELS for code in level.split()]
+
+
+def _subtemplate(max_rank_sum: int, max_depth: int) -> list[list[int]]:
+    """The paper's nodes whose ranks add up to at most `max_rank_sum`: the most likely part of its tree."""
+    return [path for path in PAPER_TEMPLATE if sum(path) <= max_rank_sum and len(path) <= max_depth]
+
+
+# Smaller trees for CPUs, where verifying a node costs compute rather than being free as on a GPU.
+TEMPLATES: dict[str, list[list[int]]] = {
+    "paper-80": PAPER_TEMPLATE,
+    "cpu-30": _subtemplate(2, 6),
+    "cpu-16": _subtemplate(1, 6),
+    "chain-6": [[0] * depth for depth in range(1, 7)],
+}
+
+
+def _compile_template(template: list[list[int]]) -> list[tuple[int, int]]:
+    """(parent template index, rank) per node in breadth-first order; index 0 is the root."""
+    paths = sorted({tuple(p) for p in template}, key=lambda p: (len(p), p))
+    index = {(): 0}
+    compiled = []
+    for path in paths:
+        if path[:-1] not in index:
+            raise RecipeError(f"token_recycling.template: node {list(path)} has no parent {list(path[:-1])} in the template")
+        index[path] = len(compiled) + 1
+        compiled.append((index[path[:-1]], path[-1]))
+    return compiled
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of a tokenizer's vocabulary, stored with a warm table so it is not used with another one."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class TokenRecyclingParams:
+    k: int = param(8, help="successors kept per token (the table is [vocab, k])", ge=1, le=64)
+    template: str | list[list[int]] = param(
+        "cpu-30", help=f"tree template: one of {sorted(TEMPLATES)} or a list of rank paths like [[0], [1], [0, 0]]")
+    reset_each_call: bool = param(False, help="clear the table at every generate call (cold start, as an ablation)")
+
+    def __post_init__(self):
+        if isinstance(self.template, str) and self.template not in TEMPLATES:
+            raise ValueError(f"template {self.template!r} is not one of {sorted(TEMPLATES)}")
+        for path in self.template_paths():
+            if not path or any(not 0 <= r < self.k for r in path):
+                raise ValueError(f"template path {path} must be non-empty with ranks in [0, k={self.k})")
+        _compile_template(self.template_paths())
+
+    def template_paths(self) -> list[list[int]]:
+        return TEMPLATES[self.template] if isinstance(self.template, str) else [list(p) for p in self.template]
+
+
+class RecyclingDrafter(Drafter):
+    name = "token_recycling"
+
+    def __init__(self, vocab_size: int, k: int, template: list[list[int]], table: torch.Tensor | None = None,
+                 reset_each_call: bool = False):
+        self.k = k
+        self.topk_wanted = k
+        self.vocab_size = vocab_size
+        self.template = _compile_template(template)
+        self.table = table if table is not None else torch.full((vocab_size, k), -1, dtype=torch.int32)
+        self.reset_each_call = reset_each_call
+        self.rows_written = 0
+
+    def reset(self) -> None:
+        self.table.fill_(-1)
+
+    def start(self, prompt: list[int]) -> None:
+        if self.reset_each_call:
+            self.reset()
+
+    def draft(self, tree: DraftTree, context: list[int]) -> None:
+        nodes = [0]  # template index -> tree node (None when the template node could not be filled)
+        rows: dict[int, list[int]] = {}
+        for parent_index, rank in self.template:
+            parent = nodes[parent_index]
+            node = None
+            if parent is not None:
+                parent_token = tree.tokens[parent]
+                row = rows.get(parent_token)
+                if row is None:
+                    row = rows[parent_token] = self.table[parent_token].tolist()
+                token = row[rank]
+                if token >= 0:
+                    node = tree.add_child(parent, token)
+            nodes.append(node)
+
+    def update(self, tree: DraftTree, topk: torch.Tensor | None, accepted: list[int], context: list[int]) -> None:
+        # One row per distinct token; a node on the accepted path (real context) wins over a speculative one.
+        source_of: dict[int, int] = {}
+        for node, token in enumerate(tree.tokens):
+            source_of.setdefault(token, node)
+        for node in [0, *accepted]:
+            source_of[tree.tokens[node]] = node
+        tokens = torch.tensor(list(source_of.keys()), dtype=torch.long)
+        self.table[tokens] = topk[list(source_of.values()), : self.k].to(torch.int32)
+        self.rows_written += len(source_of)
+
+    def stats(self) -> dict[str, Any]:
+        filled = int((self.table[:, 0] >= 0).sum())
+        return {"table_rows_filled": filled, "table_bytes": self.table.numel() * self.table.element_size()}
+
+
+@register
+class TokenRecycling(DrafterTechnique):
+    """Lossless speculative `generate` drafting from a table of recycled top-k candidates.
+
+    Example:
+        >>> handle = hfpatch.patch(model, "token-recycling")
+        >>> model.generate(**inputs, max_new_tokens=128)     # same tokens as before, fewer forwards
+        >>> handle.stats["token_recycling"]["mean_accepted_tokens_per_forward"]
+        >>> handle.technique("token_recycling").to_recipe(tokenizer).push_to_hub("me/warm-table")
+    """
+
+    name = "token_recycling"
+    summary = "Token Recycling: tree drafts from a table of the model's own recent top-k successors (lossless)"
+    Params = TokenRecyclingParams
+
+    def node_budget(self) -> int:
+        return len(self.params.template_paths())
+
+    def make_drafter(self, model) -> RecyclingDrafter:
+        vocab_size = model.get_output_embeddings().weight.shape[0]
+        table = self.tensors.get("table")
+        if table is not None:
+            if table.dim() != 2 or table.shape[0] != vocab_size or table.shape[1] != self.params.k:
+                raise RecipeError(
+                    f"token_recycling: the recipe's table has shape {tuple(table.shape)}, but this model needs "
+                    f"({vocab_size}, {self.params.k}) (vocabulary size, k); it was warmed on another tokenizer or k"
+                )
+            if int(table.max()) >= vocab_size or int(table.min()) < -1:
+                raise RecipeError("token_recycling: the recipe's table holds token ids outside the vocabulary")
+            table = table.to(torch.int32).clone()
+        return RecyclingDrafter(vocab_size, self.params.k, self.params.template_paths(), table,
+                                self.params.reset_each_call)
+
+    def reset(self) -> None:
+        """Forget every recycled successor (the next call starts cold)."""
+        if self.drafter is not None:
+            self.drafter.reset()
+
+    def to_recipe(self, tokenizer=None, *, name: str = "token-recycling-warm", description: str = ""):
+        """A recipe carrying this patch's warmed table (and the tokenizer's fingerprint when given)."""
+        from ...recipe import Recipe
+
+        if self.drafter is None:
+            raise RuntimeError("to_recipe() needs the technique applied to a model (hfpatch.patch) first")
+        metadata = {"vocab_size": str(self.drafter.vocab_size), "k": str(self.params.k)}
+        if tokenizer is not None:
+            metadata["tokenizer_fingerprint"] = tokenizer_fingerprint(tokenizer)
+        return Recipe(
+            [{"type": self.name, **{f.name: getattr(self.params, f.name) for f in dataclasses.fields(self.params)}}],
+            name=name,
+            description=description or "Token Recycling with a warm successor table",
+            tensors={f"{self.name}/table": self.drafter.table.clone()},
+            tensor_metadata={f"{self.name}/{key}": value for key, value in metadata.items()},
+        )
