@@ -103,8 +103,12 @@ class Recipe:
         self._validate_requirements(where, newer_minor)
         if not isinstance(self.tensors, dict) or not all(isinstance(k, str) for k in self.tensors):
             raise RecipeError(f"{where}.tensors: expected a dict of name -> torch.Tensor")
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.tensor_metadata.items()):
+        if not isinstance(self.tensor_metadata, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.tensor_metadata.items()):
             raise RecipeError(f"{where}.tensor_metadata: keys and values must be strings")
+        if self.tensor_metadata and not self.tensors:
+            # The metadata is stored in the tensor file's header; without tensors there is nowhere to keep it.
+            raise RecipeError(f"{where}.tensor_metadata: describes the tensor payload, but the recipe has no tensors")
 
     def _build_params(self, index: int, entry: Any, newer_minor: bool, *, warn: bool = True):
         where = f"{self._where()}.techniques[{index}]"
@@ -135,6 +139,8 @@ class Recipe:
         if spec is not None:
             from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
+            if not isinstance(spec, str):
+                raise RecipeError(f"{where}.requirements.transformers: expected a specifier string like '>=5.23', got {spec!r}")
             try:
                 SpecifierSet(spec)
             except (InvalidSpecifier, TypeError):
@@ -267,10 +273,10 @@ class Recipe:
         source = source or str(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise RecipeError(f"recipe from {source}: invalid JSON ({exc})") from None
         except UnicodeDecodeError:
             raise RecipeError(f"recipe from {source}: not a UTF-8 text file") from None
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, over-long integers, absurd nesting
+            raise RecipeError(f"recipe from {source}: invalid JSON ({type(exc).__name__}: {exc})") from None
         tensors, metadata = ({}, {})
         if isinstance(data, dict) and "tensors" in data:
             tensors, metadata = _load_tensor_payload(data["tensors"], path.parent, source)
@@ -408,8 +414,8 @@ def _from_hub(cls, repo_id: str, revision: str | None, *, token, cache_dir, loca
     source = f"hub:{repo_id}@{commit}"
     try:
         data = json.loads(json_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"recipe from {source}: invalid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # also covers UnicodeDecodeError and JSONDecodeError
+        raise RecipeError(f"recipe from {source}: invalid JSON ({type(exc).__name__}: {exc})") from None
     tensors, metadata = ({}, {})
     if isinstance(data, dict) and "tensors" in data:
         spec = data["tensors"]

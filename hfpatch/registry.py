@@ -6,6 +6,7 @@ changes a model only through `hfpatch.primitives`, recording an undo for every c
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, ClassVar
@@ -84,7 +85,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:
+                raise RecipeError(f"{where}: {value!r} is too large for a float") from None
+            if not math.isfinite(number):
+                raise RecipeError(f"{where}: expected a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value

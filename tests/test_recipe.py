@@ -211,7 +211,7 @@ INVALID = {
     "bad transformers specifier": (_doc(requirements={"transformers": "latest!"}),
                                    [".requirements.transformers", "not a version specifier", "latest!"]),
     "transformers specifier not a string": (_doc(requirements={"transformers": 5}),
-                                            [".requirements.transformers", "not a version specifier"]),
+                                            [".requirements.transformers", "expected a specifier string"]),
     "model_types not a list": (_doc(requirements={"model_types": "llama"}),
                                [".requirements.model_types", "list of model type strings"]),
     "model_types items not strings": (_doc(requirements={"model_types": [1]}), [".requirements.model_types"]),
