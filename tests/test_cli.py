@@ -474,3 +474,24 @@ def test_python_dash_m(tmp_path):
     assert result.returncode == 1, result.stderr
     assert f"{bad}: invalid: " in result.stderr and "format version 9.0 is newer" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ----- the README's commands ----------------------------------------------------------------------------
+
+
+def _readme_commands() -> list[str]:
+    """The one-line commands in the README's first ```bash blocks (run the main job, run the tests)."""
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = text.split("```bash\n")[1:3]
+    return [block.split("\n```", 1)[0].strip() for block in blocks]
+
+
+def test_ci_runs_the_readme_test_command():
+    run_job, test_suite = _readme_commands()
+    assert "hfpatch run" in run_job and "python -m pytest" in test_suite
+    ci_lines = [line.strip() for line in (REPO_ROOT / ".ci" / "run").read_text().splitlines()]
+    assert any(line.startswith(test_suite + " ") or line == test_suite for line in ci_lines), \
+        ".ci/run must run the README's test command verbatim"
+    # torch is pinned before anything can pull it in as a dependency.
+    for command in (run_job, test_suite):
+        assert command.startswith("pip install torch==2.13.0 && ")
