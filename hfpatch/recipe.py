@@ -403,12 +403,13 @@ def _from_hub(cls, repo_id: str, revision: str | None, *, token, cache_dir, loca
         raise RecipeNotFoundError(f"Hub repo {repo_id!r} not found (or you lack access)") from None
     except RevisionNotFoundError:
         raise RecipeNotFoundError(f"Hub repo {repo_id!r} has no revision {revision!r}") from None
+    except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: must be caught first
+        raise RecipeNotFoundError(
+            f"recipe {at} is not in the local Hub cache and the Hub could not be reached "
+            "(HF_HUB_OFFLINE, local_files_only or a network error)"
+        ) from None
     except EntryNotFoundError:
         raise RecipeNotFoundError(f"Hub repo {at} has no {RECIPE_FILE}; is it an hfpatch recipe?") from None
-    except LocalEntryNotFoundError:
-        raise RecipeNotFoundError(
-            f"recipe {at} is not in the local Hub cache and downloads are off (offline or local_files_only)"
-        ) from None
     # The cache stores files under snapshots/<commit>/; pin the tensor file to that same commit.
     commit = json_path.parent.name
     source = f"hub:{repo_id}@{commit}"
@@ -421,7 +422,11 @@ def _from_hub(cls, repo_id: str, revision: str | None, *, token, cache_dir, loca
         spec = data["tensors"]
         try:
             tensor_path = download(TENSOR_FILE, commit if re.fullmatch(r"[0-9a-f]{40}", commit) else revision)
-        except (EntryNotFoundError, LocalEntryNotFoundError):
+        except LocalEntryNotFoundError:
+            raise RecipeNotFoundError(
+                f"recipe from {source}: {TENSOR_FILE} is not in the local Hub cache and the Hub could not be reached"
+            ) from None
+        except EntryNotFoundError:
             raise RecipeError(f"recipe from {source}: declares {TENSOR_FILE} but the repo does not have it") from None
         tensors, metadata = _load_tensor_payload(spec, tensor_path.parent, source, path=tensor_path)
     return cls.from_dict(data, source=source, tensors=tensors, tensor_metadata=metadata)

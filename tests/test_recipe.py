@@ -366,8 +366,6 @@ def test_unknown_name_is_not_found(tmp_path):
         hfpatch.patch(torch.nn.Linear(1, 1), "no-such-recipe-anywhere")
 
 
-@pytest.mark.xfail(strict=True, reason="recipe._from_hub catches EntryNotFoundError before its subclass "
-                   "LocalEntryNotFoundError, so a cache miss offline (or a network failure) reads as 'has no recipe file'")
 def test_offline_cache_miss_says_so(monkeypatch):
     from huggingface_hub import constants
 
