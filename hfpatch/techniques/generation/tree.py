@@ -81,12 +81,10 @@ class DraftTree:
         A float mask (0 / dtype min) rather than a bool one: eager attention silently misreads bool masks.
         """
         n = len(self.tokens)
-        allowed = torch.zeros(n, n, dtype=torch.bool)
-        for node in range(n):
-            ancestor = node
-            while ancestor >= 0:
-                allowed[node, ancestor] = True
-                ancestor = self.parents[ancestor]
+        # Parents always precede their children, so each row is its parent's row plus the node itself.
+        allowed = torch.eye(n, dtype=torch.bool)
+        for node in range(1, n):
+            allowed[node] |= allowed[self.parents[node]]
         tree_part = torch.zeros(n, n, dtype=dtype)
         tree_part.masked_fill_(~allowed, torch.finfo(dtype).min)
         past_part = torch.zeros(n, past_length, dtype=dtype)
