@@ -8,7 +8,7 @@ Example:
     >>> import torch
     >>> from hfpatch.kernels import logprob_gather, list_kernels
     >>> list_kernels()
-    ['logprob_gather']
+    ['group_attention_scores', 'logprob_gather', 'sparse_decode_attention']
     >>> logprob_gather(torch.zeros(2, 4), torch.tensor([0, 3]))
     tensor([-1.3863, -1.3863])
 """
@@ -24,6 +24,13 @@ from .dispatch import (
 )
 from .interpret import triton_available, triton_cpu_reason, triton_runs_on_cpu
 from .logprob_gather import logprob_gather, logprob_gather_reference, logprob_gather_triton
+from .sparse_decode import sparse_decode_attention, sparse_decode_attention_reference, sparse_decode_attention_triton
+from .topk_select import (
+    group_attention_scores,
+    group_attention_scores_reference,
+    group_attention_scores_triton,
+    select_positions,
+)
 
 __all__ = [
     "BACKENDS",
@@ -31,12 +38,19 @@ __all__ = [
     "KernelOp",
     "KernelUnavailableError",
     "get_kernel",
+    "group_attention_scores",
+    "group_attention_scores_reference",
+    "group_attention_scores_triton",
     "list_kernels",
     "logprob_gather",
     "logprob_gather_reference",
     "logprob_gather_triton",
     "register_kernel",
     "resolve_backend",
+    "select_positions",
+    "sparse_decode_attention",
+    "sparse_decode_attention_reference",
+    "sparse_decode_attention_triton",
     "triton_available",
     "triton_cpu_reason",
     "triton_runs_on_cpu",

@@ -1,0 +1,266 @@
+"""Decode attention of one query step over a gathered index set of the KV cache.
+
+``sparse_decode_attention(query, key, value, index)`` equals attention of ``query`` over only the cached
+positions listed in ``index`` (per batch row and KV head), i.e.
+``softmax(q · key[..., index, :]ᵀ · scale) · value[..., index, :]`` with GQA (each KV head serves
+``Hq // Hkv`` consecutive query heads). Sparse decode techniques (Recycled Attention, TidalDecode,
+Quest, sink + window) call it on the steps that attend to a subset of the cache.
+
+The Triton kernel never materialises the gathered K/V: each program takes one (batch, KV head) and one
+slice of the index set (split-K, "flash decoding"), loads the listed rows straight from the cache,
+keeps a running max / sum / weighted value sum for all query heads of the group, and writes a partial
+result; a tiny torch reduction merges the slices. The reference gathers, then computes in float32.
+
+Entries of ``index`` outside ``[0, S)`` (e.g. -1 padding of a ragged index set) are skipped, as are
+positions whose ``valid[b, pos]`` is False (left padding; the Triton wrapper folds ``valid`` into the
+index set with one small gather). A row with nothing to attend gives zeros.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .dispatch import register_kernel
+
+__all__ = ["sparse_decode_attention", "sparse_decode_attention_reference", "sparse_decode_attention_triton"]
+
+# Bound by _kernels(); the interpreter patches tl through the kernel function's globals.
+triton = None
+tl = None
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check(query, key, value, index, valid):
+    if query.dim() != 3 or key.dim() != 4 or value.dim() != 4 or index.dim() != 3:
+        raise ValueError(
+            "sparse_decode_attention: expected query [B, Hq, D], key [B, Hkv, S, D], value [B, Hkv, S, Dv], "
+            f"index [B, Hkv, N]; got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}, "
+            f"{tuple(index.shape)}"
+        )
+    b, hq, d = query.shape
+    _, hkv, s, dk = key.shape
+    if key.shape[0] != b or dk != d or value.shape[:3] != key.shape[:3] or tuple(index.shape[:2]) != (b, hkv):
+        raise ValueError(
+            f"sparse_decode_attention: inconsistent shapes query {tuple(query.shape)}, key {tuple(key.shape)}, "
+            f"value {tuple(value.shape)}, index {tuple(index.shape)}"
+        )
+    if hq % hkv:
+        raise ValueError(f"sparse_decode_attention: {hq} query heads is not a multiple of {hkv} KV heads")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"sparse_decode_attention: {name} dtype {t.dtype} is not supported")
+    if index.dtype.is_floating_point or index.dtype == torch.bool:
+        raise TypeError(f"sparse_decode_attention: index must hold integers, got {index.dtype}")
+    if valid is not None and (valid.dim() != 2 or tuple(valid.shape) != (b, s)):
+        raise ValueError(f"sparse_decode_attention: valid must be [B, S] = {(b, s)}, got {tuple(valid.shape)}")
+
+
+def sparse_decode_attention_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    index: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of one decode step over the cached positions in ``index``; returns ``[B, Hq, Dv]``.
+
+    ``query`` [B, Hq, D]; ``key``/``value`` [B, Hkv, S, D|Dv] (the cache, any strides); ``index``
+    [B, Hkv, N] integer positions (entries outside [0, S) are skipped; duplicates count twice, so pass
+    a set); ``valid`` optional [B, S] bool (False = padding, never attended); ``scale`` defaults to
+    ``D ** -0.5``. Computed in float32, returned in ``query.dtype``.
+
+    Example:
+        >>> import torch
+        >>> from hfpatch.kernels import sparse_decode_attention
+        >>> q, k, v = torch.randn(1, 4, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
+        >>> idx = torch.arange(10).expand(1, 2, 10)          # every position: plain attention
+        >>> sparse_decode_attention(q, k, v, idx).shape
+        torch.Size([1, 4, 8])
+    """
+    _check(query, key, value, index, valid)
+    b, hq, d = query.shape
+    _, hkv, s, _ = key.shape
+    dv = value.shape[-1]
+    g = hq // hkv
+    scale = d ** -0.5 if scale is None else scale
+    index = index.long()
+    ok = (index >= 0) & (index < s)
+    idx = index.clamp(0, max(s - 1, 0))
+    if valid is not None:
+        ok = ok & valid.bool().gather(1, idx.reshape(b, -1)).reshape(idx.shape)
+    k = key.gather(2, idx[..., None].expand(-1, -1, -1, d)).float()  # [B, Hkv, N, D]
+    v = value.gather(2, idx[..., None].expand(-1, -1, -1, dv)).float()
+    q = query.reshape(b, hkv, g, d).float()
+    logits = (q @ k.transpose(-1, -2)) * scale  # [B, Hkv, G, N]
+    logits = logits.masked_fill(~ok[:, :, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all-masked rows -> zeros
+    out = probs @ v  # [B, Hkv, G, Dv]
+    return out.reshape(b, hq, dv).to(query.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton (plain functions here; jit-compiled by _kernels())
+# ---------------------------------------------------------------------------------------------
+
+
+def _sparse_decode_kernel(
+    q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, m_ptr, l_ptr,
+    HKV, N, S, SPLIT, scale,
+    s_qb, s_qh, s_qd,
+    s_kb, s_kh, s_ks, s_kd,
+    s_vb, s_vh, s_vs, s_vd,
+    s_ib, s_ih, s_in,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1)
+    nsplit = tl.num_programs(1)
+    b = pid_bh // HKV
+    h = pid_bh - b * HKV
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    gmask = g < G
+    heads = h * G + g
+    q = tl.load(q_ptr + b * s_qb + heads[:, None] * s_qh + d[None, :] * s_qd,
+                mask=gmask[:, None] & (d[None, :] < D), other=0.0)
+    if IEEE:
+        q = q.to(tl.float32)
+    else:
+        q = q.to(k_ptr.dtype.element_ty)
+
+    m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_DV), tl.float32)
+    start = pid_s * SPLIT
+    end = tl.minimum(start + SPLIT, N)
+    for off in range(start, end, BLOCK_N):
+        n = off + tl.arange(0, BLOCK_N)
+        nmask = n < end
+        pos = tl.load(idx_ptr + b * s_ib + h * s_ih + n * s_in, mask=nmask, other=-1).to(tl.int64)
+        ok = nmask & (pos >= 0) & (pos < S)
+        pos = tl.where(ok, pos, 0)  # never form an address outside the cache, even masked
+        k = tl.load(k_ptr + b * s_kb + h * s_kh + pos[:, None] * s_ks + d[None, :] * s_kd,
+                    mask=ok[:, None] & (d[None, :] < D), other=0.0)
+        if IEEE:
+            logits = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            logits = tl.dot(q, tl.trans(k))
+        logits = logits * scale
+        logits = tl.where(ok[None, :], logits, float("-inf"))
+        m_new = tl.maximum(m, tl.max(logits, 1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - shift)
+        p = tl.exp(logits - shift[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + b * s_vb + h * s_vh + pos[:, None] * s_vs + dv[None, :] * s_vd,
+                    mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    row = (b * HKV * G + heads) * nsplit + pid_s  # [B, Hq, nsplit] layout
+    tl.store(m_ptr + row, m, mask=gmask)
+    tl.store(l_ptr + row, l, mask=gmask)
+    tl.store(o_ptr + row[:, None] * DV + dv[None, :], acc, mask=gmask[:, None] & (dv[None, :] < DV))
+
+
+_COMPILED = None
+
+
+def _ieee(key: torch.Tensor) -> bool:
+    # float32 caches get exact float32 dots (not TF32). Under the CPU interpreter every dtype is upcast:
+    # its tl.dot on bfloat16 operands returns garbage (triton 3.9), and speed does not matter there.
+    return key.dtype == torch.float32 or key.device.type != "cuda"
+
+
+def _kernels():
+    global triton, tl, _COMPILED
+    if _COMPILED is None:
+        import triton as _triton
+        import triton.language as _tl
+
+        triton, tl = _triton, _tl
+        globals()["triton"], globals()["tl"] = _triton, _tl
+        _COMPILED = _triton.jit(_sparse_decode_kernel)
+    return _COMPILED
+
+
+def _num_splits(bh: int, n: int, block_n: int, device: torch.device) -> int:
+    """Enough (batch x head x split) programs to fill the GPU, each with at least one block of positions."""
+    blocks = max(1, math.ceil(n / block_n))
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4
+    return max(1, min(blocks, math.ceil(target / max(bh, 1)), 256))
+
+
+def merge_partials(o: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Merge split-K partials: o [..., P, Dv] (unnormalised), m/l [..., P] running max and sum."""
+    top = m.amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    w = torch.exp(m - top)  # exp(-inf) = 0 for empty slices
+    denom = (w * l).sum(-1, keepdim=True)
+    out = (w[..., None] * o).sum(-2) / denom.clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.where(denom > 0, out, torch.zeros_like(out))
+
+
+def sparse_decode_attention_triton(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    index: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Triton implementation of :func:`sparse_decode_attention_reference` (same arguments and result)."""
+    _check(query, key, value, index, valid)
+    kernel = _kernels()
+    b, hq, d = query.shape
+    _, hkv, s, _ = key.shape
+    dv = value.shape[-1]
+    n = index.shape[-1]
+    g = hq // hkv
+    scale = d ** -0.5 if scale is None else float(scale)
+    out = torch.empty(b, hq, dv, device=query.device, dtype=query.dtype)
+    if b == 0 or hq == 0:
+        return out
+    block_n = 32 if n >= 32 else 16
+    splits = _num_splits(b * hkv, n, block_n, query.device) if n else 1
+    split = max(block_n, math.ceil(max(n, 1) / splits / block_n) * block_n)
+    splits = max(1, math.ceil(max(n, 1) / split))
+    o = torch.empty(b, hq, splits, dv, device=query.device, dtype=torch.float32)
+    m = torch.empty(b, hq, splits, device=query.device, dtype=torch.float32)
+    l = torch.empty(b, hq, splits, device=query.device, dtype=torch.float32)
+    if valid is not None:
+        # Padding folds into the index set (a [B, Hkv, N] gather of bools): masked entries become -1.
+        pos = index.long().clamp(0, max(s - 1, 0))
+        keep = valid.bool().gather(1, pos.reshape(b, -1)).reshape(pos.shape)
+        index = index.masked_fill(~keep, -1)
+    kernel[(b * hkv, splits)](
+        query, key, value, index, o, m, l,
+        hkv, n, s, split, scale,
+        *query.stride(), *key.stride(), *value.stride(), *index.stride(),
+        G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        DV=dv, BLOCK_DV=max(16, triton.next_power_of_2(dv)), BLOCK_N=block_n,
+        IEEE=_ieee(key),
+    )
+    out.copy_(merge_partials(o, m, l))
+    return out
+
+
+sparse_decode_attention = register_kernel(
+    "sparse_decode_attention",
+    reference=sparse_decode_attention_reference,
+    triton=sparse_decode_attention_triton,
+)

@@ -1,0 +1,153 @@
+"""Sparse decode attention and selection-scoring kernels: references against plain formulas, Triton
+(interpreted on CPU, see conftest.py) against the references on awkward shapes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hfpatch.kernels as K
+from hfpatch.kernels import (
+    group_attention_scores,
+    group_attention_scores_reference,
+    select_positions,
+    sparse_decode_attention,
+    sparse_decode_attention_reference,
+)
+
+needs_triton_cpu = pytest.mark.skipif(
+    not K.triton_runs_on_cpu(), reason=f"Triton cannot run on CPU here: {K.triton_cpu_reason()}"
+)
+
+# Outputs are float32 accumulations on both paths, rounded to the input dtype at the end.
+TOL = {
+    torch.float32: dict(atol=2e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+}
+SCORE_TOL = dict(atol=2e-5, rtol=1e-4)  # float32 scores from exactly upcast inputs
+DTYPES = list(TOL)
+
+# (B, Hq, Hkv, S, D, Dv, N): GQA ratios 1/3/4/8, non-power-of-two dims, length-1 cache and index sets
+SHAPES = [
+    (1, 1, 1, 1, 8, 8, 1),
+    (2, 6, 2, 37, 24, 24, 13),
+    (1, 8, 1, 300, 64, 64, 100),
+    (3, 4, 4, 50, 16, 20, 50),
+    (2, 9, 3, 129, 40, 40, 77),
+]
+
+
+def make(b, hq, hkv, s, d, dv, n, dtype, seed=0, pad=True):
+    g = torch.Generator().manual_seed(seed + 31 * s + n)
+    q = torch.randn(b, hq, d, generator=g).to(dtype)
+    # keys/values as a cache view with a larger allocated length (non-contiguous in S)
+    k = torch.randn(b, hkv, s + 3, d, generator=g).to(dtype)[:, :, :s]
+    v = torch.randn(b, hkv, s + 3, dv, generator=g).to(dtype)[:, :, :s]
+    index = torch.stack([torch.stack([torch.randperm(s, generator=g)[:n] for _ in range(hkv)]) for _ in range(b)])
+    valid = None
+    if pad and b > 1:
+        valid = torch.ones(b, s, dtype=torch.bool)
+        valid[1, : s // 3] = False  # left padding of row 1
+    return q, k, v, index, valid
+
+
+def dense(q, k, v, valid, scale=None):
+    """The definition via sdpa over the whole cache (GQA expanded)."""
+    b, hq, d = q.shape
+    hkv = k.shape[1]
+    kk = k.float().repeat_interleave(hq // hkv, 1)
+    vv = v.float().repeat_interleave(hq // hkv, 1)
+    mask = None if valid is None else valid[:, None, None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(q.float()[:, :, None], kk, vv, attn_mask=mask, scale=scale)
+    return out[:, :, 0]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reference_over_every_position_is_dense_attention(shape):
+    b, hq, hkv, s, d, dv, _ = shape
+    q, k, v, _, valid = make(*shape, torch.float32)
+    index = torch.arange(s).flip(0).expand(b, hkv, s)  # order does not matter
+    out = sparse_decode_attention_reference(q, k, v, index, valid, scale=0.3)
+    torch.testing.assert_close(out, dense(q, k, v, valid, scale=0.3), **TOL[torch.float32])
+
+
+def test_reference_skips_out_of_range_entries_and_padding():
+    q, k, v, index, valid = make(2, 4, 2, 20, 8, 8, 6, torch.float32)
+    padded = torch.cat([index, torch.full((2, 2, 3), -1), torch.full((2, 2, 1), 20)], -1)
+    torch.testing.assert_close(sparse_decode_attention_reference(q, k, v, padded, valid),
+                               sparse_decode_attention_reference(q, k, v, index, valid))
+    nothing = torch.full((2, 2, 4), -1)
+    assert sparse_decode_attention_reference(q, k, v, nothing).abs().sum() == 0  # empty set -> zeros
+
+
+@needs_triton_cpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triton_sparse_decode_matches_reference(shape, dtype):
+    q, k, v, index, valid = make(*shape, dtype)
+    index[0, 0, 0] = -1  # a padding entry of a ragged set
+    out = sparse_decode_attention(q, k, v, index, valid, backend="triton")
+    ref = sparse_decode_attention_reference(q, k, v, index, valid)
+    assert out.dtype == dtype and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+@needs_triton_cpu
+def test_triton_sparse_decode_many_splits_and_fully_masked_row():
+    q, k, v, index, valid = make(2, 4, 2, 400, 16, 16, 400, torch.float32)
+    valid[0] = False  # nothing to attend in row 0: zeros, not NaN
+    out = sparse_decode_attention(q, k, v, index, valid, backend="triton")
+    ref = sparse_decode_attention_reference(q, k, v, index, valid)
+    assert out[0].abs().sum() == 0
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_group_scores_reference_is_softmax_summed_per_group(shape):
+    b, hq, hkv, s, d, _, _ = shape
+    q, k, _, _, valid = make(*shape, torch.float32)
+    probs = torch.softmax(
+        (q[:, :, None, :] @ k.repeat_interleave(hq // hkv, 1).transpose(-1, -2))[:, :, 0] * d ** -0.5
+        + (0 if valid is None else torch.where(valid, 0.0, float("-inf"))[:, None]), -1)
+    expected = probs.reshape(b, hkv, hq // hkv, s).sum(2)
+    torch.testing.assert_close(group_attention_scores_reference(q, k, valid), expected, **SCORE_TOL)
+
+
+@needs_triton_cpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triton_group_scores_match_reference(shape, dtype):
+    q, k, _, _, valid = make(*shape, dtype)
+    out = group_attention_scores(q, k, valid, scale=0.2, backend="triton")
+    ref = group_attention_scores_reference(q, k, valid, scale=0.2)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, **SCORE_TOL)
+
+
+def test_select_positions_equals_a_straightforward_reference():
+    g = torch.Generator().manual_seed(1)
+    scores = torch.rand(2, 3, 50, generator=g)
+    forced = torch.zeros(2, 50, dtype=torch.bool)
+    forced[:, [0, 1, 49]] = True
+    valid = torch.ones(2, 50, dtype=torch.bool)
+    valid[1, :10] = False
+    forced[1, :10] = False
+    forced[1, [10, 11]] = True
+    got = select_positions(scores, 12, forced, valid)
+    for b in range(2):
+        for h in range(3):
+            must = set(forced[b].nonzero().flatten().tolist())
+            rest = [(float(scores[b, h, i]), i) for i in range(50) if i not in must and valid[b, i]]
+            chosen = must | {i for _, i in sorted(rest, reverse=True)[: 12 - len(must)]}
+            assert got[b, h].tolist() == sorted(chosen)
+    assert select_positions(scores, 80).shape == (2, 3, 50)  # budget clipped to S
+
+
+def test_kernels_are_registered_and_dispatch_to_reference_on_cpu(monkeypatch):
+    monkeypatch.delenv(K.ENV_VAR, raising=False)
+    assert {"sparse_decode_attention", "group_attention_scores"} <= set(K.list_kernels())
+    q, k, v, index, valid = make(2, 4, 2, 10, 8, 8, 5, torch.float32)
+    assert sparse_decode_attention.resolve_backend(q, k, v, index) == "torch"
+    assert group_attention_scores.resolve_backend(q, k) == "torch"
+    with pytest.raises(ValueError, match="multiple"):
+        sparse_decode_attention(torch.randn(1, 3, 8), k[:1], v[:1], index[:1])
