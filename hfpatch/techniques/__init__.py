@@ -1,2 +1,4 @@
 """Built-in techniques. Importing this package registers every one of them with `hfpatch.registry`."""
 from . import generation  # noqa: F401
+from . import tokenizer  # noqa: F401
+from . import attention  # noqa: F401

@@ -1,0 +1,236 @@
+"""Shared machinery of the sparse decode attention techniques.
+
+Every technique here installs one per-instance attention function (``primitives.use_attention_function``,
+registered with sdpa's mask builder, so padding masks keep arriving). Calls that are not a decode step
+(prefill, a multi-token step such as speculative tree verification, training, a sliding-window layer)
+run transformers' own sdpa attention unchanged. Decode steps (one query token over a cache) go to the
+technique's ``decode`` method, which either returns ``None`` (attend to everything) or an index set of
+cached positions to attend to, served by the ``sparse_decode_attention`` kernel.
+
+Per-sequence state (what the last full step selected, page bounds, ...) lives on the technique instance,
+one ``LayerState`` per layer, never on a class or module. A step continues a sequence when the cache
+grew by exactly one position in the same batch; anything else (a new ``generate`` call, a cropped cache
+after speculative verification, a different batch) starts over with a full step.
+
+Shared parameters: ``budget`` = how many cached context positions a sparse step attends to (sinks and
+recent window included), ``sink`` = first valid positions always kept, ``window`` = most recent positions
+always kept. The current token is always attended. When ``budget`` covers the whole cache the step is
+plain full attention, so a budget >= the context length gives the unpatched logits.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from ... import arch, compat, primitives
+from ...kernels import group_attention_scores, select_positions, sparse_decode_attention
+from ...registry import Technique, param
+
+#: Attention implementations whose masks and numerics the sparse path reproduces. Full steps run sdpa.
+SUPPORTED_IMPLEMENTATIONS = (None, "sdpa", "eager")
+
+
+def budget_param(default: int = 256):
+    return param(default, help="cached context positions attended in a sparse decode step (sinks and recent "
+                               "window included); >= the context length gives full attention", ge=1)
+
+
+def sink_param(default: int = 4):
+    return param(default, help="first (non-padding) positions always attended (attention sinks)", ge=0)
+
+
+def window_param(default: int = 32):
+    return param(default, help="most recent positions always attended", ge=0)
+
+
+@dataclasses.dataclass
+class LayerState:
+    """What one layer remembers about the sequence being decoded."""
+
+    batch: int = -1
+    seq_len: int = 0  # cache length (positions) at the last call seen
+    full_len: int = 0  # cache length at the last full (selecting) step
+    index: torch.Tensor | None = None  # [B, Hkv, K] positions chosen at the last full step
+    query: torch.Tensor | None = None  # [B, Hq, D] query of the last full step
+    steps_since_full: int = 0
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def key_validity(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
+    """``[B, S]`` bool of attendable cached positions for a one-token query, or None when all are."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask[:, 0, -1, :] if attention_mask.dim() == 4 else attention_mask
+    if mask.dtype != torch.bool:
+        mask = mask > torch.finfo(mask.dtype).min / 2
+    mask = mask[..., -length:].expand(batch, length)
+    return None if bool(mask.all()) else mask
+
+
+def forced_positions(valid: torch.Tensor | None, batch: int, length: int, sink: int, window: int,
+                     device: torch.device) -> torch.Tensor:
+    """``[B, S]`` bool: the first ``sink`` valid positions of each row, the last ``window`` positions and the
+    current token (position S-1)."""
+    positions = torch.arange(length, device=device)
+    forced = (positions >= length - max(window, 1)).expand(batch, length)
+    if sink > 0:
+        if valid is None:
+            forced = forced | (positions < sink)
+        else:
+            rank = valid.long().cumsum(-1)  # 1-based rank of each valid position in its row
+            forced = forced | (valid & (rank <= sink))
+    return forced
+
+
+class SparseAttentionTechnique(Technique):
+    """Base of the sparse decode attention techniques (subclasses implement ``decode``)."""
+
+    family = "attention"
+    claims: ClassVar[frozenset[str]] = frozenset({"attention"})
+    model_types: ClassVar[frozenset[str]] = frozenset(arch.supported_model_types("decoder"))
+    #: label of the registered attention function (shows up in config._attn_implementation)
+    label: ClassVar[str] = "sparse"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.layers: dict[int, LayerState] = {}
+        self._stats: dict[str, Any] = {}
+        self.reset_stats()
+
+    # ---------------------------------------------------------------------------------------------
+    # patching
+
+    def supports(self, model) -> tuple[bool, str]:
+        ok, reason = super().supports(model)
+        if not ok:
+            return ok, reason
+        impl = compat.attn_implementation(model.config.get_text_config())
+        if impl not in SUPPORTED_IMPLEMENTATIONS:
+            return False, (
+                f"{self.name} computes decode attention over a subset of the KV cache and needs the 'sdpa' (or "
+                f"'eager') attention implementation, but this model uses {impl!r}; load it with "
+                f"attn_implementation='sdpa' (or call model.set_attn_implementation('sdpa')) and patch again"
+            )
+        return True, ""
+
+    def apply(self, model, ctx) -> None:
+        self.layers.clear()
+        self.reset_stats()
+        self.num_layers = len(ctx.adapter.decoder_layers())
+        _, undo = primitives.use_attention_function(model, self._attention, mask_like="sdpa", label=self.label)
+        ctx.record(undo)
+        ctx.record(self.layers.clear)
+
+    # ---------------------------------------------------------------------------------------------
+    # statistics
+
+    def reset_stats(self) -> None:
+        self._stats = {
+            "decode_steps": 0,  # decode forwards seen (counted at layer 0)
+            "sparse_layer_steps": 0,  # (layer, step) pairs served by the sparse kernel
+            "full_layer_steps": 0,  # decode (layer, step) pairs served by full attention
+            "short_context_layer_steps": 0,  # of those, full because the budget covered the whole cache
+            "multi_token_steps": 0,  # forwards with several new tokens over a cache (e.g. tree verification)
+            "attended_positions": 0,
+            "cached_positions": 0,
+            "kernel": None,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """Counts since the last prefill: sparse vs full (layer, step) pairs and the attended fraction."""
+        out = dict(self._stats)
+        total = out["sparse_layer_steps"] + out["full_layer_steps"]
+        out["sparse_fraction"] = out["sparse_layer_steps"] / total if total else 0.0
+        attended, cached = out.pop("attended_positions"), out.pop("cached_positions")
+        # fraction of cached positions read by sparse steps (full steps read everything)
+        out["attended_fraction_sparse_steps"] = attended / cached if cached else 1.0
+        if out["multi_token_steps"]:
+            out["note"] = "multi-token steps over a cache (e.g. speculative verification) used full attention"
+        return out
+
+    # ---------------------------------------------------------------------------------------------
+    # the attention function
+
+    def _full(self, module, query, key, value, attention_mask, scaling, dropout, kwargs):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+
+    def _state(self, layer: int, batch: int, length: int) -> LayerState:
+        """This layer's state, reset unless this call continues the sequence by exactly one position."""
+        state = self.layers.get(layer)
+        if state is None or state.batch != batch or length != state.seq_len + 1:
+            state = LayerState(batch=batch)
+            self.layers[layer] = state
+        state.seq_len = length
+        return state
+
+    def _attention(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        batch, _, q_len, dim = query.shape
+        length = key.shape[2]
+        layer = getattr(module, "layer_idx", 0) or 0
+        decode = (q_len == 1 and length > 1 and not module.training and kwargs.get("softcap") is None
+                  and getattr(module, "sliding_window", None) is None and query.dim() == 4)
+        if not decode:
+            if q_len > 1:
+                if length == q_len and layer == 0:
+                    self.reset_stats()  # a new sequence: stats describe the call that starts here
+                elif length > q_len and layer == 0:
+                    self._stats["multi_token_steps"] += 1
+                self.layers[layer] = LayerState(batch=batch, seq_len=length)
+            else:
+                self.layers.pop(layer, None)
+            return self._full(module, query, key, value, attention_mask, scaling, dropout, kwargs)
+
+        if layer == 0:
+            self._stats["decode_steps"] += 1
+        state = self._state(layer, batch, length)
+        scale = dim ** -0.5 if scaling is None else scaling
+        valid = key_validity(attention_mask, batch, length)
+        q = query[:, :, 0, :]
+        index = self.decode(layer, state, q, key, valid, scale)
+        if index is None or index.shape[-1] >= length:
+            self._stats["full_layer_steps"] += 1
+            if index is not None:
+                self._stats["short_context_layer_steps"] += 1
+            return self._full(module, query, key, value, attention_mask, scaling, dropout, kwargs)
+        self._stats["sparse_layer_steps"] += 1
+        self._stats["attended_positions"] += index.shape[-1]
+        self._stats["cached_positions"] += length
+        out = sparse_decode_attention(q, key, value, index, valid, scale=scale)
+        if self._stats["kernel"] is None:
+            self._stats["kernel"] = sparse_decode_attention.resolve_backend(q, key, value, index)
+        return out[:, None].contiguous(), None  # [B, 1, Hq, Dv]
+
+    # ---------------------------------------------------------------------------------------------
+    # helpers for subclasses
+
+    def decode(self, layer: int, state: LayerState, query: torch.Tensor, key: torch.Tensor,
+               valid: torch.Tensor | None, scale: float) -> torch.Tensor | None:  # pragma: no cover - abstract
+        """Index set ``[B, Hkv, N]`` for this decode step, or None for full attention."""
+        raise NotImplementedError
+
+    def covers_all(self, length: int) -> bool:
+        """True when the budget reaches the whole cache: the step is full attention."""
+        return self.params.budget >= length
+
+    def score_and_select(self, query, key, valid, scale, *, reduce_all_heads: bool = False) -> torch.Tensor:
+        """Top-``budget`` positions by this step's attention scores summed over each KV group's query heads
+        (or over all heads, broadcast to every KV head), sinks/window/current token forced in."""
+        batch, hkv, length, _ = key.shape
+        scores = group_attention_scores(query, key, valid, scale=scale)
+        if reduce_all_heads:
+            scores = scores.sum(1, keepdim=True)
+        forced = forced_positions(valid, batch, length, self.params.sink, self.params.window, key.device)
+        index = select_positions(scores, self.params.budget, forced, valid)
+        return index.expand(batch, hkv, index.shape[-1]) if reduce_all_heads else index
+
+    @staticmethod
+    def with_recent(index: torch.Tensor, start: int, length: int) -> torch.Tensor:
+        """``index`` plus every position in ``[start, length)`` (tokens generated since the selection)."""
+        if start >= length:
+            return index
+        recent = torch.arange(start, length, device=index.device, dtype=index.dtype)
+        return torch.cat([index, recent.expand(*index.shape[:2], -1)], dim=-1)

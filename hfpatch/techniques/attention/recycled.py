@@ -1,0 +1,73 @@
+"""Recycled Attention: a full-attention step every `stride` decode steps picks the positions the steps in
+between attend to.
+
+At a full step the query attends to the whole cache; its attention probabilities, summed over the query
+heads of each KV group, rank the cached positions and the top ``budget`` (sinks and recent window forced
+in) are kept per KV head. The next ``stride - 1`` steps attend only to those positions plus every token
+generated since. The dynamic variant (``drift_threshold``) also triggers a full step as soon as a layer's
+query drifts from the query of its last full step: mean cosine similarity over heads below the threshold
+in any batch row. ``stride=1`` or a budget >= the context length is plain full attention.
+
+    >>> handle = hfpatch.patch(model, "recycled-attention", budget=512, stride=16)
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ...registry import param, register
+from .base import LayerState, SparseAttentionTechnique, budget_param, sink_param, window_param
+
+
+@dataclasses.dataclass
+class RecycledAttentionParams:
+    budget: int = budget_param(256)
+    sink: int = sink_param(4)
+    window: int = window_param(32)
+    stride: int = param(16, help="decode steps between full-attention (re-selection) steps; 1 = always full", ge=1)
+    drift_threshold: float | None = param(
+        None, help="dynamic variant: also re-select when the cosine similarity of the query to the last full "
+                   "step's query falls below this (None = fixed stride)", ge=-1.0, le=1.0)
+
+
+@register
+class RecycledAttention(SparseAttentionTechnique):
+    name = "recycled_attention"
+    summary = ("Recycled Attention: full attention every `stride` decode steps; its top-`budget` positions "
+               "(scores summed per KV group) serve the steps in between")
+    Params = RecycledAttentionParams
+    label = "recycled"
+
+    def reset_stats(self) -> None:
+        super().reset_stats()
+        self._stats["full_steps_by_drift"] = 0
+
+    def _needs_full(self, state: LayerState, query: torch.Tensor) -> bool:
+        if state.index is None or state.steps_since_full + 1 >= self.params.stride:
+            return True
+        threshold = self.params.drift_threshold
+        if threshold is not None and state.query is not None:
+            cos = torch.nn.functional.cosine_similarity(query.float(), state.query, dim=-1)  # [B, Hq]
+            if bool((cos.mean(-1) < threshold).any()):
+                self._stats["full_steps_by_drift"] += 1
+                return True
+        return False
+
+    def decode(self, layer, state, query, key, valid, scale):
+        length = key.shape[2]
+        if self.params.stride == 1:
+            return None
+        if self._needs_full(state, query):
+            state.steps_since_full = 0
+            state.full_len = length
+            state.query = query.float()
+            if self.covers_all(length):
+                state.index = torch.empty(0)  # marker: everything up to full_len
+                return None
+            state.index = self.score_and_select(query, key, valid, scale)
+            return None  # the full step itself attends to everything
+        state.steps_since_full += 1
+        if state.index.numel() == 0:
+            return None  # the budget covered the whole context at the last full step
+        return self.with_recent(state.index, state.full_len, length)

@@ -1,0 +1,64 @@
+"""TidalDecode: full attention in the first layers and in a few token-selection layers; each selection
+layer's top-``budget`` positions serve every following layer until the next selection layer.
+
+Selection happens at every decode step, inside the step: the selection layer attends to the whole cache
+and ranks positions by its attention probabilities summed over all query heads (one position set shared
+by every head, as the paper does); later layers of the same step attend only to that set. Defaults follow
+the paper: layers 0-1 dense, selection at layer 2 and a re-selection layer at 13/32 of the depth (layer 13
+of Llama-3-8B's 32).
+
+    >>> handle = hfpatch.patch(model, "tidal-decode", budget=512)
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ...registry import param, register
+from .base import SparseAttentionTechnique, budget_param, sink_param, window_param
+
+
+@dataclasses.dataclass
+class TidalDecodeParams:
+    budget: int = budget_param(256)
+    sink: int = sink_param(0)
+    window: int = window_param(0)
+    full_layers: int = param(2, help="first layers that always attend to the whole cache", ge=0)
+    selection_layers: list[int] | None = param(
+        None, help="layers that attend fully and select positions for the layers after them (None = the paper's "
+                   "choice: [full_layers, round(13/32 * num_layers)])")
+
+
+@register
+class TidalDecode(SparseAttentionTechnique):
+    name = "tidal_decode"
+    summary = ("TidalDecode: dense first layers, a few selection layers whose top-`budget` positions are "
+               "reused by the following layers of the same decode step")
+    Params = TidalDecodeParams
+    label = "tidal"
+
+    def apply(self, model, ctx) -> None:
+        super().apply(model, ctx)
+        layers = self.params.selection_layers
+        if layers is None:  # the paper's choice, clipped to shallow models
+            layers = [i for i in {self.params.full_layers, round(13 / 32 * self.num_layers)} if i < self.num_layers]
+        bad = [i for i in layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"selection_layers {bad} outside the model's {self.num_layers} layers")
+        self.selection = sorted(set(layers))
+        self._current = None  # (cache length, batch, index) of the latest selection layer in this step
+
+    def decode(self, layer, state, query, key, valid, scale):
+        length = key.shape[2]
+        if layer < self.params.full_layers or (self.selection and layer < self.selection[0]):
+            return None
+        if layer in self.selection:
+            self._current = None
+            if self.covers_all(length):
+                return None
+            self._current = (length, query.shape[0], self.score_and_select(query, key, valid, scale,
+                                                                        reduce_all_heads=True))
+            return None
+        if self._current is None or self._current[:2] != (length, query.shape[0]):
+            return None  # no selection from this step (e.g. short context): full attention
+        index = self._current[2]
+        return index.expand(query.shape[0], key.shape[1], index.shape[-1])
