@@ -85,6 +85,17 @@ class PatchHandle:
                 return technique
         raise KeyError(f"no technique {name!r} in this patch; it has {[t.name for t in self.techniques]}")
 
+    @property
+    def tokenizer(self):
+        """The tokenizer to use with the patched model, when exactly one technique of this patch provides one
+        (e.g. `tokenizer_transplant`); otherwise use `handle.technique(name).tokenizer`."""
+        found = [t for t in self.techniques if getattr(t, "tokenizer", None) is not None]
+        if len(found) != 1:
+            names = [t.name for t in found]
+            raise AttributeError(f"handle.tokenizer needs exactly one technique that provides a tokenizer; this "
+                                 f"patch has {len(found)} ({names})")
+        return found[0].tokenizer
+
     def unpatch(self) -> None:
         """Restore the model exactly as it was before this patch."""
         if not self.active:

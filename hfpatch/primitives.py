@@ -169,3 +169,16 @@ def use_attention_function(
         compat.unregister_attention(name)
 
     return name, undo
+
+
+def replace_submodule(root: torch.nn.Module, path: str, new_module: torch.nn.Module) -> Undo:
+    """Swap the module at dotted `path` under `root` (e.g. "model.embed_tokens", "lm_head").
+
+    The original module object is kept and put back by the undo, so its parameters (and any weight tying it
+    had) come back untouched. Used to give a model new input/output embeddings of another vocabulary size.
+    """
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    if name not in parent._modules:
+        raise AttributeError(f"{type(parent).__name__} has no submodule {name!r} (path {path!r})")
+    return replace_module(parent, name, new_module)

@@ -1,0 +1,134 @@
+"""Batched orthogonal matching pursuit (OMP) in torch.
+
+`omp(targets, atoms, k)` expresses each row of `targets` [B, d] as a combination of at most k rows of
+`atoms` [N, d]: greedily pick the atom most correlated with the residual (atoms compared at unit norm),
+refit all picked coefficients by least squares, repeat. Everything is batched over targets and works from
+inner products only (the Batch-OMP formulation): the least squares step solves the normal equations of the
+picked atoms with a Cholesky factorisation.
+
+For large dictionaries `candidates=M` first screens the M atoms most correlated with each target and runs
+the pursuit over those only (exact OMP when M >= N); that keeps a 262k-token vocabulary in minutes.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def _omp_batch(dy: torch.Tensor, gram: torch.Tensor, y_sq: torch.Tensor, k: int, tol: float):
+    """OMP for one batch over unit-norm atoms, from inner products only (Batch-OMP, Rubinstein et al. 2008).
+
+    `dy` [B, M]: each target's inner products with its M atoms; `gram` [B, M, M] (or [M, M] when every
+    target shares the atoms): the atoms' inner products; `y_sq` [B]: squared target norms. Each step costs
+    O(M * j) per target instead of O(M * d), which is what makes large vocabularies fast.
+    """
+    B, M = dy.shape
+    shared = gram.dim() == 2
+    k = min(k, M)
+    rows = torch.arange(B, device=dy.device)
+    idx = torch.zeros(B, k, dtype=torch.long, device=dy.device)
+    coef = torch.zeros(B, k, dtype=dy.dtype, device=dy.device)
+    gsel = torch.zeros(B, M, k, dtype=dy.dtype, device=dy.device)  # gram columns of the picked atoms
+    used = torch.zeros(B, M, dtype=torch.bool, device=dy.device)
+    ok = torch.ones(B, dtype=torch.bool, device=dy.device)
+    corr = dy
+    chol = torch.zeros(B, k, k, dtype=dy.dtype, device=dy.device)  # Cholesky factor of the picked atoms' gram
+    for j in range(k):
+        best = corr.abs().masked_fill_(used, -1.0).argmax(dim=1)
+        idx[:, j] = best
+        used[rows, best] = True
+        if shared:
+            gsel[:, :, j] = gram.index_select(1, best).T
+        else:
+            gsel[:, :, j] = gram.gather(2, best[:, None, None].expand(B, M, 1))[..., 0]
+        n = j + 1
+        # Grow the factor by one row: L w = g (g: the new atom against the earlier ones), diagonal sqrt(1 - |w|^2).
+        if j:
+            g = gsel[:, :, j].gather(1, idx[:, :j])
+            w = torch.linalg.solve_triangular(chol[:, :j, :j], g[..., None], upper=False)[..., 0]
+            chol[:, j, :j] = w
+            diag_sq = 1.0 - (w * w).sum(dim=1)
+        else:
+            diag_sq = torch.ones(B, dtype=dy.dtype, device=dy.device)
+        # A target whose new atom is numerically dependent on its earlier ones keeps its last fit (the extra
+        # atom gets coefficient 0); the residual cannot shrink further in that span anyway.
+        ok &= diag_sq > 1e-9
+        chol[:, j, j] = torch.where(ok, diag_sq.clamp_min(1e-9).sqrt(), torch.ones_like(diag_sq))
+        rhs = dy.gather(1, idx[:, :n])
+        L = chol[:, :n, :n]
+        z = torch.linalg.solve_triangular(L, rhs[..., None], upper=False)
+        sol = torch.linalg.solve_triangular(L.transpose(1, 2), z, upper=True)[..., 0]
+        coef[:, :n] = torch.where(ok[:, None], sol, coef[:, :n])
+        corr = dy - torch.bmm(gsel[:, :, :n], coef[:, :n, None])[..., 0]
+        residual_sq = y_sq - (coef[:, :n] * rhs).sum(dim=1)
+        if bool((residual_sq <= (tol ** 2) * y_sq).all()):
+            return idx[:, :n], coef[:, :n]
+    return idx, coef
+
+
+@torch.no_grad()
+def omp(
+    targets: torch.Tensor,
+    atoms: torch.Tensor,
+    k: int = 64,
+    *,
+    candidates: int | None = None,
+    batch_size: int = 256,
+    tol: float = 1e-7,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse codes of `targets` [B, d] over `atoms` [N, d]: (indices [B, k'] into atoms, coefficients [B, k']).
+
+    `targets ≈ (coefficients[..., None] * atoms[indices]).sum(1)` with at most k non-zero coefficients per
+    row (k' = min(k, N, d); rows solved exactly earlier carry zero coefficients). Atom selection compares
+    unit-norm atoms, as in scikit-learn's `orthogonal_mp`; the coefficients are for the atoms as given.
+    `candidates` limits each target's search to its most correlated atoms (None: all). `progress(n)` is
+    called after each batch with the number of targets done in it.
+
+    Example:
+        >>> idx, coef = omp(y, dictionary, k=8)
+        >>> approx = torch.einsum("bk,bkd->bd", coef, dictionary[idx])
+    """
+    if targets.dim() != 2 or atoms.dim() != 2 or targets.shape[1] != atoms.shape[1]:
+        raise ValueError(f"omp: targets [B, d] and atoms [N, d] must share d; got {tuple(targets.shape)} and "
+                         f"{tuple(atoms.shape)}")
+    if k < 1:
+        raise ValueError(f"omp: k must be >= 1, got {k}")
+    dtype = torch.float64 if targets.dtype == torch.float64 else torch.float32
+    atoms = atoms.to(dtype)
+    norms = atoms.norm(dim=1).clamp_min(1e-30)
+    unit = atoms / norms[:, None]
+    N, d = atoms.shape
+    screened = candidates is not None and candidates < N
+    k_eff = min(k, candidates if screened else N)
+    shared_gram = None if screened else unit @ unit.T
+    all_idx = torch.zeros(targets.shape[0], k_eff, dtype=torch.long)
+    all_coef = torch.zeros(targets.shape[0], k_eff, dtype=dtype)
+    for start in range(0, targets.shape[0], batch_size):
+        y = targets[start:start + batch_size].to(dtype)
+        dy = y @ unit.T
+        if screened:
+            screen = dy.abs().topk(candidates, dim=1).indices  # [b, M]
+            picked = unit[screen]
+            gram = torch.bmm(picked, picked.transpose(1, 2))
+            idx, coef = _omp_batch(dy.gather(1, screen), gram, (y * y).sum(1), k_eff, tol)
+            idx = screen.gather(1, idx)
+        else:
+            idx, coef = _omp_batch(dy, shared_gram, (y * y).sum(1), k_eff, tol)
+        # Coefficients were fitted on unit atoms; rescale them for the atoms as given.
+        all_idx[start:start + len(y), : idx.shape[1]] = idx
+        all_coef[start:start + len(y), : coef.shape[1]] = coef / norms[idx]
+        if progress is not None:
+            progress(len(y))
+    return all_idx, all_coef
+
+
+def apply_codes(indices: torch.Tensor, coefficients: torch.Tensor, rows: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """`sum_j coefficients[:, j] * rows[indices[:, j]]`: the same sparse codes applied to another space's rows."""
+    out = torch.empty(indices.shape[0], rows.shape[1], dtype=rows.dtype)
+    for start in range(0, indices.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        out[sl] = torch.einsum("bk,bkd->bd", coefficients[sl].to(torch.float32),
+                               rows[indices[sl]].to(torch.float32)).to(rows.dtype)
+    return out
