@@ -640,12 +640,62 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_transplant(subparsers) -> None:
+    from .techniques.tokenizer.transplant import METHODS
+
+    parser = subparsers.add_parser(
+        "transplant",
+        help="swap a model's tokenizer, initialising new embedding rows without training",
+        description="Load a causal LM and its tokenizer from --model, replace its vocabulary with --tokenizer's "
+                    "(shared tokens keep their rows bit-for-bit; every other row is initialised by --method), and "
+                    "save model + new tokenizer to --out, loadable with plain transformers. A progress bar shows "
+                    "the initialisation. --out must not exist (or be empty) unless --force is given.",
+        epilog="examples:\n  hfpatch transplant --model ./smollm2 --tokenizer ./gpt2-tok --method tokenadapt --out ./smollm2-gpt2\n"
+               "  hfpatch transplant --model ./smollm2 --tokenizer ./gemma-tok --donor ./gemma-270m --method omp "
+               "--out ./smollm2-gemma --force",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, metavar="DIR", help="local folder with the causal LM and its tokenizer")
+    parser.add_argument("--tokenizer", required=True, metavar="DIR", help="the new tokenizer (folder or Hub repo id)")
+    parser.add_argument("--donor", metavar="DIR", help="a model that already uses the new tokenizer (omp only)")
+    parser.add_argument("--method", default="omp", choices=METHODS, help="initialisation of new rows (default: omp)")
+    parser.add_argument("--k", type=_positive, default=64, help="omp: anchor tokens per new token (default: 64)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the transplanted model and tokenizer")
+    parser.add_argument("--force", action="store_true", help="write into an existing non-empty --out")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="weights dtype (default: float32)")
+    parser.set_defaults(handler=_cmd_transplant)
+
+
+def _cmd_transplant(args: argparse.Namespace) -> int:
+    from .patcher import patch
+    from .recipe import Recipe
+
+    out = Path(args.out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise CommandError(f"--out {args.out}: already exists and is not empty; pass --force to overwrite it")
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {args.out}: exists and is not a folder")
+    model, _, folder = load_local_model(args.model, dtype=args.dtype, device="cpu")
+    recipe = Recipe([{"type": "tokenizer_transplant", "tokenizer": args.tokenizer, "method": args.method,
+                      "donor": args.donor, "base_tokenizer": str(folder), "k": args.k}], name="transplant")
+    handle = patch(model, recipe)
+    stats = handle.stats["tokenizer_transplant"]
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    handle.tokenizer.save_pretrained(out)
+    print(f"transplanted {folder} -> {out}: {stats['new_vocab']} tokens ({stats['shared']} shared rows copied, "
+          f"{stats['initialised']} initialised by {args.method}) in {stats['seconds']} s; chat template: "
+          f"{stats['chat_template']}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------
 # parser and entry point
 
-# Each entry adds one subcommand. transplant will be added here.
+# Each entry adds one subcommand.
 SUBCOMMANDS: tuple[Callable[[Any], None], ...] = (_add_techniques, _add_recipes, _add_recipe, _add_run, _add_bench,
-                                                  _add_demo)
+                                                  _add_demo, _add_transplant)
 
 
 def build_parser() -> argparse.ArgumentParser:
