@@ -17,6 +17,7 @@ index set with one small gather). A row with nothing to attend gives zeros.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -194,11 +195,20 @@ def _kernels():
     return _COMPILED
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _num_splits(bh: int, n: int, block_n: int, device: torch.device) -> int:
     """Enough (batch x head x split) programs to fill the GPU, each with at least one block of positions."""
     blocks = max(1, math.ceil(n / block_n))
     if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = 2 * _sm_count(device)
     else:
         target = 4
     return max(1, min(blocks, math.ceil(target / max(bh, 1)), 256))

@@ -18,6 +18,7 @@ import math
 import torch
 
 from .dispatch import register_kernel
+from .sparse_decode import _sm_count
 
 __all__ = [
     "group_attention_scores",
@@ -197,7 +198,7 @@ def group_attention_scores_triton(
         return out
     block_s = 64 if s >= 64 else 16
     if query.device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(query.device).multi_processor_count
+        target = 2 * _sm_count(query.device)
     else:
         target = 4
     splits = max(1, min(math.ceil(s / block_s), math.ceil(target / (b * hkv))))
