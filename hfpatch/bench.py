@@ -702,7 +702,14 @@ def format_report(result: dict[str, Any]) -> str:
     if "load_average" in machine:
         end = machine.get("load_average_end")
         lines.append(f"load average (1/5/15 min) at start {machine['load_average']}" +
-                     (f", at end {end}" if end else "") + "; a busy machine makes timings noisy")
+                     (f", at end {end}" if end else ""))
+        # Other processes on the cores stall every multi-threaded op; tree forwards (many tokens) suffer far
+        # more than one-token decoding, so a busy machine biases timings against speculative methods.
+        busiest = max(machine["load_average"][0], (end or [0.0])[0])
+        if machine["device"] == "cpu" and busiest > machine["usable_cores"] + 0.5:
+            lines.append(f"WARNING: the machine was busy (load {busiest:.1f} on {machine['usable_cores']} cores): "
+                         "timings are unreliable and penalise speculative methods; MAT and identity are unaffected. "
+                         "Rerun on a quiet machine (or with --threads 1).")
     lines.append("")
     headers = ["category", "method", "prompts", "tokens", "tok/s", "speed-up", "MAT", "identical"]
     if has_pld:

@@ -586,7 +586,8 @@ def _add_bench(subparsers) -> None:
     parser.add_argument("--per-category", type=_positive, metavar="N",
                         help="prompts per category of the built-in set (default: 3, i.e. 15 prompts)")
     parser.add_argument("--threads", type=_positive, metavar="N",
-                        help="torch CPU threads (default: every usable core)")
+                        help="torch CPU threads (default: every usable core; on a machine shared with other "
+                             "jobs, 1 gives steadier timings)")
     parser.add_argument("--out", default="bench_out", metavar="DIR",
                         help="folder for bench.json, bench.txt and bench.png (default: ./bench_out)")
     parser.set_defaults(handler=_cmd_bench)
