@@ -709,7 +709,7 @@ def format_report(result: dict[str, Any]) -> str:
         if machine["device"] == "cpu" and busiest > machine["usable_cores"] + 0.5:
             lines.append(f"WARNING: the machine was busy (load {busiest:.1f} on {machine['usable_cores']} cores): "
                          "timings are unreliable and penalise speculative methods; MAT and identity are unaffected. "
-                         "Rerun on a quiet machine (or with --threads 1).")
+                         "Rerun on a quiet machine" + (" (or with --threads 1)." if machine["torch_threads"] > 1 else "."))
     lines.append("")
     headers = ["category", "method", "prompts", "tokens", "tok/s", "speed-up", "MAT", "identical"]
     if has_pld:
@@ -804,12 +804,14 @@ def plot_report(result: dict[str, Any], path: str | os.PathLike) -> Path | None:
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(groups)), groups)
         ax.set_title(title, fontsize=10)
-    axes[1].legend(fontsize=8)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
     machine = result["machine"]
     where = machine.get("gpu") or machine["cpu"]
     fig.suptitle(f"{config['model']} {config['dtype']}, {config['max_new_tokens']} new tokens, {where}, "
                  f"{machine['torch_threads']} threads", fontsize=9)
-    fig.tight_layout()
+    rows = (len(labels) + 3) // 4
+    fig.tight_layout(rect=(0, 0.04 + 0.05 * rows, 1, 1))  # room for the legend below the plots
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
