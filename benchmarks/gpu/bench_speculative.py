@@ -10,7 +10,7 @@ interleaved with the method order rotated per prompt, warm-up discarded): plain 
 lookup, the ``ngram-lookup`` recipe, and Token Recycling alone and fused with n-gram lookup on tree templates
 of about 40, 80 and 96 nodes:
 
-- ``cpu-30``   40 nodes, the paper's tree cut to rank sum <= 2 (the CPU default of the token-recycling recipe)
+- ``cpu-40``   40 nodes, the paper's tree cut to rank sum <= 2 (the CPU default of the token-recycling recipe)
 - ``paper-80`` the paper's 80-node tree (widths 8/21/25/15/8/3)
 - ``wide-96``  the paper's tree plus 16 more second- and third-level siblings
 
@@ -40,7 +40,7 @@ def templates() -> dict[str, list[list[int]]]:
     from hfpatch.techniques.generation.token_recycling import TEMPLATES
 
     return {
-        "cpu-30": TEMPLATES["cpu-30"],
+        "cpu-40": TEMPLATES["cpu-40"],
         "paper-80": TEMPLATES["paper-80"],
         "wide-96": TEMPLATES["paper-80"] + [[int(c) for c in code] for code in _WIDE_EXTRA],
     }
@@ -68,8 +68,8 @@ def method_recipes(template_names: list[str]) -> list[tuple[str, dict]]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtypes", default="bf16,fp32", help="comma list of bf16,fp32,fp16 (default bf16,fp32)")
-    p.add_argument("--templates", default="cpu-30,paper-80,wide-96",
-                   help="comma list of tree templates (default cpu-30,paper-80,wide-96)")
+    p.add_argument("--templates", default="cpu-40,paper-80,wide-96",
+                   help="comma list of tree templates (default cpu-40,paper-80,wide-96)")
     p.add_argument("--per-category", type=int, default=2, help="prompts per category (5 categories; default 2)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="greedy tokens per call (default 128)")
     p.add_argument("--json", type=Path, default=None, help="write every number here")

@@ -42,8 +42,9 @@ def _subtemplate(max_rank_sum: int, max_depth: int) -> list[list[int]]:
 # Smaller trees for CPUs, where verifying a node costs compute rather than being free as on a GPU.
 TEMPLATES: dict[str, list[list[int]]] = {
     "paper-80": PAPER_TEMPLATE,
-    "cpu-30": _subtemplate(2, 6),
-    "cpu-16": _subtemplate(1, 6),
+    "cpu-40": _subtemplate(2, 6),
+    "cpu-23": _subtemplate(1, 6),
+    "cpu-14": _subtemplate(1, 4),
     "chain-6": [[0] * depth for depth in range(1, 7)],
 }
 
@@ -71,7 +72,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 class TokenRecyclingParams:
     k: int = param(8, help="successors kept per token (the table is [vocab, k])", ge=1, le=64)
     template: str | list[list[int]] = param(
-        "cpu-30", help=f"tree template: one of {sorted(TEMPLATES)} or a list of rank paths like [[0], [1], [0, 0]]")
+        "cpu-14", help=f"tree template: one of {sorted(TEMPLATES)} or a list of rank paths like [[0], [1], [0, 0]]")
     reset_each_call: bool = param(False, help="clear the table at every generate call (cold start, as an ablation)")
 
     def __post_init__(self):
