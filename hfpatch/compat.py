@@ -76,7 +76,11 @@ def mask_functions():
     return AttentionMaskInterface
 
 
-def register_attention(name: str, attention_fn, mask_like: str) -> None:
+# Attention implementations known to apply an additive 4D (tree) mask exactly; flash kernels cannot take one.
+_TREE_MASK_IMPLEMENTATIONS = {"eager", "sdpa"}
+
+
+def register_attention(name: str, attention_fn, mask_like: str, *, accepts_tree_mask: bool = False) -> None:
     """Register an attention function and the mask builder it shares with a built-in implementation.
 
     Without a mask function registered under the same name, `create_causal_mask` returns None and padding
@@ -85,11 +89,19 @@ def register_attention(name: str, attention_fn, mask_like: str) -> None:
     attention_functions().register(name, attention_fn)
     masks = mask_functions()
     masks.register(name, masks._global_mapping[mask_like])
+    if accepts_tree_mask:
+        _TREE_MASK_IMPLEMENTATIONS.add(name)
 
 
 def unregister_attention(name: str) -> None:
     attention_functions()._global_mapping.pop(name, None)
     mask_functions()._global_mapping.pop(name, None)
+    _TREE_MASK_IMPLEMENTATIONS.discard(name)
+
+
+def accepts_tree_mask(implementation: str | None) -> bool:
+    """Whether an attention implementation applies an additive 4D mask exactly in multi-token steps."""
+    return implementation in _TREE_MASK_IMPLEMENTATIONS
 
 
 def attn_implementation(config) -> str | None:

@@ -143,16 +143,19 @@ def use_attention_function(
     mask_like: str = "sdpa",
     sub_configs: tuple[str, ...] | None = None,
     label: str = "custom",
+    accepts_tree_mask: bool = False,
 ) -> tuple[str, Undo]:
     """Register `attention_fn` under a fresh name and select it for this model only.
 
     The function has transformers' attention signature `(module, query, key, value, attention_mask,
     scaling, dropout, **kwargs)`. It is registered with the mask builder of `mask_like` (so padding masks
     keep working). `sub_configs` limits the change to those nested configs (e.g. `("text_config",)` in a
-    VLM); by default the whole model switches. Returns the registered name and the undo.
+    VLM); by default the whole model switches. `accepts_tree_mask` declares that multi-token steps honour an
+    additive 4D mask exactly (as sdpa does), so speculative tree verification can run through it. Returns the
+    registered name and the undo.
     """
     name = f"hfpatch_{label}_{next(_attention_names)}"
-    compat.register_attention(name, attention_fn, mask_like)
+    compat.register_attention(name, attention_fn, mask_like, accepts_tree_mask=accepts_tree_mask)
     undo_unshare = unshare_config(model)
     try:
         if sub_configs is None:

@@ -357,3 +357,20 @@ def test_real_smollm2_greedy_identical(smollm2):
             total_tokens += _stats(handle)["new_tokens"]
             total_forwards += _stats(handle)["forwards"]
     assert total_tokens / total_forwards > 1.2
+
+
+def test_composes_with_a_sparse_attention_technique_in_one_recipe():
+    """Tree verification runs through a sparse-attention function that honours the tree mask."""
+    model = tiny_model("llama")
+    prompt = _prompts(1, seed=21)[0]
+    ref = model.generate(prompt, max_new_tokens=24, do_sample=False)
+    recipe = {"hfpatch_version": "1.0", "name": "both", "techniques": [
+        {"type": "sink_window", "budget": 4096}, {"type": "token_recycling"}]}
+    with hfpatch.patch(model, recipe) as handle:
+        model.generate(prompt, max_new_tokens=24, do_sample=False)
+        out = model.generate(prompt, max_new_tokens=24, do_sample=False)
+        engine_stats = handle.stats["token_recycling"]
+        attention_stats = handle.stats["sink_window"]
+    assert engine_stats["fallback"] is None and engine_stats["forwards"] < 24
+    assert attention_stats["multi_token_steps"] > 0
+    assert torch.equal(out, ref)  # budget >= context: the sparse technique is exact here

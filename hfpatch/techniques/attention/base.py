@@ -120,7 +120,9 @@ class SparseAttentionTechnique(Technique):
         self.layers.clear()
         self.reset_stats()
         self.num_layers = len(ctx.adapter.decoder_layers())
-        _, undo = primitives.use_attention_function(model, self._attention, mask_like="sdpa", label=self.label)
+        # Multi-token steps (prefill, speculative tree verification) go to sdpa with the mask they were given.
+        _, undo = primitives.use_attention_function(model, self._attention, mask_like="sdpa", label=self.label,
+                                                    accepts_tree_mask=True)
         ctx.record(undo)
         ctx.record(self.layers.clear)
 

@@ -24,8 +24,6 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from ... import compat
 from .tree import DraftTree
 
-# Attention backends known to apply an additive 4D mask exactly (flash kernels cannot take a tree mask).
-TREE_MASK_BACKENDS = frozenset({"eager", "sdpa"})
 _MODEL_KWARGS_SERVED = frozenset({"attention_mask", "position_ids", "cache", "past_key_values", "use_cache",
                                   "logits_to_keep", "token_type_ids"})
 
@@ -91,7 +89,7 @@ class SpeculativeEngine:
         if config.prompt_lookup_num_tokens is not None:
             return "prompt_lookup_num_tokens is set in the generation config"
         attention = compat.attn_implementation(self.model.config.get_text_config())
-        if attention not in TREE_MASK_BACKENDS:
+        if not compat.accepts_tree_mask(attention):
             return f"attention backend {attention!r} cannot take a tree mask (use 'sdpa' or 'eager')"
         if compat.has_sliding_window_layers(self.model.config):
             return "sliding-window attention layers cannot keep a compacted tree cache"
