@@ -121,25 +121,43 @@ def has_sliding_window_layers(config) -> bool:
     return any("sliding" in str(kind) for kind in layer_types)
 
 
-def compactable_cache(cache) -> bool:
-    """Whether `keep_cache_positions` can serve this cache: a DynamicCache whose layers keep every position."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
+def sliding_window(config) -> int | None:
+    """The sliding-window size of a model with sliding-window layers (None when it has none)."""
+    if not has_sliding_window_layers(config):
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "sliding_window", None)
 
-    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+def compactable_cache(cache) -> bool:
+    """Whether `keep_cache_positions` can serve this cache: a DynamicCache of plain or sliding-window layers.
+
+    Sliding-window layers only qualify while nothing has slid out of them yet, which the caller must
+    guarantee by keeping the whole sequence shorter than the window.
+    """
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    return type(cache) is DynamicCache and all(
+        type(layer) is DynamicLayer or (type(layer) is DynamicSlidingWindowLayer and not layer.record_past)
+        for layer in cache.layers
+    )
 
 
 def keep_cache_positions(cache, keep) -> None:
     """Keep only the cached positions in `keep` (1-D LongTensor, ascending), in every layer.
 
-    RoPE is already applied to cached keys, so kept positions keep their original positions.
+    RoPE is already applied to cached keys, so kept positions keep their original positions. A
+    sliding-window layer also counts the positions it has seen, which must follow the compaction.
     """
-    contiguous = int(keep[-1]) == len(keep) - 1
-    if contiguous:
-        crop_cache(cache, len(keep))
-        return
     for layer in cache.layers:
         if layer.keys is None or layer.keys.numel() == 0:
             continue
-        index = keep.to(layer.keys.device)
-        layer.keys = layer.keys.index_select(-2, index)
-        layer.values = layer.values.index_select(-2, index)
+        if int(keep[-1]) == len(keep) - 1:  # a prefix: slicing is a view, no copy
+            layer.keys = layer.keys[..., : len(keep), :]
+            layer.values = layer.values[..., : len(keep), :]
+        else:
+            index = keep.to(layer.keys.device)
+            layer.keys = layer.keys.index_select(-2, index)
+            layer.values = layer.values.index_select(-2, index)
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length = len(keep)

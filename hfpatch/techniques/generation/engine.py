@@ -91,8 +91,6 @@ class SpeculativeEngine:
         attention = compat.attn_implementation(self.model.config.get_text_config())
         if not compat.accepts_tree_mask(attention):
             return f"attention backend {attention!r} cannot take a tree mask (use 'sdpa' or 'eager')"
-        if compat.has_sliding_window_layers(self.model.config):
-            return "sliding-window attention layers cannot keep a compacted tree cache"
         return None
 
     def generate(self, original, *args: Any, **kwargs: Any):
@@ -123,6 +121,11 @@ class SpeculativeEngine:
         unexpected = sorted(k for k, v in model_kwargs.items() if v is not None and k not in _MODEL_KWARGS_SERVED)
         if unexpected:
             return f"model inputs {unexpected} are not served by the engine"
+        window = compat.sliding_window(self.model.config)
+        if window is not None and generation_config.max_length + self.max_nodes >= window - 1:
+            # Below the window a sliding layer keeps (and masks) like a full one, so trees stay exact there.
+            return (f"sliding-window layers: prompt + max_new_tokens + tree ({generation_config.max_length} + "
+                    f"{self.max_nodes}) may exceed the window ({window}) that the tree cache must stay inside")
         cache = model_kwargs.get(self._cache_kwarg)
         if cache is None or not compat.compactable_cache(cache):
             return f"cache type {type(cache).__name__} cannot be compacted to a tree path"
