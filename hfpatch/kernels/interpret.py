@@ -112,3 +112,14 @@ def triton_cpu_reason() -> str | None:
         "Triton runs on CPU tensors only under its interpreter: set TRITON_INTERPRET=1 in the "
         "environment before triton is first imported (triton is already imported without it)"
     )
+
+
+def exact_float32_dots(tensor) -> bool:
+    """Whether a kernel's `tl.dot` over `tensor` should run in exact float32 (IEEE, not TF32).
+
+    float32 inputs want exact float32 dots. Under the CPU interpreter every dtype is upcast: its `tl.dot` on
+    bfloat16 operands returns garbage (triton 3.9), and speed does not matter there.
+    """
+    import torch  # local: this module stays importable without pulling in anything heavy
+
+    return tensor.dtype == torch.float32 or tensor.device.type != "cuda"

@@ -23,6 +23,7 @@ import math
 import torch
 
 from .dispatch import register_kernel
+from .interpret import exact_float32_dots
 
 __all__ = ["sparse_decode_attention", "sparse_decode_attention_reference", "sparse_decode_attention_triton"]
 
@@ -177,12 +178,6 @@ def _sparse_decode_kernel(
 _COMPILED = None
 
 
-def _ieee(key: torch.Tensor) -> bool:
-    # float32 caches get exact float32 dots (not TF32). Under the CPU interpreter every dtype is upcast:
-    # its tl.dot on bfloat16 operands returns garbage (triton 3.9), and speed does not matter there.
-    return key.dtype == torch.float32 or key.device.type != "cuda"
-
-
 def _kernels():
     global triton, tl, _COMPILED
     if _COMPILED is None:
@@ -263,7 +258,7 @@ def sparse_decode_attention_triton(
         *query.stride(), *key.stride(), *value.stride(), *index.stride(),
         G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
         DV=dv, BLOCK_DV=max(16, triton.next_power_of_2(dv)), BLOCK_N=block_n,
-        IEEE=_ieee(key),
+        IEEE=exact_float32_dots(key),
     )
     out.copy_(merge_partials(o, m, l))
     return out

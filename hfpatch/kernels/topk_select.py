@@ -18,6 +18,7 @@ import math
 import torch
 
 from .dispatch import register_kernel
+from .interpret import exact_float32_dots
 from .sparse_decode import _sm_count
 
 __all__ = [
@@ -162,12 +163,6 @@ def _score_kernel(
 _COMPILED = None
 
 
-def _ieee(key: torch.Tensor) -> bool:
-    # float32 caches get exact float32 dots (not TF32). Under the CPU interpreter every dtype is upcast:
-    # its tl.dot on bfloat16 operands returns garbage (triton 3.9), and speed does not matter there.
-    return key.dtype == torch.float32 or key.device.type != "cuda"
-
-
 def _kernels():
     global triton, tl, _COMPILED
     if _COMPILED is None:
@@ -212,7 +207,7 @@ def group_attention_scores_triton(
     else:
         valid_t, s_mb, s_ms = out, 0, 0
     meta = dict(G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
-                BLOCK_S=block_s, HAS_VALID=valid is not None, IEEE=_ieee(key))
+                BLOCK_S=block_s, HAS_VALID=valid is not None, IEEE=exact_float32_dots(key))
     strides = (*query.stride(), *key.stride(), s_mb, s_ms)
     lse_kernel[(b * hkv, splits)](query, key, valid_t, m, l, hkv, s, split, scale, *strides, **meta)
     top = m.amax(-1, keepdim=True)
