@@ -213,3 +213,30 @@ def test_config_copy_keeps_unrelated_instances():
     clone = copy.deepcopy(model)
     with hfpatch.patch(model, PROBE):
         assert clone.config._attn_implementation == "sdpa"
+
+
+def test_training_loss_hook_on_one_trainer_instance(tmp_path):
+    """wrap_method is the training-loss hook: it wraps one Trainer's compute_loss, and the undo restores it."""
+    from hfpatch import primitives
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (4, 8))
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+                                          report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no")
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset)
+    other = transformers.Trainer(model=tiny_model("llama"), args=args, train_dataset=dataset)
+    seen = []
+
+    def scaled_loss(original, model, inputs, *a, **k):
+        loss = original(model, inputs, *a, **k)
+        seen.append(float(loss.detach() if not isinstance(loss, tuple) else loss[0].detach()))
+        return loss * 0.5 if not isinstance(loss, tuple) else (loss[0] * 0.5, *loss[1:])
+
+    undo = primitives.wrap_method(trainer, "compute_loss", scaled_loss)
+    assert "compute_loss" not in other.__dict__
+    trainer.train()
+    assert len(seen) == 2
+    undo()
+    assert "compute_loss" not in trainer.__dict__
+    assert trainer.compute_loss.__func__ is transformers.Trainer.compute_loss
