@@ -455,7 +455,7 @@ def list_recipes() -> list[dict[str, Any]]:
     """
     folder = builtin_recipes_dir()
     result = []
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+    for path in sorted(folder.glob("*.json"), key=lambda p: p.stem) if folder.is_dir() else []:
         data = json.loads(path.read_text(encoding="utf-8"))
         result.append({
             "name": path.stem,

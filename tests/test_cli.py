@@ -488,7 +488,7 @@ def _readme_commands() -> list[str]:
 
 def test_ci_runs_the_readme_test_command():
     run_job, test_suite = _readme_commands()
-    assert "hfpatch run" in run_job and "python -m pytest" in test_suite
+    assert "hfpatch demo" in run_job and "python -m pytest" in test_suite
     ci_lines = [line.strip() for line in (REPO_ROOT / ".ci" / "run").read_text().splitlines()]
     assert any(line.startswith(test_suite + " ") or line == test_suite for line in ci_lines), \
         ".ci/run must run the README's test command verbatim"
