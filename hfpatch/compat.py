@@ -161,3 +161,14 @@ def keep_cache_positions(cache, keep) -> None:
             layer.values = layer.values.index_select(-2, index)
         if hasattr(layer, "cumulative_length"):
             layer.cumulative_length = len(keep)
+
+
+def decoder_only_generate_output(*, sequences, scores, logits, cache):
+    """A `GenerateDecoderOnlyOutput`, with the cache under this version's field name (`cache` from 5.24)."""
+    import dataclasses
+
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    names = {f.name for f in dataclasses.fields(GenerateDecoderOnlyOutput)}
+    cache_field = "cache" if "cache" in names else "past_key_values"
+    return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, logits=logits, **{cache_field: cache})

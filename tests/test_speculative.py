@@ -10,6 +10,7 @@ from transformers import AttentionInterface, TextStreamer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import hfpatch
+from hfpatch import compat
 from hfpatch.errors import PatchError, RecipeError, UnsupportedModelError
 from hfpatch.techniques.generation.tree import DraftTree
 
@@ -119,8 +120,9 @@ def test_compacted_cache_equals_sequential_cache():
         out = model.generate(prompt, max_new_tokens=25, do_sample=False, return_dict_in_generate=True)
         assert _stats(handle)["mean_accepted_tokens_per_forward"] > 1.5
     assert torch.equal(out.sequences, ref.sequences)
-    assert out.cache.get_seq_length() == ref.cache.get_seq_length() == out.sequences.shape[1] - 1
-    for mine, theirs in zip(out.cache.layers, ref.cache.layers):
+    out_cache, ref_cache = compat.output_cache(out), compat.output_cache(ref)
+    assert out_cache.get_seq_length() == ref_cache.get_seq_length() == out.sequences.shape[1] - 1
+    for mine, theirs in zip(out_cache.layers, ref_cache.layers):
         torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(mine.values, theirs.values, rtol=1e-4, atol=1e-5)
 

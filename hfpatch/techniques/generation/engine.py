@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from transformers.generation.configuration_utils import GenerationMode
-from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ... import compat
 from .tree import DraftTree
@@ -256,7 +255,7 @@ class SpeculativeEngine:
             "drafters": {d.name: d.stats() for d, _ in self.drafters},
         }
         if generation_config.return_dict_in_generate:
-            return GenerateDecoderOnlyOutput(
+            return compat.decoder_only_generate_output(
                 sequences=input_ids,
                 scores=tuple(scores_out) if want_scores else None,
                 logits=tuple(logits_out) if want_logits else None,
