@@ -154,6 +154,7 @@ def main():
     ap.add_argument("--ppl", type=int, nargs="*", default=[4096])
     ap.add_argument("--ppl-tail", type=int, default=64)
     ap.add_argument("--ppl-source", choices=["prose", "code"], default="prose")
+    ap.add_argument("--ppl-docs", type=int, default=2, help="documents (windows) per perplexity length")
     ap.add_argument("--speed", type=int, nargs="*", default=[4096])
     ap.add_argument("--speed-new", type=int, default=24)
     ap.add_argument("--speed-budget", type=int, default=256)
@@ -174,9 +175,10 @@ def main():
         print(json.dumps({"niah": {length: result["niah"][length]}}), flush=True)
     for length in args.ppl:
         need = length * 4
-        texts = assets.prose_documents(3, min_chars=need) if args.ppl_source == "prose" else \
-            assets.code_documents(3, min_chars=need)
-        docs = [d for d in (tok(t, add_special_tokens=False).input_ids for t in texts) if len(d) >= length][:2]
+        texts = assets.prose_documents(args.ppl_docs + 1, min_chars=need) if args.ppl_source == "prose" else \
+            assets.code_documents(args.ppl_docs + 1, min_chars=need)
+        docs = [d for d in (tok(t, add_special_tokens=False).input_ids for t in texts) if len(d) >= length]
+        docs = docs[:args.ppl_docs]
         result["ppl"][length] = perplexity(model, tok, length, args.ppl_tail, args.budgets, docs)
         print(json.dumps({"ppl": {length: result["ppl"][length]}}), flush=True)
     for length in args.speed:
