@@ -3,7 +3,8 @@
 Composition rule: a model may carry several patches at once. They apply in order; each technique
 declares the parts of the model it takes over (`Technique.claims`), and a technique whose claim is already
 held by an active patch (or by an earlier technique of the same recipe) is refused with
-`PatchConflictError`. Patches come off in reverse order: `handle.unpatch()` on a handle that has newer
+`PatchConflictError`, except that techniques of one recipe may share a claim both list in
+`cooperative_claims` (the drafters of a speculative recipe share one engine this way). Patches come off in reverse order: `handle.unpatch()` on a handle that has newer
 patches above it raises; `hfpatch.unpatch(model)` removes all of them, newest first.
 """
 from __future__ import annotations
