@@ -386,7 +386,12 @@ def _installed_version(dist: str) -> str | None:
 # SmolLM2-135M-Instruct
 
 
-def _convert_smollm2(gguf: Path, out: Path, progress: bool) -> None:
+def convert_gguf_model(gguf: Path, out: Path, progress: bool, *, strict: bool = True) -> None:
+    """Write a GGUF causal LM (and its tokenizer) to ``out`` as a plain float32 safetensors folder.
+
+    ``strict=False`` tolerates state-dict keys the rebuilt model does not share with the GGUF one (e.g. a
+    tied head that the GGUF loader also materialises).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
@@ -403,11 +408,11 @@ def _convert_smollm2(gguf: Path, out: Path, progress: bool) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.load_state_dict(gguf_model.state_dict(), strict=strict)
     model.tie_weights()
     model.generation_config = gguf_model.generation_config
     del gguf_model
-    # The GGUF tokenizer comes with an unbounded model_max_length; the model's context is 8k.
+    # The GGUF tokenizer comes with an unbounded model_max_length; use the model's context length.
     tok.model_max_length = config.max_position_embeddings
     _report("[4/4] writing safetensors + tokenizer", progress)
     model.save_pretrained(out)
@@ -445,7 +450,7 @@ def smollm2_dir(*, progress: bool | None = None) -> Path:
     t0 = time.perf_counter()
     _build_once(
         target,
-        lambda tmp: _convert_smollm2(gguf, tmp, show),
+        lambda tmp: convert_gguf_model(gguf, tmp, show),
         what="SmolLM2-135M-Instruct",
         manifest={
             "asset": "SmolLM2-135M-Instruct",
