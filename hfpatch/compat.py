@@ -51,17 +51,6 @@ def output_cache(outputs):
     return cache
 
 
-def crop_cache(cache, new_length: int) -> None:
-    """Shorten a cache to its first `new_length` positions.
-
-    `DynamicCache.crop` takes only a negative count of tokens to remove in 5.x (a positive argument used to
-    mean the final length); this helper hides that.
-    """
-    current = cache.get_seq_length()
-    if new_length < current:
-        cache.crop(new_length - current)
-
-
 def attention_functions():
     """transformers' global registry of attention functions (name -> callable)."""
     from transformers import AttentionInterface

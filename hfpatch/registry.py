@@ -62,12 +62,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for option in typing.get_args(tp):
             try:
                 return _coerce(value, option, where)
-            except RecipeError as exc:
-                errors.append(exc)
+            except RecipeError:
+                continue
         raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if tp is type(None):
         if value is None:

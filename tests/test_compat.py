@@ -21,7 +21,7 @@ def test_cache_kwarg_follows_the_forward_signature():
     assert compat.cache_kwarg(model) == ("cache" if "cache" in params else "past_key_values")
 
 
-def test_crop_and_keep_positions_on_full_and_sliding_layers():
+def test_keep_positions_on_full_and_sliding_layers():
     config = tiny_config("gemma3_text")
     config.sliding_window = 64
     model = tiny_model("gemma3_text", config=config)
@@ -38,9 +38,7 @@ def test_crop_and_keep_positions_on_full_and_sliding_layers():
     compat.keep_cache_positions(cache, torch.arange(3))  # a prefix
     assert cache.get_seq_length() == 3
     llama_cache = _filled_cache(tiny_model("llama"), 6)
-    compat.crop_cache(llama_cache, 4)
-    assert llama_cache.get_seq_length() == 4
-    compat.crop_cache(llama_cache, 9)  # longer than the cache: nothing to do
+    compat.keep_cache_positions(llama_cache, torch.arange(4))
     assert llama_cache.get_seq_length() == 4
 
 
