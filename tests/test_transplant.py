@@ -123,6 +123,21 @@ def test_omp_non_unit_atoms_and_more_atoms_than_needed():
         assert idx[b, :4].tolist() == ref_idx
 
 
+def test_omp_stops_refitting_when_the_next_atom_is_dependent():
+    """Atoms spanning only 8 dimensions: after 8 picks every further atom is dependent on the picked ones, so
+    its coefficient is 0 and the first 8 keep their least-squares fit (the target is outside the span)."""
+    g = torch.Generator().manual_seed(4)
+    atoms = torch.randn(60, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 16, generator=g, dtype=torch.float64)
+    y = torch.randn(5, 16, generator=g, dtype=torch.float64)
+    idx, coef = omp(y, atoms, k=12)
+    assert idx.shape == (5, 12) and torch.isfinite(coef).all()
+    assert coef[:, 8:].abs().max() == 0
+    for b in range(5):
+        ref_idx, ref_coef = _reference_omp(y[b], atoms, 8)
+        assert idx[b, :8].tolist() == ref_idx
+        torch.testing.assert_close(coef[b, :8], ref_coef, rtol=1e-6, atol=1e-8)
+
+
 def test_omp_reproduces_a_linear_map():
     """If donor space = base space @ A, codes fitted in the donor space rebuild the base rows exactly."""
     g = torch.Generator().manual_seed(2)

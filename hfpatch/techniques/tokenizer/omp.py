@@ -20,51 +20,60 @@ def _omp_batch(dy: torch.Tensor, gram: torch.Tensor, y_sq: torch.Tensor, k: int,
     """OMP for one batch over unit-norm atoms, from inner products only (Batch-OMP, Rubinstein et al. 2008).
 
     `dy` [B, M]: each target's inner products with its M atoms; `gram` [B, M, M] (or [M, M] when every
-    target shares the atoms): the atoms' inner products; `y_sq` [B]: squared target norms. Each step costs
-    O(M * j) per target instead of O(M * d), which is what makes large vocabularies fast.
+    target shares the atoms): the atoms' inner products; `y_sq` [B]: squared target norms.
+
+    The picked atoms are orthonormalised as they come (Gram-Schmidt, i.e. a progressive Cholesky factor L
+    of their gram, `gram[I, I] = L L^T`), carried out in correlation space: `proj[:, i, :]` holds every
+    atom's inner product with the i-th orthonormal direction. The new row of L is then a gather from
+    `proj` (no triangular solve per step), the target's coordinate on the new direction is its current
+    correlation with the new atom divided by L's diagonal, and the correlations of the residual drop by
+    that coordinate times the new direction's row. Each step costs O(M * j) per target with a handful of
+    batched kernels; the coefficients come from one triangular solve `L^T x = z` at the end.
     """
     B, M = dy.shape
     shared = gram.dim() == 2
     k = min(k, M)
-    rows = torch.arange(B, device=dy.device)
-    idx = torch.zeros(B, k, dtype=torch.long, device=dy.device)
-    coef = torch.zeros(B, k, dtype=dy.dtype, device=dy.device)
-    gsel = torch.zeros(B, M, k, dtype=dy.dtype, device=dy.device)  # gram columns of the picked atoms
-    used = torch.zeros(B, M, dtype=torch.bool, device=dy.device)
-    ok = torch.ones(B, dtype=torch.bool, device=dy.device)
-    corr = dy
-    chol = torch.zeros(B, k, k, dtype=dy.dtype, device=dy.device)  # Cholesky factor of the picked atoms' gram
+    dtype, device = dy.dtype, dy.device
+    rows = torch.arange(B, device=device)
+    idx = torch.zeros(B, k, dtype=torch.long, device=device)
+    chol = torch.zeros(B, k, k, dtype=dtype, device=device)  # L: rows [w, diag] of the picked atoms
+    z = torch.zeros(B, k, dtype=dtype, device=device)  # the target's coordinates on the orthonormal directions
+    proj = torch.zeros(B, k, M, dtype=dtype, device=device)  # every atom against each orthonormal direction
+    used = torch.zeros(B, M, dtype=torch.bool, device=device)
+    ok = torch.ones(B, dtype=torch.bool, device=device)
+    corr = dy.clone()  # the residual's correlations with every atom
+    residual_sq = y_sq.clone()
+    n = k
     for j in range(k):
         best = corr.abs().masked_fill_(used, -1.0).argmax(dim=1)
         idx[:, j] = best
         used[rows, best] = True
-        if shared:
-            gsel[:, :, j] = gram.index_select(1, best).T
-        else:
-            gsel[:, :, j] = gram.gather(2, best[:, None, None].expand(B, M, 1))[..., 0]
-        n = j + 1
-        # Grow the factor by one row: L w = g (g: the new atom against the earlier ones), diagonal sqrt(1 - |w|^2).
+        col = gram[best] if shared else gram[rows, best]  # [B, M]: the new atom against every atom
         if j:
-            g = gsel[:, :, j].gather(1, idx[:, :j])
-            w = torch.linalg.solve_triangular(chol[:, :j, :j], g[..., None], upper=False)[..., 0]
-            chol[:, j, :j] = w
+            w = proj[:, :j, :].gather(2, best[:, None, None].expand(B, j, 1))[..., 0]  # L^-1 gram[I, new]
             diag_sq = 1.0 - (w * w).sum(dim=1)
         else:
-            diag_sq = torch.ones(B, dtype=dy.dtype, device=dy.device)
-        # A target whose new atom is numerically dependent on its earlier ones keeps its last fit (the extra
-        # atom gets coefficient 0); the residual cannot shrink further in that span anyway.
+            w = None
+            diag_sq = torch.ones(B, dtype=dtype, device=device)
+        # A target whose new atom is numerically dependent on its earlier ones keeps its fit so far (this and
+        # every later atom get coefficient 0); the residual cannot shrink further in that span anyway.
         ok &= diag_sq > 1e-9
-        chol[:, j, j] = torch.where(ok, diag_sq.clamp_min(1e-9).sqrt(), torch.ones_like(diag_sq))
-        rhs = dy.gather(1, idx[:, :n])
-        L = chol[:, :n, :n]
-        z = torch.linalg.solve_triangular(L, rhs[..., None], upper=False)
-        sol = torch.linalg.solve_triangular(L.transpose(1, 2), z, upper=True)[..., 0]
-        coef[:, :n] = torch.where(ok[:, None], sol, coef[:, :n])
-        corr = dy - torch.bmm(gsel[:, :, :n], coef[:, :n, None])[..., 0]
-        residual_sq = y_sq - (coef[:, :n] * rhs).sum(dim=1)
+        diag = torch.where(ok, diag_sq.clamp_min(1e-9).sqrt(), torch.ones_like(diag_sq))
+        chol[:, j, j] = diag
+        if j:
+            w = w * ok[:, None]
+            chol[:, j, :j] = w
+            col = col - torch.bmm(w[:, None, :], proj[:, :j, :])[:, 0]
+        scale = torch.where(ok, 1.0 / diag, torch.zeros_like(diag))
+        proj[:, j, :] = col * scale[:, None]
+        z[:, j] = corr[rows, best] * scale
+        corr -= z[:, j, None] * proj[:, j, :]
+        residual_sq -= z[:, j] * z[:, j]
         if bool((residual_sq <= (tol ** 2) * y_sq).all()):
-            return idx[:, :n], coef[:, :n]
-    return idx, coef
+            n = j + 1
+            break
+    coef = torch.linalg.solve_triangular(chol[:, :n, :n].transpose(1, 2), z[:, :n, None], upper=True)[..., 0]
+    return idx[:, :n], coef
 
 
 @torch.no_grad()
