@@ -6,30 +6,65 @@ original model's <|endoftext|> embedding, fed as inputs_embeds for every variant
 bits = sum of -log2 p(token); bytes = UTF-8 bytes of the document. Report: total bits / total bytes per
 domain, and the ratio to the original model.
 
+Every (pair, method) runs in its own process, so that its wall time and peak resident memory (model load +
+initialisation, read with getrusage before scoring) are its own:
+
     python benchmarks/transplant/bpb.py --pairs gpt2 mistral --methods mean tokenadapt omp zero random \
         --docs 8 --max-chars 2000 --json bpb.json
 
-Machine noise does not affect bits per byte (only the wall times printed beside them).
+`--split tune` scores the other half of the documents (the even-indexed ones), which is the only half any
+setting may be tuned on. Machine noise does not affect bits per byte (only the times printed beside them).
+`score_folder` scores a saved model folder with its tokenizer the same way (benchmarks/transplant/peers.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import resource
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 import hfpatch
 from hfpatch import assets
 
+HERE = Path(__file__).resolve().parent
+PAIRS = ("gpt2", "mistral", "gemma")
 
-def documents(n: int, max_chars: int) -> dict[str, list[str]]:
-    # Held out: the last n of a spread of 2n documents (nothing here is tuned on the first half either).
-    prose = assets.prose_documents(2 * n, min_chars=1000)[1::2]
-    code = assets.code_documents(2 * n, min_chars=2000)[1::2]
+
+def documents(n: int, max_chars: int, split: str = "heldout") -> dict[str, list[str]]:
+    """n prose and n code documents: from a spread of 2n, the odd-indexed ones ("heldout", what is reported)
+    or the even-indexed ones ("tune", the only ones a setting may be chosen on)."""
+    if split not in ("heldout", "tune"):
+        raise ValueError(f"split must be 'heldout' or 'tune', got {split!r}")
+    part = slice(1, None, 2) if split == "heldout" else slice(0, None, 2)
+    prose = assets.prose_documents(2 * n, min_chars=1000)[part]
+    code = assets.code_documents(2 * n, min_chars=2000)[part]
     return {"prose": [d[:max_chars] for d in prose], "code": [d[:max_chars] for d in code]}
+
+
+def pair_sources(pair: str) -> tuple[str, str | None]:
+    """(new tokenizer folder, donor model folder or None) of a benchmark pair."""
+    if pair == "gpt2":
+        return str(assets.gpt2_tokenizer_dir()), None
+    if pair == "mistral":
+        return str(assets.mistral_tokenizer_dir()), None
+    if pair == "gemma":
+        sys.path.insert(0, str(HERE))
+        from gemma_asset import gemma3_dir
+
+        return str(gemma3_dir()), str(gemma3_dir())
+    raise ValueError(f"unknown pair {pair!r}; choose from {PAIRS}")
+
+
+def start_vector(model, tokenizer) -> torch.Tensor:
+    """The original SmolLM2's <|endoftext|> embedding: the first input of every scored document."""
+    return model.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("<|endoftext|>")].detach().clone()
 
 
 @torch.no_grad()
@@ -47,54 +82,117 @@ def bits_per_byte(model, tokenizer, docs: list[str], start: torch.Tensor) -> flo
     return bits / nbytes
 
 
+def score(model, tokenizer, docs: dict[str, list[str]], start: torch.Tensor) -> dict[str, float]:
+    """Bits per byte per domain."""
+    return {dom: bits_per_byte(model, tokenizer, d, start) for dom, d in docs.items()}
+
+
+def score_folder(folder: str | os.PathLike, docs: dict[str, list[str]], start: torch.Tensor,
+                 tokenizer: str | os.PathLike | None = None) -> dict[str, float]:
+    """Bits per byte per domain of a saved model folder (plain transformers), with the tokenizer saved beside
+    it unless `tokenizer` names another folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tokenizer or folder)
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        raise ValueError(f"{folder}: the tokenizer has {len(tok)} tokens but the model only "
+                         f"{model.get_input_embeddings().weight.shape[0]} embedding rows")
+    return score(model.eval(), tok, docs, start)
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_measured(cmd: list[str], *, log=None, env: dict | None = None) -> dict:
+    """Run `cmd` as a child process: exit code, wall seconds and the child's peak resident memory (GiB,
+    from wait4's rusage, which also covers the child's own children)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT if log else None, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"rc": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
+            "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}
+
+
+def machine() -> str:
+    return f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads, " \
+           f"torch {torch.__version__}".replace("  ", " ")
+
+
+def run_one(pair: str, method: str, args) -> dict:
+    """Transplant one pair with one method in this process and score it (the --one worker)."""
+    model, tok = assets.load_smollm2()
+    start = start_vector(model, tok)
+    docs = documents(args.docs, args.max_chars, args.split)
+    tok_dir, donor = pair_sources(pair)
+    spec = {"type": "tokenizer_transplant", "tokenizer": tok_dir, "method": method, "k": args.k,
+            "omp_candidates": args.omp_candidates, "donor": donor if method == "omp" else None,
+            **json.loads(args.extra)}
+    t0 = time.perf_counter()
+    with hfpatch.patch(model, hfpatch.Recipe([spec])) as handle:
+        seconds = time.perf_counter() - t0
+        init_peak = peak_rss_gib()
+        scores = score(model, handle.tokenizer, docs, start)
+    return {"pair": f"SmolLM2 -> {pair}" + (" (donor)" if spec["donor"] else ""), "method": method,
+            "settings": {k: v for k, v in spec.items() if k not in ("type", "tokenizer")}, **scores,
+            "seconds": round(seconds, 1), "peak_rss_gib": round(init_peak, 2)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", nargs="+", default=["gpt2", "mistral"], choices=["gpt2", "mistral", "gemma"])
+    parser.add_argument("--pairs", nargs="+", default=["gpt2", "mistral"], choices=PAIRS)
     parser.add_argument("--methods", nargs="+", default=["mean", "tokenadapt", "omp", "zero", "random"])
     parser.add_argument("--docs", type=int, default=8, help="documents per domain")
     parser.add_argument("--max-chars", type=int, default=2000, help="characters kept per document")
+    parser.add_argument("--split", default="heldout", choices=["heldout", "tune"])
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--omp-candidates", type=int, default=128)
+    parser.add_argument("--extra", default="{}", help="more transplant parameters, as JSON")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", help="write every number here")
+    parser.add_argument("--one", nargs=2, metavar=("PAIR", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.one:
+        row = run_one(*args.one, args)
+        Path(args.out).write_text(json.dumps(row))
+        return 0
 
+    docs = documents(args.docs, args.max_chars, args.split)
     model, tok = assets.load_smollm2()
-    docs = documents(args.docs, args.max_chars)
-    start = model.get_input_embeddings().weight[tok.convert_tokens_to_ids("<|endoftext|>")].detach().clone()
-    results = {"machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
-               "docs_per_domain": args.docs, "max_chars": args.max_chars, "rows": []}
-    base = {dom: bits_per_byte(model, tok, d, start) for dom, d in docs.items()}
+    start = start_vector(model, tok)
+    results = {"machine": machine(), "docs_per_domain": args.docs, "max_chars": args.max_chars,
+               "split": args.split, "rows": []}
+    base = score(model, tok, docs, start)
+    del model
     results["rows"].append({"pair": "SmolLM2 (own tokenizer)", "method": "-", **base, "seconds": 0})
-    print(f"SmolLM2 own tokenizer: " + ", ".join(f"{k} {v:.4f} bpb" for k, v in base.items()), flush=True)
-
-    sources = {"gpt2": lambda: (str(assets.gpt2_tokenizer_dir()), None),
-               "mistral": lambda: (str(assets.mistral_tokenizer_dir()), None)}
-    if "gemma" in args.pairs:
-        sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-        from gemma_asset import gemma3_dir
-
-        sources["gemma"] = lambda: (str(gemma3_dir()), str(gemma3_dir()))
+    print("SmolLM2 own tokenizer: " + ", ".join(f"{k} {v:.4f} bpb" for k, v in base.items()), flush=True)
+    out = Path(args.json or "bpb.json").with_suffix(".one.json")
     for pair in args.pairs:
-        tok_dir, donor = sources[pair]()
         for method in args.methods:
-            spec = {"type": "tokenizer_transplant", "tokenizer": tok_dir, "method": method, "k": args.k,
-                    "omp_candidates": args.omp_candidates, "donor": donor if method == "omp" else None}
-            t0 = time.perf_counter()
-            with hfpatch.patch(model, hfpatch.Recipe([spec])) as handle:
-                seconds = time.perf_counter() - t0
-                scores = {dom: bits_per_byte(model, handle.tokenizer, d, start) for dom, d in docs.items()}
-            row = {"pair": f"SmolLM2 -> {pair}" + (" (donor)" if spec["donor"] else ""), "method": method, **scores,
-                   **{f"{dom}_ratio": scores[dom] / base[dom] for dom in scores}, "seconds": round(seconds, 1)}
+            cmd = [sys.executable, __file__, "--one", pair, method, "--out", str(out), "--docs", str(args.docs),
+                   "--max-chars", str(args.max_chars), "--split", args.split, "--k", str(args.k),
+                   "--omp-candidates", str(args.omp_candidates), "--extra", args.extra]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            proc = run_measured(cmd)
+            if proc["rc"] != 0:
+                print(f"{pair} {method}: failed (exit {proc['rc']})", flush=True)
+                continue
+            row = json.loads(out.read_text())
+            row.update({f"{dom}_ratio": row[dom] / base[dom] for dom in base}, process_seconds=proc["seconds"])
             results["rows"].append(row)
             print(f"{row['pair']:<28} {method:<11} " + "  ".join(
-                f"{dom} {scores[dom]:.4f} bpb (x{scores[dom] / base[dom]:.3f})" for dom in scores) +
-                f"  init {seconds:.0f} s", flush=True)
+                f"{dom} {row[dom]:.4f} bpb (x{row[dom + '_ratio']:.3f})" for dom in base) +
+                f"  init {row['seconds']:.0f} s, peak RSS {row['peak_rss_gib']:.2f} GiB", flush=True)
             if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(results, f, indent=2)
+                Path(args.json).write_text(json.dumps(results, indent=2))
+    out.unlink(missing_ok=True)
     return 0
 
 
