@@ -138,6 +138,24 @@ def test_omp_stops_refitting_when_the_next_atom_is_dependent():
         torch.testing.assert_close(coef[b, :8], ref_coef, rtol=1e-6, atol=1e-8)
 
 
+def test_omp_ridge_refits_by_ridge_regression():
+    """With ridge > 0 the picked atoms' coefficients are the ridge solution (unit atoms' gram + ridge * I), and
+    they shrink compared with plain OMP on nearly collinear atoms."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(40, 32, generator=g, dtype=torch.float64)
+    atoms = torch.cat([base, base + 1e-3 * torch.randn(40, 32, generator=g, dtype=torch.float64)])  # near twins
+    y = torch.randn(6, 32, generator=g, dtype=torch.float64)
+    idx, coef = omp(y, atoms, k=10, ridge=0.05)
+    for b in range(6):
+        A = atoms[idx[b]]
+        norms = A.norm(dim=1)
+        unit = A / norms[:, None]
+        ref = torch.linalg.solve(unit @ unit.T + 0.05 * torch.eye(10, dtype=torch.float64), unit @ y[b]) / norms
+        torch.testing.assert_close(coef[b], ref, rtol=1e-8, atol=1e-10)
+    _, plain = omp(y, atoms, k=10)
+    assert coef.abs().max() < plain.abs().max()
+
+
 def test_omp_reproduces_a_linear_map():
     """If donor space = base space @ A, codes fitted in the donor space rebuild the base rows exactly."""
     g = torch.Generator().manual_seed(2)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 
-def _omp_batch(dy: torch.Tensor, gram: torch.Tensor, y_sq: torch.Tensor, k: int, tol: float):
+def _omp_batch(dy: torch.Tensor, gram: torch.Tensor, y_sq: torch.Tensor, k: int, tol: float, ridge: float = 0.0):
     """OMP for one batch over unit-norm atoms, from inner products only (Batch-OMP, Rubinstein et al. 2008).
 
     `dy` [B, M]: each target's inner products with its M atoms; `gram` [B, M, M] (or [M, M] when every
@@ -51,10 +51,10 @@ def _omp_batch(dy: torch.Tensor, gram: torch.Tensor, y_sq: torch.Tensor, k: int,
         col = gram[best] if shared else gram[rows, best]  # [B, M]: the new atom against every atom
         if j:
             w = proj[:, :j, :].gather(2, best[:, None, None].expand(B, j, 1))[..., 0]  # L^-1 gram[I, new]
-            diag_sq = 1.0 - (w * w).sum(dim=1)
+            diag_sq = 1.0 + ridge - (w * w).sum(dim=1)
         else:
             w = None
-            diag_sq = torch.ones(B, dtype=dtype, device=device)
+            diag_sq = torch.full((B,), 1.0 + ridge, dtype=dtype, device=device)
         # A target whose new atom is numerically dependent on its earlier ones keeps its fit so far (this and
         # every later atom get coefficient 0); the residual cannot shrink further in that span anyway.
         ok &= diag_sq > 1e-9
@@ -68,8 +68,8 @@ def _omp_batch(dy: torch.Tensor, gram: torch.Tensor, y_sq: torch.Tensor, k: int,
         proj[:, j, :] = col * scale[:, None]
         z[:, j] = corr[rows, best] * scale
         corr -= z[:, j, None] * proj[:, j, :]
-        residual_sq -= z[:, j] * z[:, j]
-        if bool((residual_sq <= (tol ** 2) * y_sq).all()):
+        residual_sq -= z[:, j] * z[:, j]  # exact without ridge; with it, an upper bound of the fit's gain
+        if not ridge and bool((residual_sq <= (tol ** 2) * y_sq).all()):
             n = j + 1
             break
     coef = torch.linalg.solve_triangular(chol[:, :n, :n].transpose(1, 2), z[:, :n, None], upper=True)[..., 0]
@@ -85,6 +85,7 @@ def omp(
     candidates: int | None = None,
     batch_size: int = 256,
     tol: float = 1e-7,
+    ridge: float = 0.0,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse codes of `targets` [B, d] over `atoms` [N, d]: (indices [B, k'] into atoms, coefficients [B, k']).
@@ -92,7 +93,8 @@ def omp(
     `targets ≈ (coefficients[..., None] * atoms[indices]).sum(1)` with at most k non-zero coefficients per
     row (k' = min(k, N, d); rows solved exactly earlier carry zero coefficients). Atom selection compares
     unit-norm atoms, as in scikit-learn's `orthogonal_mp`; the coefficients are for the atoms as given.
-    `candidates` limits each target's search to its most correlated atoms (None: all). `progress(n)` is
+    `candidates` limits each target's search to its most correlated atoms (None: all). `ridge` adds that much
+    to the unit atoms' gram diagonal in every least-squares refit (0: plain OMP). `progress(n)` is
     called after each batch with the number of targets done in it.
 
     Example:
@@ -121,10 +123,10 @@ def omp(
             screen = dy.abs().topk(candidates, dim=1).indices  # [b, M]
             picked = unit[screen]
             gram = torch.bmm(picked, picked.transpose(1, 2))
-            idx, coef = _omp_batch(dy.gather(1, screen), gram, (y * y).sum(1), k_eff, tol)
+            idx, coef = _omp_batch(dy.gather(1, screen), gram, (y * y).sum(1), k_eff, tol, ridge)
             idx = screen.gather(1, idx)
         else:
-            idx, coef = _omp_batch(dy, shared_gram, (y * y).sum(1), k_eff, tol)
+            idx, coef = _omp_batch(dy, shared_gram, (y * y).sum(1), k_eff, tol, ridge)
         # Coefficients were fitted on unit atoms; rescale them for the atoms as given.
         all_idx[start:start + len(y), : idx.shape[1]] = idx
         all_coef[start:start + len(y), : coef.shape[1]] = coef / norms[idx]

@@ -50,6 +50,9 @@ class TransplantParams:
     k: int = param(64, help="omp: anchor tokens per new token", ge=1, le=1024)
     omp_candidates: int | None = param(128, help="omp: anchors screened per new token before the pursuit "
                                                  "(most correlated first); null searches all anchors", ge=1)
+    omp_ridge: float = param(0.01, help="omp: ridge added to the unit anchors' gram diagonal in each refit; keeps "
+                                         "the codes of nearly collinear anchors small, which is what transfers "
+                                         "to the base space (0: plain OMP)", ge=0)
     temperature: float = param(0.5, help="tokenadapt: softmax temperature of the piece and neighbour weights", gt=0)
     global_k: int = param(3, help="tokenadapt: nearest old tokens in the global estimate", ge=1)
     local_weight: float = param(0.7, help="tokenadapt: weight of the local estimate (1 - it for the global)",
@@ -114,7 +117,8 @@ def initial_rows(method: str, rows: torch.Tensor, alignment: Alignment, params: 
             targets = mean_of_pieces(rows, ids, mask)
             atoms = rows[anchors_old].float()
         with _bar(len(todo), f"omp k={params.k} {what}", progress) as bar:
-            idx, coef = omp_mod.omp(targets, atoms, params.k, candidates=params.omp_candidates, progress=bar.update)
+            idx, coef = omp_mod.omp(targets, atoms, params.k, candidates=params.omp_candidates,
+                                    ridge=params.omp_ridge, progress=bar.update)
         values = omp_mod.apply_codes(idx, coef, rows[anchors_old].float())
     else:  # pragma: no cover - validated by the parameter's choices
         raise ValueError(method)
