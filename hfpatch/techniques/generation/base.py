@@ -10,6 +10,17 @@ from .engine import Drafter, SpeculativeEngine
 _ENGINE_KEY = "speculative_engine"
 
 
+def shared_engine(model, ctx) -> SpeculativeEngine:
+    """The patch's speculative engine: the first generation technique of a recipe installs it (one
+    instance-level `generate` wrapper), later ones join it."""
+    engine = ctx.shared.get(_ENGINE_KEY)
+    if engine is None:
+        engine = SpeculativeEngine(model)
+        ctx.shared[_ENGINE_KEY] = engine
+        ctx.record(primitives.wrap_generate(model, engine.generate))
+    return engine
+
+
 class DrafterTechnique(Technique):
     """A technique that contributes one drafter to the patch's speculative engine.
 
@@ -35,11 +46,7 @@ class DrafterTechnique(Technique):
         return self.params.max_nodes
 
     def apply(self, model, ctx) -> None:
-        engine = ctx.shared.get(_ENGINE_KEY)
-        if engine is None:
-            engine = SpeculativeEngine(model)
-            ctx.shared[_ENGINE_KEY] = engine
-            ctx.record(primitives.wrap_generate(model, engine.generate))
+        engine = shared_engine(model, ctx)
         self.drafter = self.make_drafter(model)
         engine.add_drafter(self.drafter, self.node_budget())
         self.engine = engine

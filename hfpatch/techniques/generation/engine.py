@@ -56,6 +56,8 @@ class SpeculativeEngine:
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.drafters: list[tuple[Drafter, int]] = []  # (drafter, node budget)
+        #: cuts each drafted tree to the part worth verifying (`adaptive_tree`); None verifies all of it
+        self.tree_policy = None
         self.last_stats: dict[str, Any] = {}
         forward_params = inspect.signature(type(model).forward).parameters
         self._logits_to_keep = "logits_to_keep" in forward_params
@@ -65,13 +67,23 @@ class SpeculativeEngine:
         self.drafters.append((drafter, max_nodes))
 
     @property
-    def max_nodes(self) -> int:
+    def candidate_nodes(self) -> int:
+        """Nodes the drafters may propose per step."""
         return sum(budget for _, budget in self.drafters)
+
+    @property
+    def max_nodes(self) -> int:
+        """Nodes one verification forward may hold."""
+        if self.tree_policy is not None:
+            return min(self.candidate_nodes, self.tree_policy.max_nodes)
+        return self.candidate_nodes
 
     # ----- the generate wrapper -----------------------------------------------------------------------
     def _request_problem(self, args: tuple, kwargs: dict[str, Any]) -> str | None:
         """Why a generate call cannot be served exactly (None when it can), judged before transformers runs."""
         inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+        if not self.drafters:
+            return "the recipe has no drafter technique (e.g. token_recycling, ngram_lookup)"
         if "inputs_embeds" in kwargs:
             return "inputs_embeds given (the engine drafts from token ids)"
         if isinstance(inputs, torch.Tensor) and inputs.dim() == 2 and inputs.shape[0] > 1:
@@ -163,6 +175,9 @@ class SpeculativeEngine:
         for drafter, _ in self.drafters:
             drafter.start(list(context))
 
+        policy = self.tree_policy
+        if policy is not None:
+            policy.start_call()
         stats = {"forwards": 0, "draft_time_s": 0.0, "verify_time_s": 0.0, "tree_nodes": 0, "steps": 0,
                  "accepted_drafts": 0}
 
@@ -200,11 +215,14 @@ class SpeculativeEngine:
             root_position = input_ids.shape[1] - 1
             remaining = max_length - input_ids.shape[1]
             t0 = time.perf_counter()
-            tree = DraftTree(context[-1], max_nodes=self.max_nodes, max_depth=max(remaining - 1, 0))
+            pool = self.candidate_nodes
+            tree = DraftTree(context[-1], max_nodes=pool, max_depth=max(remaining - 1, 0))
             if remaining > 1:
                 for drafter, budget in self.drafters:
-                    tree.max_nodes = min(self.max_nodes, tree.num_drafted + budget)
+                    tree.max_nodes = min(pool, tree.num_drafted + budget)
                     drafter.draft(tree, context)
+            if policy is not None:
+                tree = policy.cut(tree)
             t1 = time.perf_counter()
             mask = tree.attention_mask(root_position, mask_dtype, device) if tree.num_drafted else None
             out = self._forward(tree.input_ids(device), tree.position_ids(root_position, device), mask, cache,
@@ -230,6 +248,8 @@ class SpeculativeEngine:
             for drafter, _ in self.drafters:
                 drafter.update(tree, topk, accepted, context)
             t3 = time.perf_counter()
+            if policy is not None:
+                policy.observe(tree.num_drafted, t3 - t0)
             stats["draft_time_s"] += (t1 - t0) + (t3 - t2)
             stats["verify_time_s"] += t2 - t1
             stats["tree_nodes"] += tree.num_drafted
@@ -254,6 +274,8 @@ class SpeculativeEngine:
             "total_time_s": time.perf_counter() - start,
             "drafters": {d.name: d.stats() for d, _ in self.drafters},
         }
+        if policy is not None:
+            self.last_stats["tree_policy"] = policy.stats()
         if generation_config.return_dict_in_generate:
             return compat.decoder_only_generate_output(
                 sequences=input_ids,

@@ -12,6 +12,7 @@ from collections import Counter
 from typing import Any
 
 from ...registry import param, register
+from .acceptance import AcceptanceEstimates, Candidates
 from .base import DrafterTechnique
 from .engine import Drafter
 from .tree import DraftTree
@@ -67,6 +68,13 @@ class NgramDrafter(Drafter):
         self.current = NgramIndex(params.max_ngram)
         self.hits = 0
         self.lookups = 0
+        # Class of a candidate: (matched suffix length, found in this request or in earlier outputs, branch
+        # rank, position in the branch, last step's best branch was right). A longer match in the request
+        # itself and a top-ranked branch predict the continuation better, and copying comes in stretches.
+        self.acceptance = AcceptanceEstimates(prior=0.4)
+        self._candidates = Candidates()
+        # Whether the last step's best branch had its first token right: copying runs in stretches.
+        self._last_step_right = False
 
     def start(self, prompt: list[int]) -> None:
         self.current = NgramIndex(self.params.max_ngram)
@@ -76,25 +84,35 @@ class NgramDrafter(Drafter):
         p = self.params
         self.current.extend(context[len(self.current.tokens) :])
         self.lookups += 1
-        candidates: list[list[int]] = []
+        self._candidates = record = Candidates(root_context_length=len(context))
+        # (class prefix: matched suffix length and whether it came from this request, continuation)
+        candidates: list[tuple[tuple[int, bool], list[int]]] = []
         for n in range(min(p.max_ngram, len(context)), p.min_ngram - 1, -1):
             key = tuple(context[-n:])
-            candidates += self.current.continuations(key, p.draft_length, p.branches)
-            candidates += self.memory.continuations(key, p.draft_length, p.branches)
+            candidates += [((n, True), c) for c in self.current.continuations(key, p.draft_length, p.branches)]
+            candidates += [((n, False), c) for c in self.memory.continuations(key, p.draft_length, p.branches)]
             if len(candidates) >= p.branches:
                 break
         if not candidates:
             return
         self.hits += 1
-        votes = Counter(c[0] for c in candidates)
+        votes = Counter(c[0] for _, c in candidates)
         first_seen = {}
-        for rank, c in enumerate(candidates):
+        for rank, (_, c) in enumerate(candidates):
             first_seen.setdefault(c[0], rank)
-        candidates.sort(key=lambda c: (-votes[c[0]], first_seen[c[0]]))
-        for branch in candidates[: p.branches]:
-            tree.add_path(0, branch)
-            if tree.full:
-                break
+        candidates.sort(key=lambda item: (-votes[item[1][0]], first_seen[item[1][0]]))
+        for rank, (origin, branch) in enumerate(candidates[: p.branches]):
+            node, parent, prob = 0, -1, 1.0
+            for position, token in enumerate(branch, 1):
+                cls = (*origin, rank, position, self._last_step_right)
+                parent = record.add(token, parent, cls)
+                prob *= self.acceptance.estimate(cls)
+                node = None if node is None else tree.add_child(node, token, prob, self.name)
+
+    def update(self, tree: DraftTree, topk, accepted: list[int], context: list[int]) -> None:
+        record = self._candidates
+        self.acceptance.learn(record, context)
+        self._last_step_right = bool(record.tokens) and record.tokens[0] == context[record.root_context_length]
 
     def finish(self, sequence: list[int], prompt_length: int) -> None:
         limit = self.params.memory_tokens
@@ -110,7 +128,7 @@ class NgramDrafter(Drafter):
 
     def stats(self) -> dict[str, Any]:
         return {"lookup_hit_rate": self.hits / self.lookups if self.lookups else 0.0,
-                "memory_tokens": len(self.memory.tokens)}
+                "memory_tokens": len(self.memory.tokens), "acceptance_observations": self.acceptance.observations}
 
 
 @register

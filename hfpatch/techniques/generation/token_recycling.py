@@ -17,6 +17,7 @@ import torch
 
 from ...errors import RecipeError
 from ...registry import param, register
+from .acceptance import AcceptanceEstimates, Candidates
 from .base import DrafterTechnique
 from .engine import Drafter
 from .tree import DraftTree
@@ -47,6 +48,11 @@ TEMPLATES: dict[str, list[list[int]]] = {
     "cpu-14": _subtemplate(1, 4),
     "chain-6": [[0] * depth for depth in range(1, 7)],
 }
+
+
+# Before any step is observed: how often the r-th recycled successor is the target's next token (roughly
+# what SmolLM2 shows on the bench prompts); measured rates replace these within a few calls.
+_RANK_PRIOR = (0.45, 0.15, 0.08, 0.05, 0.04, 0.03, 0.02, 0.02)
 
 
 def _compile_template(template: list[list[int]]) -> list[tuple[int, int]]:
@@ -99,31 +105,49 @@ class RecyclingDrafter(Drafter):
         self.table = table if table is not None else torch.full((vocab_size, k), -1, dtype=torch.int32)
         self.reset_each_call = reset_each_call
         self.rows_written = 0
+        # Class of a candidate: its template node. Conditional on the parent being right, the chance that
+        # this rank is the target's next token differs by rank and by depth, which the template encodes.
+        self.acceptance = AcceptanceEstimates(
+            {i: _RANK_PRIOR[min(rank, len(_RANK_PRIOR) - 1)] for i, (_, rank) in enumerate(self.template)})
+        self._candidates = Candidates()
 
     def reset(self) -> None:
         self.table.fill_(-1)
+        self.acceptance.reset()
 
     def start(self, prompt: list[int]) -> None:
         if self.reset_each_call:
             self.reset()
 
     def draft(self, tree: DraftTree, context: list[int]) -> None:
-        nodes = [0]  # template index -> tree node (None when the template node could not be filled)
+        # Per template index: the candidate's token, its index in the candidate list, its tree node (None when
+        # the tree is full) and its path probability estimate. Candidates are recorded even when they do not
+        # fit the tree, so their acceptance is still learned.
+        candidates = self._candidates = Candidates(root_context_length=len(context))
+        tokens, cand_index, nodes, probs = [context[-1]], [-1], [0], [1.0]
         rows: dict[int, list[int]] = {}
-        for parent_index, rank in self.template:
-            parent = nodes[parent_index]
-            node = None
-            if parent is not None:
-                parent_token = tree.tokens[parent]
+        for i, (parent_index, rank) in enumerate(self.template):
+            parent_token = tokens[parent_index]
+            token = -1
+            if parent_token >= 0:
                 row = rows.get(parent_token)
                 if row is None:
                     row = rows[parent_token] = self.table[parent_token].tolist()
                 token = row[rank]
-                if token >= 0:
-                    node = tree.add_child(parent, token)
-            nodes.append(node)
+            tokens.append(token)
+            if token < 0:
+                cand_index.append(-1)
+                nodes.append(None)
+                probs.append(0.0)
+                continue
+            cand_index.append(candidates.add(token, cand_index[parent_index], i))
+            prob = probs[parent_index] * self.acceptance.estimate(i)
+            probs.append(prob)
+            parent = nodes[parent_index]
+            nodes.append(None if parent is None else tree.add_child(parent, token, prob, self.name))
 
     def update(self, tree: DraftTree, topk: torch.Tensor | None, accepted: list[int], context: list[int]) -> None:
+        self.acceptance.learn(self._candidates, context)
         # One row per distinct token; a node on the accepted path (real context) wins over a speculative one.
         source_of: dict[int, int] = {}
         for node, token in enumerate(tree.tokens):
@@ -136,7 +160,8 @@ class RecyclingDrafter(Drafter):
 
     def stats(self) -> dict[str, Any]:
         filled = int((self.table[:, 0] >= 0).sum())
-        return {"table_rows_filled": filled, "table_bytes": self.table.numel() * self.table.element_size()}
+        return {"table_rows_filled": filled, "table_bytes": self.table.numel() * self.table.element_size(),
+                "acceptance_observations": self.acceptance.observations}
 
 
 @register

@@ -3,6 +3,12 @@
 Node 0 is the root (the last accepted token, whose KV is not cached yet); every other node is one drafted
 token with a parent. Several drafters add paths into one tree; shared prefixes are stored once, so the
 node budget counts distinct candidates only.
+
+Drafters may attach an estimate of the probability that a node gets accepted (its whole path matches the
+target). A node proposed several times keeps the highest estimate: drafters that agree are mostly right or
+wrong together (measured: adding their estimates as independent evidence over-predicted acceptance), so
+agreement is not counted twice. `select` keeps the most probable nodes, which is how an adaptive tree is
+cut down to the size worth verifying.
 """
 from __future__ import annotations
 
@@ -25,6 +31,8 @@ class DraftTree:
         self.parents: list[int] = [-1]
         self.depths: list[int] = [0]
         self.children: list[dict[int, int]] = [{}]
+        #: per node: drafter name -> that drafter's estimate that the node is accepted
+        self.estimates: list[dict[str, float]] = [{}]
         #: drafted nodes allowed besides the root
         self.max_nodes = max_nodes
         self.max_depth = max_depth
@@ -40,10 +48,16 @@ class DraftTree:
     def full(self) -> bool:
         return self.num_drafted >= self.max_nodes
 
-    def add_child(self, parent: int, token: int) -> int | None:
-        """Index of the child of `parent` holding `token` (created if needed); None when over budget/depth."""
+    def add_child(self, parent: int, token: int, estimate: float | None = None, source: str = "") -> int | None:
+        """Index of the child of `parent` holding `token` (created if needed); None when over budget/depth.
+
+        `estimate`: the drafter `source`'s probability that this node is accepted (see `acceptance`).
+        """
         existing = self.children[parent].get(token)
         if existing is not None:
+            if estimate is not None:
+                own = self.estimates[existing]
+                own[source] = max(own.get(source, 0.0), estimate)
             return existing
         depth = self.depths[parent] + 1
         if self.full or (self.max_depth is not None and depth > self.max_depth):
@@ -53,6 +67,7 @@ class DraftTree:
         self.parents.append(parent)
         self.depths.append(depth)
         self.children.append({})
+        self.estimates.append({} if estimate is None else {source: estimate})
         self.children[parent][token] = index
         return index
 
@@ -66,6 +81,33 @@ class DraftTree:
             parent = child
             added += 1
         return added
+
+    def acceptance(self, node: int) -> float:
+        """Estimated probability that `node` is accepted: the highest estimate of the drafters that proposed it.
+
+        A child never scores above its parent, because each drafter's own estimate for a child is at most
+        its estimate for the parent; `select` relies on that to keep every kept node's ancestors.
+        """
+        return max(self.estimates[node].values(), default=0.0)
+
+    def ranked_nodes(self) -> list[tuple[int, float]]:
+        """Drafted nodes with their acceptance estimates, most probable first (parents before children on ties)."""
+        scored = [(node, self.acceptance(node)) for node in range(1, len(self.tokens))]
+        scored.sort(key=lambda item: (-item[1], item[0]))
+        return scored
+
+    def select(self, nodes) -> "DraftTree":
+        """A new tree holding the root and the given drafted nodes (each one's parent must be among them)."""
+        keep = sorted(set(nodes))
+        tree = DraftTree(self.tokens[0], max_nodes=len(keep), max_depth=self.max_depth)
+        new_index = {0: 0}
+        for node in keep:
+            parent = new_index.get(self.parents[node])
+            if parent is None:
+                raise ValueError(f"select: node {node} is kept without its parent {self.parents[node]}")
+            new_index[node] = tree.add_child(parent, self.tokens[node])
+            tree.estimates[new_index[node]] = dict(self.estimates[node])
+        return tree
 
     def path_to(self, node: int) -> list[int]:
         """Node indices from the root's first child down to `node` (empty for the root)."""

@@ -1,0 +1,126 @@
+"""Adaptive draft trees: acceptance estimates learned from the real continuation, the size rule, the cost fit,
+and losslessness of recipes that use them."""
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+import hfpatch
+from hfpatch.errors import PatchError
+from hfpatch.techniques.generation.acceptance import AcceptanceEstimates, Candidates
+from hfpatch.techniques.generation.adaptive_tree import TreeSizePolicy
+from hfpatch.techniques.generation.tree import DraftTree
+
+
+def test_candidates_are_scored_only_where_their_parent_matched_the_real_continuation():
+    est = AcceptanceEstimates(prior=0.5, weight=1.0, min_rate=0.0)
+    cands = Candidates(root_context_length=3)
+    a = cands.add(10, -1, "first")   # right
+    cands.add(11, a, "second")       # wrong (real: 12)
+    c = cands.add(20, -1, "first")   # wrong
+    cands.add(21, c, "second")       # parent wrong: not scored
+    e = cands.add(12, a, "second")   # right
+    cands.add(13, e, "third")        # deeper than the known continuation: not scored
+    est.learn(cands, [1, 2, 3, 10, 12])
+    assert est.tries == {"first": 2, "second": 2}
+    # running mean from a prior worth one observation: first 0.5 -> (hit) 0.75 -> (miss) 0.5
+    assert est.estimate("first") == pytest.approx(0.5) and est.estimate("second") == pytest.approx(0.5)
+    assert est.estimate("third") == 0.5  # the prior: never observed
+
+
+def test_estimates_follow_a_change_of_regime():
+    est = AcceptanceEstimates(prior=0.5, min_rate=0.05)
+    for _ in range(200):
+        est.observe("x", True)
+    assert est.estimate("x") > 0.95
+    for _ in range(60):  # ~3 / min_rate observations of the new regime
+        est.observe("x", False)
+    assert est.estimate("x") < 0.1
+
+
+def test_tree_keeps_the_best_estimate_per_node_and_selects_with_ancestors():
+    tree = DraftTree(root_token=1, max_nodes=10)
+    a = tree.add_child(0, 5, 0.6, "ngram")
+    assert tree.add_child(0, 5, 0.3, "recycling") == a  # shared node: the higher estimate counts
+    b = tree.add_child(a, 6, 0.4, "ngram")
+    c = tree.add_child(0, 7, 0.2, "recycling")
+    tree.add_child(c, 8, 0.1, "recycling")
+    assert tree.acceptance(a) == 0.6
+    assert [node for node, _ in tree.ranked_nodes()] == [a, b, c, 4]
+    small = tree.select([a, b])
+    assert small.tokens == [1, 5, 6] and small.parents == [-1, 0, 1]
+    assert small.acceptance(2) == 0.4
+    with pytest.raises(ValueError, match="without its parent"):
+        tree.select([b])
+
+
+def _tree_with(estimates):
+    tree = DraftTree(root_token=0, max_nodes=len(estimates))
+    for i, p in enumerate(estimates):
+        tree.add_child(0, i + 1, p, "test")
+    return tree
+
+
+@pytest.mark.parametrize("cost, kept", [(0.1, 2), (0.0, 3), (10.0, 0)])
+def test_cut_maximises_expected_tokens_per_unit_of_time(cost, kept):
+    # cost 0.1: n=1 -> 1.9/1.1, n=2 -> 2.4/1.2 (best), n=3 -> 2.45/1.3
+    policy = TreeSizePolicy(max_nodes=64, node_cost=cost, initial_node_cost=0.03)
+    cut = policy.cut(_tree_with([0.9, 0.5, 0.05]))
+    assert cut.num_drafted == kept
+    assert cut.tokens[1:] == [1, 2, 3][:kept]
+
+
+def test_cut_respects_the_node_cap():
+    policy = TreeSizePolicy(max_nodes=2, node_cost=0.0, initial_node_cost=0.0)
+    assert policy.cut(_tree_with([0.9, 0.8, 0.7, 0.6])).num_drafted == 2
+
+
+def test_node_cost_is_fitted_from_step_times():
+    policy = TreeSizePolicy(max_nodes=64, node_cost=None, initial_node_cost=0.5)
+    for step in range(5):
+        policy.observe(step, 0.04 + 0.002 * step)
+    assert policy.node_cost == 0.5  # too few observations yet
+    for step in range(60):
+        nodes = step % 13
+        policy.observe(nodes, 0.04 + 0.002 * nodes)
+    assert policy.node_cost == pytest.approx(0.05, rel=1e-6)
+
+
+def _prompt(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    part = torch.randint(3, 120, (1, 9), generator=g)
+    return torch.cat([part, part, part[:, :2]], dim=1)
+
+
+@pytest.mark.parametrize("node_cost", [0.0, 0.05, 100.0])
+def test_adaptive_recipes_stay_token_identical(node_cost):
+    model = tiny_model("llama")
+    prompts = [_prompt(s) for s in range(3)]
+    expected = [model.generate(p, max_new_tokens=24, do_sample=False) for p in prompts]
+    with hfpatch.patch(model, "recycling+lookup", node_cost=node_cost) as handle:
+        for p, ref in zip(prompts, expected):
+            assert torch.equal(model.generate(p, max_new_tokens=24, do_sample=False), ref)
+        stats = handle.stats["adaptive_tree"]
+    assert stats["fallback"] is None and stats["tree_policy"]["node_cost"] == node_cost
+    if node_cost == 100.0:
+        assert stats["mean_tree_nodes"] == 0 and stats["forwards"] == 24  # nothing worth verifying
+    else:
+        assert stats["forwards"] < 24
+
+
+def test_adaptive_tree_without_a_drafter_runs_plain_generate():
+    model = tiny_model("llama")
+    prompt = _prompt()
+    ref = model.generate(prompt, max_new_tokens=8, do_sample=False)
+    with hfpatch.patch(model, hfpatch.Recipe([{"type": "adaptive_tree"}])) as handle:
+        assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False), ref)
+        assert "no drafter" in handle.stats["adaptive_tree"]["fallback"]
+
+
+def test_adaptive_tree_twice_is_refused_and_leaves_the_model_unpatched():
+    model = tiny_model("llama")
+    recipe = hfpatch.Recipe([{"type": "ngram_lookup"}, {"type": "adaptive_tree"}, {"type": "adaptive_tree"}])
+    with pytest.raises(PatchError, match="may hold it once"):
+        hfpatch.patch(model, recipe)
+    assert "generate" not in model.__dict__ and not hfpatch.active_patches(model)
