@@ -19,12 +19,16 @@ setting may be tuned on. Machine noise does not affect bits per byte (only the t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -67,6 +71,22 @@ def start_vector(model, tokenizer) -> torch.Tensor:
     return model.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("<|endoftext|>")].detach().clone()
 
 
+def baseline(docs: dict[str, list[str]]) -> tuple[torch.Tensor, dict[str, float]]:
+    """(start vector, bits per byte per domain of SmolLM2 with its own tokenizer). The scores are cached per
+    model folder and document set (~/.cache/hfpatch/bench/), since every run of every script needs them."""
+    model, tok = assets.load_smollm2()
+    start = start_vector(model, tok)
+    model_dir = assets.smollm2_dir()
+    key = hashlib.sha256(json.dumps([str(model_dir), torch.__version__, docs]).encode()).hexdigest()[:16]
+    cached = assets.cache_dir() / "bench" / f"bpb-baseline-{key}.json"
+    if cached.is_file():
+        return start, json.loads(cached.read_text())
+    base = score(model, tok, docs, start)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(base))
+    return start, base
+
+
 @torch.no_grad()
 def bits_per_byte(model, tokenizer, docs: list[str], start: torch.Tensor) -> float:
     bits = 0.0
@@ -106,15 +126,50 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_measured(cmd: list[str], *, log=None, env: dict | None = None) -> dict:
-    """Run `cmd` as a child process: exit code, wall seconds and the child's peak resident memory (GiB,
-    from wait4's rusage, which also covers the child's own children)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT if log else None, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"rc": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
-            "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}
+# Runs argv[2:] and writes its peak RSS (KiB) to argv[1]. A child's ru_maxrss starts at its parent's resident
+# size at fork (Linux keeps the high-water mark across exec), so the command is forked from this small
+# interpreter rather than from the benchmark process that may hold a loaded model.
+_MEASURE = """
+import os, signal, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+if os.WIFSIGNALED(status):
+    signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+    os.kill(os.getpid(), os.WTERMSIG(status))
+sys.exit(os.WEXITSTATUS(status))
+"""
+
+
+def run_measured(cmd: list[str], *, log=None, timeout: float | None = None, env: dict | None = None) -> dict:
+    """Run `cmd` as a child process in its own session: exit code, wall seconds and its peak resident memory
+    (GiB; None when it was killed). After `timeout` seconds the whole session is killed and "timed_out" is
+    set."""
+    with tempfile.NamedTemporaryFile("r", suffix=".maxrss") as rss:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-S", "-c", _MEASURE, rss.name, *cmd], stdout=log,
+                                stderr=subprocess.STDOUT if log else None, start_new_session=True, env=env)
+        expired = threading.Event()
+
+        def kill():
+            expired.set()
+            os.killpg(proc.pid, signal.SIGKILL)
+
+        timer = threading.Timer(timeout, kill) if timeout else None
+        if timer:
+            timer.start()
+        try:
+            proc.wait()
+        finally:
+            if timer:
+                timer.cancel()
+        seconds = time.perf_counter() - t0
+        text = rss.read().strip()
+    return {"rc": proc.returncode, "seconds": round(seconds, 1),
+            "peak_rss_gib": round(int(text) / 2**20, 2) if text else None, "timed_out": expired.is_set()}
 
 
 def machine() -> str:
@@ -129,7 +184,8 @@ def run_one(pair: str, method: str, args) -> dict:
     docs = documents(args.docs, args.max_chars, args.split)
     tok_dir, donor = pair_sources(pair)
     spec = {"type": "tokenizer_transplant", "tokenizer": tok_dir, "method": method, "k": args.k,
-            "omp_candidates": args.omp_candidates, "donor": donor if method == "omp" else None,
+            "omp_candidates": args.omp_candidates,
+            "donor": donor if method == "omp" and not args.no_donor else None,
             **json.loads(args.extra)}
     t0 = time.perf_counter()
     with hfpatch.patch(model, hfpatch.Recipe([spec])) as handle:
@@ -151,6 +207,7 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--omp-candidates", type=int, default=128)
     parser.add_argument("--extra", default="{}", help="more transplant parameters, as JSON")
+    parser.add_argument("--no-donor", action="store_true", help="omp without the pair's donor model")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", help="write every number here")
     parser.add_argument("--one", nargs=2, metavar=("PAIR", "METHOD"), help=argparse.SUPPRESS)
@@ -164,12 +221,9 @@ def main(argv=None) -> int:
         return 0
 
     docs = documents(args.docs, args.max_chars, args.split)
-    model, tok = assets.load_smollm2()
-    start = start_vector(model, tok)
+    _, base = baseline(docs)
     results = {"machine": machine(), "docs_per_domain": args.docs, "max_chars": args.max_chars,
                "split": args.split, "rows": []}
-    base = score(model, tok, docs, start)
-    del model
     results["rows"].append({"pair": "SmolLM2 (own tokenizer)", "method": "-", **base, "seconds": 0})
     print("SmolLM2 own tokenizer: " + ", ".join(f"{k} {v:.4f} bpb" for k, v in base.items()), flush=True)
     out = Path(args.json or "bpb.json").with_suffix(".one.json")
@@ -177,7 +231,8 @@ def main(argv=None) -> int:
         for method in args.methods:
             cmd = [sys.executable, __file__, "--one", pair, method, "--out", str(out), "--docs", str(args.docs),
                    "--max-chars", str(args.max_chars), "--split", args.split, "--k", str(args.k),
-                   "--omp-candidates", str(args.omp_candidates), "--extra", args.extra]
+                   "--omp-candidates", str(args.omp_candidates), "--extra", args.extra] + \
+                (["--no-donor"] if args.no_donor else [])
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             proc = run_measured(cmd)
