@@ -32,28 +32,46 @@ def pad_pieces(pieces: list[list[int]], max_pieces: int = 64) -> tuple[torch.Ten
     return ids, mask
 
 
+def _by_chunks(fn: Callable[[slice], torch.Tensor], total: int, width: int, chunk: int = 4096) -> torch.Tensor:
+    """Concatenate fn(rows) over row chunks: the [T, P, d] gathers below would need tens of GiB at once for a
+    262k vocabulary whose longest tokens have 64 pieces."""
+    return torch.cat([fn(slice(s, s + chunk)) for s in range(0, total, chunk)]) if total else \
+        torch.zeros(0, width)
+
+
 def mean_of_pieces(rows: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of the piece rows per token ([T, d]); a token without pieces gets the mean of all rows."""
-    picked = rows[ids].float() * mask[..., None]
-    count = mask.sum(dim=1, keepdim=True)
-    out = picked.sum(dim=1) / count.clamp_min(1)
-    out[count[:, 0] == 0] = rows.float().mean(dim=0)
-    return out
+    overall = rows.float().mean(dim=0)
+
+    def part(sl: slice) -> torch.Tensor:
+        m = mask[sl]
+        picked = rows[ids[sl]].float() * m[..., None]
+        count = m.sum(dim=1, keepdim=True)
+        out = picked.sum(dim=1) / count.clamp_min(1)
+        out[count[:, 0] == 0] = overall
+        return out
+
+    return _by_chunks(part, ids.shape[0], rows.shape[1])
 
 
 def local_estimate(rows: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, piece_len: torch.Tensor,
                    temperature: float) -> torch.Tensor:
     """TokenAdapt's local estimate: pieces weighted by similarity to the whole and by relative length."""
-    picked = rows[ids].float()  # [T, P, d]
-    mean = mean_of_pieces(rows, ids, mask)
-    sim = torch.nn.functional.cosine_similarity(picked, mean[:, None, :], dim=-1)  # [T, P]
-    share = piece_len.float() / piece_len.float().sum(dim=1, keepdim=True).clamp_min(1)
-    logits = ((sim + share) / temperature).masked_fill(~mask, float("-inf"))
-    weights = torch.softmax(logits, dim=1).nan_to_num(0.0)
-    out = (weights[..., None] * picked).sum(dim=1)
-    empty = ~mask.any(dim=1)
-    out[empty] = mean[empty]
-    return out
+    def part(sl: slice) -> torch.Tensor:
+        m = mask[sl]
+        picked = rows[ids[sl]].float()  # [t, P, d]
+        mean = mean_of_pieces(rows, ids[sl], m)
+        sim = torch.nn.functional.cosine_similarity(picked, mean[:, None, :], dim=-1)  # [t, P]
+        lengths = piece_len[sl].float()
+        share = lengths / lengths.sum(dim=1, keepdim=True).clamp_min(1)
+        logits = ((sim + share) / temperature).masked_fill(~m, float("-inf"))
+        weights = torch.softmax(logits, dim=1).nan_to_num(0.0)
+        out = (weights[..., None] * picked).sum(dim=1)
+        empty = ~m.any(dim=1)
+        out[empty] = mean[empty]
+        return out
+
+    return _by_chunks(part, ids.shape[0], rows.shape[1])
 
 
 def global_estimate(queries: torch.Tensor, space: torch.Tensor, rows: torch.Tensor, top_k: int, temperature: float,
