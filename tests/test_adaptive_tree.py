@@ -65,26 +65,53 @@ def _tree_with(estimates):
 @pytest.mark.parametrize("cost, kept", [(0.1, 2), (0.0, 3), (10.0, 0)])
 def test_cut_maximises_expected_tokens_per_unit_of_time(cost, kept):
     # cost 0.1: n=1 -> 1.9/1.1, n=2 -> 2.4/1.2 (best), n=3 -> 2.45/1.3
-    policy = TreeSizePolicy(max_nodes=64, node_cost=cost, initial_node_cost=0.03)
+    policy = TreeSizePolicy(max_nodes=64, node_cost=cost, first_draft_cost=0.0)
     cut = policy.cut(_tree_with([0.9, 0.5, 0.05]))
     assert cut.num_drafted == kept
     assert cut.tokens[1:] == [1, 2, 3][:kept]
 
 
 def test_cut_respects_the_node_cap():
-    policy = TreeSizePolicy(max_nodes=2, node_cost=0.0, initial_node_cost=0.0)
+    policy = TreeSizePolicy(max_nodes=2, node_cost=0.0, first_draft_cost=0.0)
     assert policy.cut(_tree_with([0.9, 0.8, 0.7, 0.6])).num_drafted == 2
 
 
-def test_node_cost_is_fitted_from_step_times():
-    policy = TreeSizePolicy(max_nodes=64, node_cost=None, initial_node_cost=0.5)
-    for step in range(5):
-        policy.observe(step, 0.04 + 0.002 * step)
-    assert policy.node_cost == 0.5  # too few observations yet
-    for step in range(60):
-        nodes = step % 13
-        policy.observe(nodes, 0.04 + 0.002 * nodes)
-    assert policy.node_cost == pytest.approx(0.05, rel=1e-6)
+def test_over_estimated_acceptance_is_scaled_down():
+    policy = TreeSizePolicy(64, node_cost=0.0, first_draft_cost=0.3)
+    assert policy.cut(_tree_with([0.5])).num_drafted == 1 and policy.calibration == 1.0
+    drafted = []
+    for _ in range(60):  # every draft predicted 0.5 accepted tokens; none was accepted
+        tree = policy.cut(_tree_with([0.5]))
+        policy.observe(tree.num_drafted, 0.05, accepted=0)
+        drafted.append(tree.num_drafted)
+    assert policy.calibration < 0.7
+    # drafting continues only now and then, to find out whether the drafts got better
+    assert 0 < sum(drafted[-30:]) < 10
+
+
+def test_a_first_draft_cost_keeps_weak_drafts_out():
+    # expected 1.2 tokens for a step costing 1.3: worse than plain decoding
+    assert TreeSizePolicy(64, node_cost=0.0, first_draft_cost=0.3).cut(_tree_with([0.2])).num_drafted == 0
+    assert TreeSizePolicy(64, node_cost=0.0, first_draft_cost=0.3).cut(_tree_with([0.4])).num_drafted == 1
+
+
+def test_step_costs_come_from_measured_times_per_tree_size():
+    policy = TreeSizePolicy(max_nodes=64, node_cost=None, first_draft_cost=0.5, initial_node_cost=0.1)
+    assert policy.step_costs(2) == pytest.approx([1.0, 1.6, 1.7])  # the prior until sizes are timed
+    measured = {0: 0.040, 3: 0.080, 4: 0.070, 8: 0.090}  # three tokens slower than four, as MKL does here
+    for _ in range(3):
+        for nodes, seconds in measured.items():
+            policy.observe(nodes, seconds, accepted=0)
+    costs = policy.step_costs(10)
+    for nodes, seconds in measured.items():
+        assert costs[nodes] == pytest.approx(seconds)
+    prior = [1.0 + (0.5 if n else 0) + 0.1 * n for n in range(11)]
+    # between two timed sizes the measured/prior ratio is interpolated; beyond the last it is held
+    assert costs[6] / prior[6] == pytest.approx((0.070 / prior[4] + 0.090 / prior[8]) / 2)
+    assert costs[10] / prior[10] == pytest.approx(0.090 / prior[8])
+    assert costs[1] / prior[1] == pytest.approx((0.040 / prior[0] * 2 + 0.080 / prior[3]) / 3)
+    # with these costs a tree of four strong nodes beats three
+    assert policy.cut(_tree_with([0.9, 0.9, 0.9, 0.9, 0.01])).num_drafted == 4
 
 
 def _prompt(seed=0):
@@ -98,11 +125,12 @@ def test_adaptive_recipes_stay_token_identical(node_cost):
     model = tiny_model("llama")
     prompts = [_prompt(s) for s in range(3)]
     expected = [model.generate(p, max_new_tokens=24, do_sample=False) for p in prompts]
-    with hfpatch.patch(model, "recycling+lookup", node_cost=node_cost) as handle:
+    with hfpatch.patch(model, "recycling+lookup", node_cost=node_cost) as handle:  # first_draft_cost 0.3
         for p, ref in zip(prompts, expected):
             assert torch.equal(model.generate(p, max_new_tokens=24, do_sample=False), ref)
         stats = handle.stats["adaptive_tree"]
-    assert stats["fallback"] is None and stats["tree_policy"]["node_cost"] == node_cost
+    assert stats["fallback"] is None
+    assert stats["tree_policy"]["relative_step_cost"][4] == pytest.approx(1 + (0.3 + 4 * node_cost) if node_cost else 1.3)
     if node_cost == 100.0:
         assert stats["mean_tree_nodes"] == 0 and stats["forwards"] == 24  # nothing worth verifying
     else:

@@ -1,20 +1,22 @@
 """Adaptive draft-tree size: verify only the drafted nodes worth their cost on this machine.
 
 Verifying a tree costs one forward whose time grows with the number of nodes: almost nothing per node on a
-GPU, about 5% of a one-token step per node for SmolLM2-135M on a 2-core CPU. A fixed tree is therefore
-either too small for the GPU or too large for the CPU. With this technique in a recipe, the drafters fill a
+GPU, while on a small CPU a forward of two tokens already costs well over one (SmolLM2-135M on the 2-core
+machine of the README: about 1.6x, because matrix-matrix kernels replace matrix-vector ones) and each
+further node a few percent more. A fixed tree is therefore either too small for the GPU or too large for
+the CPU, and on the CPU drafting at all only pays when the drafts are likely to be accepted. With this technique in a recipe, the drafters fill a
 large candidate tree, each node carrying an estimate of the probability that it is accepted (learned online
 from what the target produced, see `acceptance.py`), and the engine verifies the prefix of the ranked
 nodes that maximises expected tokens per second:
 
-    (1 + sum of the kept nodes' acceptance estimates) / (1 + node_cost * kept nodes)
+    (1 + sum of the kept nodes' acceptance estimates) / step cost(kept nodes)
 
-`node_cost` (the time of one more node relative to a one-token step) is fitted online from the step times
-the engine observes, or fixed by the recipe. Output is unchanged (the engine is lossless whatever the tree).
+The step cost per tree size is measured by the engine as it runs (or given as a fixed model by the recipe).
+Output is unchanged: the engine is lossless whatever the tree.
 
     >>> handle = hfpatch.patch(model, "recycling+lookup")   # its recipe includes adaptive_tree
     >>> model.generate(**inputs, max_new_tokens=128)
-    >>> handle.stats["adaptive_tree"]["mean_tree_nodes"], handle.stats["adaptive_tree"]["node_cost"]
+    >>> handle.stats["adaptive_tree"]["mean_tree_nodes"], handle.stats["adaptive_tree"]["tree_policy"]
 """
 from __future__ import annotations
 
@@ -32,66 +34,109 @@ from .tree import DraftTree
 class AdaptiveTreeParams:
     max_tree_nodes: int = param(64, help="most drafted nodes verified in one forward", ge=1, le=1024)
     node_cost: float | None = param(
-        None, help="time of one more tree node relative to a one-token step; null: fitted online from the "
-                   "measured step times", ge=0.0)
-    initial_node_cost: float = param(0.03, help="node cost assumed until enough steps were timed", ge=0.0)
+        None, help="fixed cost model: time of each drafted node relative to a one-token step; null: the "
+                   "engine measures its step time per tree size and uses that", ge=0.0)
+    first_draft_cost: float = param(
+        0.3, help="extra time of verifying any draft at all, relative to a one-token step (on CPUs a batch of "
+                  "two tokens already leaves the fast matrix-vector path); used by the fixed model and as "
+                  "the measured model's prior", ge=0.0)
+    initial_node_cost: float = param(0.03, help="per-node cost the measured model assumes for sizes not timed yet",
+                                     ge=0.0)
 
 
 class TreeSizePolicy:
-    """Chooses how much of a ranked candidate tree to verify; fits the per-node cost from step timings."""
+    """Chooses how much of a ranked candidate tree to verify, from a cost per tree size.
 
-    #: weight of past timings decays by this per step (recent steps describe the machine now)
-    decay = 0.98
-    #: timed steps needed (with varied tree sizes) before the fit replaces the initial cost
-    min_observations = 12
+    The measured cost model keeps a running mean of the engine's step time for every tree size it has run.
+    Sizes not timed yet take the prior's shape (1 + first_draft_cost [n > 0] + initial_node_cost * n),
+    scaled to the nearest timed sizes. A table rather than a line, because CPU matrix kernels are not linear
+    in the batch: on the 2-core machine of the README three tokens took longer than four.
+    """
 
-    def __init__(self, max_nodes: int, node_cost: float | None, initial_node_cost: float):
+    #: timings of one size needed before they replace the prior there
+    min_timings = 3
+    #: the running mean of a size becomes an exponential average over about 1/rate recent steps
+    rate = 0.1
+
+    def __init__(self, max_nodes: int, node_cost: float | None, first_draft_cost: float = 0.3,
+                 initial_node_cost: float = 0.03):
         self.max_nodes = max_nodes
         self.fixed_cost = node_cost
+        self.first_draft_cost = first_draft_cost
         self.initial_cost = initial_node_cost
-        self._sums = [0.0] * 5  # weight, x, y, xx, xy (x: tree nodes, y: step seconds)
-        self.observations = 0
+        self.mean_seconds: dict[int, float] = {}
+        self.timings: dict[int, int] = {}
+        # Running sums of accepted drafts and of what the kept nodes' estimates predicted. Keeping the
+        # most probable nodes favours over-estimated ones, so their estimates run high (measured: up to 3x
+        # on question answering); their ratio rescales the estimates when sizing the tree.
+        self._accepted = 0.0
+        self._predicted = 0.0
+        self._last_prediction = 0.0
         self.kept_nodes = 0
         self.candidate_nodes = 0
         self.steps = 0
 
-    @property
-    def node_cost(self) -> float:
+    def _shape(self, n: int, per_node: float) -> float:
+        return 1.0 + (self.first_draft_cost if n else 0.0) + per_node * n
+
+    def step_costs(self, largest: int) -> list[float]:
+        """Cost of a step verifying n = 0..largest drafted nodes (any unit: only ratios matter)."""
         if self.fixed_cost is not None:
-            return self.fixed_cost
-        w, sx, sy, sxx, sxy = self._sums
-        if self.observations < self.min_observations or w <= 0:
-            return self.initial_cost
-        mean_x, mean_y = sx / w, sy / w
-        var_x = sxx / w - mean_x * mean_x
-        if var_x < 1.0:  # tree sizes too alike to separate per-node cost from per-step cost
-            return self.initial_cost
-        slope = (sxy / w - mean_x * mean_y) / var_x
-        intercept = mean_y - slope * mean_x
-        if intercept <= 0:
-            return self.initial_cost
-        return min(max(slope / intercept, 0.0), 1.0)
+            return [self._shape(n, self.fixed_cost) for n in range(largest + 1)]
+        prior = [self._shape(n, self.initial_cost) for n in range(largest + 1)]
+        timed = sorted(n for n, count in self.timings.items() if count >= self.min_timings and n <= largest)
+        if not timed:
+            return prior
+        # Measured / prior at the timed sizes, interpolated in between and held constant beyond.
+        ratio = {n: self.mean_seconds[n] / prior[n] for n in timed}
+        costs, j = [], 0
+        for n in range(largest + 1):
+            while j + 1 < len(timed) and timed[j + 1] <= n:
+                j += 1
+            lo = timed[j]
+            if n <= lo or j + 1 == len(timed):
+                r = ratio[lo] if n >= lo else ratio[timed[0]]
+            else:
+                hi = timed[j + 1]
+                r = ratio[lo] + (ratio[hi] - ratio[lo]) * (n - lo) / (hi - lo)
+            costs.append(r * prior[n])
+        return costs
 
     def start_call(self) -> None:
-        """A generate call begins: per-call counters restart (the fitted cost carries over)."""
+        """A generate call begins: per-call counters restart (the timings carry over)."""
         self.kept_nodes = self.candidate_nodes = self.steps = 0
 
-    def observe(self, nodes: int, seconds: float) -> None:
-        self._sums = [s * self.decay for s in self._sums]
-        for i, value in enumerate((1.0, nodes, seconds, nodes * nodes, nodes * seconds)):
-            self._sums[i] += value
-        self.observations += 1
+    #: the calibration starts at 1 as if this many drafts had been predicted and accepted; as recent
+    #: predictions fade after steps without drafts it drifts back there, so drafting is tried again
+    calibration_prior = 2.0
+
+    @property
+    def calibration(self) -> float:
+        """Accepted drafts per predicted accepted draft over recent steps."""
+        prior = self.calibration_prior
+        return min((self._accepted + prior) / (self._predicted + prior), 1.0)
+
+    def observe(self, nodes: int, seconds: float, accepted: int) -> None:
+        """One verification step: its tree size, its time and how many drafted tokens it accepted."""
+        count = self.timings[nodes] = self.timings.get(nodes, 0) + 1
+        mean = self.mean_seconds.get(nodes, seconds)
+        self.mean_seconds[nodes] = mean + max(1.0 / count, self.rate) * (seconds - mean)
+        keep = 1.0 - self.rate
+        self._accepted = keep * self._accepted + accepted
+        self._predicted = keep * self._predicted + self._last_prediction
 
     def cut(self, tree: DraftTree) -> DraftTree:
         """The most probable nodes of `tree`, as many as maximise expected tokens per unit of time."""
         ranked = tree.ranked_nodes()[: self.max_nodes]
-        cost = self.node_cost
-        best_n, best_rate, expected = 0, 1.0, 1.0
+        costs = self.step_costs(len(ranked))
+        scale = self.calibration
+        best_n, best_rate, expected = 0, 1.0 / costs[0], 1.0
         for n, (_, prob) in enumerate(ranked, 1):
-            expected += prob
-            rate = expected / (1.0 + cost * n)
+            expected += prob * scale
+            rate = expected / costs[n]
             if rate > best_rate:
                 best_n, best_rate = n, rate
+        self._last_prediction = sum(prob for _, prob in ranked[:best_n])
         self.steps += 1
         self.candidate_nodes += tree.num_drafted
         self.kept_nodes += best_n
@@ -101,8 +146,11 @@ class TreeSizePolicy:
 
     def stats(self) -> dict[str, Any]:
         steps = max(self.steps, 1)
-        return {"node_cost": round(self.node_cost, 4), "mean_candidate_nodes": self.candidate_nodes / steps,
-                "mean_kept_nodes": self.kept_nodes / steps}
+        costs = self.step_costs(16)
+        return {"relative_step_cost": {n: round(costs[n] / costs[0], 3) for n in (1, 2, 4, 8, 16)},
+                "calibration": round(self.calibration, 3),
+                "timed_sizes": len(self.timings),
+                "mean_candidate_nodes": self.candidate_nodes / steps, "mean_kept_nodes": self.kept_nodes / steps}
 
 
 @register
@@ -133,7 +181,8 @@ class AdaptiveTree(Technique):
         engine = shared_engine(model, ctx)
         if engine.tree_policy is not None:
             raise RecipeError("adaptive_tree: a recipe may hold it once")
-        self.policy = TreeSizePolicy(self.params.max_tree_nodes, self.params.node_cost, self.params.initial_node_cost)
+        self.policy = TreeSizePolicy(self.params.max_tree_nodes, self.params.node_cost,
+                                     self.params.first_draft_cost, self.params.initial_node_cost)
         engine.tree_policy = self.policy
         self.engine = engine
 

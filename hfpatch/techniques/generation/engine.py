@@ -249,7 +249,7 @@ class SpeculativeEngine:
                 drafter.update(tree, topk, accepted, context)
             t3 = time.perf_counter()
             if policy is not None:
-                policy.observe(tree.num_drafted, t3 - t0)
+                policy.observe(tree.num_drafted, t3 - t0, len(accepted))
             stats["draft_time_s"] += (t1 - t0) + (t3 - t2)
             stats["verify_time_s"] += t2 - t1
             stats["tree_nodes"] += tree.num_drafted
