@@ -14,6 +14,9 @@ of about 40, 80 and 96 nodes:
 - ``paper-80`` the paper's 80-node tree (widths 8/21/25/15/8/3)
 - ``wide-96``  the paper's tree plus 16 more second- and third-level siblings
 
+and the built-in ``recycling+lookup`` recipe, whose ``adaptive_tree`` sizes the tree from step times it
+measures on the GPU itself.
+
 Prints, per dtype, the ``hfpatch bench`` report (speed-up vs plain greedy, MAT, identical outputs, overall and
 per category) and a compact speed-up/MAT grid. In bf16, near-tied logits can make a tree forward and a
 sequential one pick different tokens (DESIGN.md §5), so identity is expected in fp32 and only reported in bf16.
@@ -62,6 +65,8 @@ def method_recipes(template_names: list[str]) -> list[tuple[str, dict]]:
             "hfpatch_version": "1.0", "name": f"fused-{name}",
             "techniques": [{"type": "ngram_lookup", "max_ngram": 4, "draft_length": 10, "branches": 3, "max_nodes": 20},
                            recycling]}))
+    # The built-in adaptive recipe: the same drafters, the tree cut per step by measured cost (adaptive_tree).
+    recipes.append(("recycling+lookup[adaptive]", str(Path(__file__).resolve().parents[2] / "recipes" / "recycling+lookup.json")))
     return recipes
 
 
