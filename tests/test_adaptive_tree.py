@@ -89,6 +89,16 @@ def test_over_estimated_acceptance_is_scaled_down():
     assert 0 < sum(drafted[-30:]) < 10
 
 
+def test_plain_steps_are_timed_even_when_drafting_always_pays():
+    policy = TreeSizePolicy(64, node_cost=None)
+    sizes = []
+    for _ in range(64):
+        tree = policy.cut(_tree_with([0.99, 0.98, 0.97]))
+        policy.observe(tree.num_drafted, 0.05, accepted=tree.num_drafted)
+        sizes.append(tree.num_drafted)
+    assert sizes.count(0) == policy.min_timings and policy.timings[0] == policy.min_timings
+
+
 def test_a_first_draft_cost_keeps_weak_drafts_out():
     # expected 1.2 tokens for a step costing 1.3: worse than plain decoding
     assert TreeSizePolicy(64, node_cost=0.0, first_draft_cost=0.3).cut(_tree_with([0.2])).num_drafted == 0

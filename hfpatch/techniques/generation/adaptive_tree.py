@@ -57,6 +57,9 @@ class TreeSizePolicy:
     min_timings = 3
     #: the running mean of a size becomes an exponential average over about 1/rate recent steps
     rate = 0.1
+    #: until a plain step (no drafts) has been timed, every this many steps runs one, so the jump from
+    #: plain to verified steps is measured and not only assumed (drafting at every step would never time it)
+    plain_step_every = 16
 
     def __init__(self, max_nodes: int, node_cost: float | None, first_draft_cost: float = 0.3,
                  initial_node_cost: float = 0.03):
@@ -72,6 +75,7 @@ class TreeSizePolicy:
         self._accepted = 0.0
         self._predicted = 0.0
         self._last_prediction = 0.0
+        self._decisions = 0
         self.kept_nodes = 0
         self.candidate_nodes = 0
         self.steps = 0
@@ -136,6 +140,10 @@ class TreeSizePolicy:
             rate = expected / costs[n]
             if rate > best_rate:
                 best_n, best_rate = n, rate
+        self._decisions += 1
+        if (self.fixed_cost is None and self.timings.get(0, 0) < self.min_timings
+                and self._decisions % self.plain_step_every == 0):
+            best_n = 0
         self._last_prediction = sum(prob for _, prob in ranked[:best_n])
         self.steps += 1
         self.candidate_nodes += tree.num_drafted
