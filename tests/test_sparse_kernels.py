@@ -102,6 +102,38 @@ def test_triton_sparse_decode_many_splits_and_fully_masked_row():
     torch.testing.assert_close(out, ref, **TOL[torch.float32])
 
 
+def per_head_sets(b, hq, s, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.stack([torch.randperm(s, generator=g)[:n] for _ in range(hq)]) for _ in range(b)])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reference_per_query_head_sets_equal_each_head_alone(shape):
+    """An index set per query head ([B, Hq, N], TidalDecode's per-head selection): each head attends to its own
+    positions of its KV head, checked head by head against a one-head call."""
+    b, hq, hkv, s, d, dv, n = shape
+    q, k, v, _, valid = make(*shape, torch.float32)
+    index = per_head_sets(b, hq, s, n, seed=s)
+    out = sparse_decode_attention_reference(q, k, v, index, valid)
+    g = hq // hkv
+    for h in range(hq):
+        alone = sparse_decode_attention_reference(q[:, h:h + 1], k[:, h // g:h // g + 1], v[:, h // g:h // g + 1],
+                                                  index[:, h:h + 1], valid)
+        torch.testing.assert_close(out[:, h], alone[:, 0], **TOL[torch.float32])
+
+
+@needs_triton_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES[1:])
+def test_triton_per_query_head_sets_match_reference(shape, dtype):
+    b, hq, hkv, s, d, dv, n = shape
+    q, k, v, _, valid = make(*shape, dtype)
+    index = per_head_sets(b, hq, s, n, seed=s)
+    index[0, -1, 0] = -1
+    out = sparse_decode_attention(q, k, v, index, valid, backend="triton")
+    torch.testing.assert_close(out, sparse_decode_attention_reference(q, k, v, index, valid), **TOL[dtype])
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_group_scores_reference_is_softmax_summed_per_group(shape):
     b, hq, hkv, s, d, _, _ = shape

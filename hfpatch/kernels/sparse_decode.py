@@ -38,12 +38,13 @@ def _check(query, key, value, index, valid):
     if query.dim() != 3 or key.dim() != 4 or value.dim() != 4 or index.dim() != 3:
         raise ValueError(
             "sparse_decode_attention: expected query [B, Hq, D], key [B, Hkv, S, D], value [B, Hkv, S, Dv], "
-            f"index [B, Hkv, N]; got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}, "
+            f"index [B, Hkv or Hq, N]; got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}, "
             f"{tuple(index.shape)}"
         )
     b, hq, d = query.shape
     _, hkv, s, dk = key.shape
-    if key.shape[0] != b or dk != d or value.shape[:3] != key.shape[:3] or tuple(index.shape[:2]) != (b, hkv):
+    if key.shape[0] != b or dk != d or value.shape[:3] != key.shape[:3] or index.shape[0] != b \
+            or index.shape[1] not in (hkv, hq):
         raise ValueError(
             f"sparse_decode_attention: inconsistent shapes query {tuple(query.shape)}, key {tuple(key.shape)}, "
             f"value {tuple(value.shape)}, index {tuple(index.shape)}"
@@ -71,7 +72,8 @@ def sparse_decode_attention_reference(
     """Attention of one decode step over the cached positions in ``index``; returns ``[B, Hq, Dv]``.
 
     ``query`` [B, Hq, D]; ``key``/``value`` [B, Hkv, S, D|Dv] (the cache, any strides); ``index``
-    [B, Hkv, N] integer positions (entries outside [0, S) are skipped; duplicates count twice, so pass
+    [B, Hkv, N] integer positions shared by the query heads of each KV head, or [B, Hq, N], one set per
+    query head (entries outside [0, S) are skipped; duplicates count twice, so pass
     a set); ``valid`` optional [B, S] bool (False = padding, never attended); ``scale`` defaults to
     ``D ** -0.5``. Computed in float32, returned in ``query.dtype``.
 
@@ -90,17 +92,27 @@ def sparse_decode_attention_reference(
     g = hq // hkv
     scale = d ** -0.5 if scale is None else scale
     index = index.long()
+    per_head = index.shape[1] != hkv  # [B, Hq, N]: query head h*G+g has its own set over KV head h
+    n = index.shape[-1]
+    if per_head:
+        index = index.reshape(b, hkv, g * n)  # the group's sets side by side: one gather per KV head
     ok = (index >= 0) & (index < s)
     idx = index.clamp(0, max(s - 1, 0))
     if valid is not None:
         ok = ok & valid.bool().gather(1, idx.reshape(b, -1)).reshape(idx.shape)
-    k = key.gather(2, idx[..., None].expand(-1, -1, -1, d)).float()  # [B, Hkv, N, D]
+    k = key.gather(2, idx[..., None].expand(-1, -1, -1, d)).float()  # [B, Hkv, N or G*N, D]
     v = value.gather(2, idx[..., None].expand(-1, -1, -1, dv)).float()
     q = query.reshape(b, hkv, g, d).float()
-    logits = (q @ k.transpose(-1, -2)) * scale  # [B, Hkv, G, N]
-    logits = logits.masked_fill(~ok[:, :, None, :], float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all-masked rows -> zeros
-    out = probs @ v  # [B, Hkv, G, Dv]
+    if per_head:
+        k, v, ok = k.reshape(b, hkv, g, n, d), v.reshape(b, hkv, g, n, dv), ok.reshape(b, hkv, g, n)
+        logits = torch.einsum("bhgd,bhgnd->bhgn", q, k) * scale
+        probs = torch.softmax(logits.masked_fill(~ok, float("-inf")), dim=-1).nan_to_num(0.0)
+        out = torch.einsum("bhgn,bhgnd->bhgd", probs, v)
+    else:
+        logits = (q @ k.transpose(-1, -2)) * scale  # [B, Hkv, G, N]
+        logits = logits.masked_fill(~ok[:, :, None, :], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all-masked rows -> zeros
+        out = probs @ v  # [B, Hkv, G, Dv]
     return out.reshape(b, hq, dv).to(query.dtype)
 
 
@@ -111,7 +123,7 @@ def sparse_decode_attention_reference(
 
 def _sparse_decode_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, m_ptr, l_ptr,
-    HKV, N, S, SPLIT, scale,
+    HIDX, KV_DIV, N, S, SPLIT, scale,
     s_qb, s_qh, s_qd,
     s_kb, s_kh, s_ks, s_kd,
     s_vb, s_vh, s_vs, s_vd,
@@ -120,11 +132,15 @@ def _sparse_decode_kernel(
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
 ):
+    # One program per (batch row, index head) and slice of the index set. An index head is a KV head whose
+    # G query heads share the set (KV_DIV = 1), or a single query head with its own set (G = 1, KV_DIV =
+    # query heads per KV head); either way the keys come from KV head h // KV_DIV.
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
     nsplit = tl.num_programs(1)
-    b = pid_bh // HKV
-    h = pid_bh - b * HKV
+    b = pid_bh // HIDX
+    h = pid_bh - b * HIDX
+    hk = h // KV_DIV
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -149,7 +165,7 @@ def _sparse_decode_kernel(
         pos = tl.load(idx_ptr + b * s_ib + h * s_ih + n * s_in, mask=nmask, other=-1).to(tl.int64)
         ok = nmask & (pos >= 0) & (pos < S)
         pos = tl.where(ok, pos, 0)  # never form an address outside the cache, even masked
-        k = tl.load(k_ptr + b * s_kb + h * s_kh + pos[:, None] * s_ks + d[None, :] * s_kd,
+        k = tl.load(k_ptr + b * s_kb + hk * s_kh + pos[:, None] * s_ks + d[None, :] * s_kd,
                     mask=ok[:, None] & (d[None, :] < D), other=0.0)
         if IEEE:
             logits = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
@@ -162,14 +178,14 @@ def _sparse_decode_kernel(
         alpha = tl.exp(m - shift)
         p = tl.exp(logits - shift[:, None])
         l = l * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + b * s_vb + h * s_vh + pos[:, None] * s_vs + dv[None, :] * s_vd,
+        v = tl.load(v_ptr + b * s_vb + hk * s_vh + pos[:, None] * s_vs + dv[None, :] * s_vd,
                     mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
-    row = (b * HKV * G + heads) * nsplit + pid_s  # [B, Hq, nsplit] layout
+    row = (b * HIDX * G + heads) * nsplit + pid_s  # [B, Hq, nsplit] layout
     tl.store(m_ptr + row, m, mask=gmask)
     tl.store(l_ptr + row, l, mask=gmask)
     tl.store(o_ptr + row[:, None] * DV + dv[None, :], acc, mask=gmask[:, None] & (dv[None, :] < DV))
@@ -235,26 +251,28 @@ def sparse_decode_attention_triton(
     _, hkv, s, _ = key.shape
     dv = value.shape[-1]
     n = index.shape[-1]
-    g = hq // hkv
+    hidx = index.shape[1]
+    g = hq // hidx  # query heads per index set
+    kv_div = hidx // hkv  # index sets per KV head
     scale = d ** -0.5 if scale is None else float(scale)
     out = torch.empty(b, hq, dv, device=query.device, dtype=query.dtype)
     if b == 0 or hq == 0:
         return out
     block_n = 32 if n >= 32 else 16
-    splits = _num_splits(b * hkv, n, block_n, query.device) if n else 1
+    splits = _num_splits(b * hidx, n, block_n, query.device) if n else 1
     split = max(block_n, math.ceil(max(n, 1) / splits / block_n) * block_n)
     splits = max(1, math.ceil(max(n, 1) / split))
     o = torch.empty(b, hq, splits, dv, device=query.device, dtype=torch.float32)
     m = torch.empty(b, hq, splits, device=query.device, dtype=torch.float32)
     l = torch.empty(b, hq, splits, device=query.device, dtype=torch.float32)
     if valid is not None:
-        # Padding folds into the index set (a [B, Hkv, N] gather of bools): masked entries become -1.
+        # Padding folds into the index set (a [B, H, N] gather of bools): masked entries become -1.
         pos = index.long().clamp(0, max(s - 1, 0))
         keep = valid.bool().gather(1, pos.reshape(b, -1)).reshape(pos.shape)
         index = index.masked_fill(~keep, -1)
-    kernel[(b * hkv, splits)](
+    kernel[(b * hidx, splits)](
         query, key, value, index, o, m, l,
-        hkv, n, s, split, scale,
+        hidx, kv_div, n, s, split, scale,
         *query.stride(), *key.stride(), *value.stride(), *index.stride(),
         G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
         DV=dv, BLOCK_DV=max(16, triton.next_power_of_2(dv)), BLOCK_N=block_n,
