@@ -146,6 +146,15 @@ def test_selection_equals_a_straightforward_reference():
     shared = tidal.score_and_select(q, k, valid, 0.25, reduce_all_heads=True)
     assert torch.equal(shared[:, 0], shared[:, 2])
     assert torch.equal(shared[:, :1], select_positions(group.sum(1, keepdim=True), 9, forced, valid))
+    # TidalDecode's default: each query head its own top-K by q·k (the authors' code), [B, Hq, K]
+    per_head = tidal.select_per_head(q, k, valid)
+    logits = torch.einsum("bhd,bhsd->bhs", q, k.repeat_interleave(2, 1))
+    for b in range(2):
+        first = valid[b].nonzero().flatten()[:2].tolist()
+        must = set(first) | {37, 38, 39}
+        for h in range(6):
+            order = [i for i in logits[b, h].argsort(descending=True).tolist() if i not in must and valid[b, i]]
+            assert per_head[b, h].tolist() == sorted(must | set(order[: 9 - len(must)]))
 
 
 def test_tidal_layers_dense_selection_and_sparse():

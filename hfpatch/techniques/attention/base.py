@@ -26,6 +26,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ... import arch, compat, primitives
+from ... import cache as hfcache
 from ...kernels import group_attention_scores, select_positions, sparse_decode_attention
 from ...registry import Technique, param
 
@@ -44,6 +45,13 @@ def sink_param(default: int = 4):
 
 def window_param(default: int = 32):
     return param(default, help="most recent positions always attended", ge=0)
+
+
+def kv_cache_param(default: str = "growable"):
+    return param(default, choices=("growable", "dynamic"),
+                 help="cache that generate() builds when the caller passes none: 'growable' appends in place "
+                      "(hfpatch.cache; transformers' DynamicCache copies the whole cache every step), 'dynamic' "
+                      "leaves transformers' DynamicCache")
 
 
 @dataclasses.dataclass
@@ -83,6 +91,36 @@ def forced_positions(valid: torch.Tensor | None, batch: int, length: int, sink: 
             rank = valid.long().cumsum(-1)  # 1-based rank of each valid position in its row
             forced = forced | (valid & (rank <= sink))
     return forced
+
+
+def _growable_cache_problem(model, kwargs) -> str | None:
+    """Why ``generate`` should keep transformers' own cache for this call, or None."""
+    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+        return "the caller passed a cache"
+    config = kwargs.get("generation_config") or model.generation_config
+    if kwargs.get("use_cache", getattr(config, "use_cache", True)) is False:
+        return "use_cache=False"
+    implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
+    if implementation is not None:
+        return f"cache_implementation={implementation!r}"
+    if not model._supports_default_dynamic_cache():
+        return "the model does not use a DynamicCache"
+    return None
+
+
+def _capacity_hint(model, args, kwargs) -> int | None:
+    """Prompt length + new tokens of a ``generate`` call, to size the cache buffers once (None if unknown)."""
+    ids = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("input_ids")
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    config = kwargs.get("generation_config") or model.generation_config
+    new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+    if ids is None or ids.dim() < 2:
+        return None
+    if new is not None:
+        return ids.shape[1] + int(new)
+    longest = kwargs.get("max_length", getattr(config, "max_length", None))
+    return int(longest) if longest and longest > ids.shape[1] else None
 
 
 class SparseAttentionTechnique(Technique):
@@ -125,6 +163,20 @@ class SparseAttentionTechnique(Technique):
                                                     accepts_tree_mask=True)
         ctx.record(undo)
         ctx.record(self.layers.clear)
+        if getattr(self.params, "kv_cache", "dynamic") == "growable":
+            ctx.record(primitives.wrap_generate(
+                model, lambda original, *args, **kwargs: self._generate(model, original, args, kwargs)))
+
+    def _generate(self, model, original, args, kwargs):
+        """``generate`` with an in-place KV cache when the caller brings none (see ``hfpatch.cache``)."""
+        problem = _growable_cache_problem(model, kwargs)
+        if problem is None:
+            cache = hfcache.growable_cache(model.config, _capacity_hint(model, args, kwargs))
+            kwargs = {**kwargs, compat.cache_kwarg(model): cache}
+        out = original(*args, **kwargs)
+        # after the call: the prefill resets the statistics
+        self._stats["kv_cache"] = "growable" if problem is None else f"transformers' ({problem})"
+        return out
 
     # ---------------------------------------------------------------------------------------------
     # statistics
@@ -139,6 +191,7 @@ class SparseAttentionTechnique(Technique):
             "attended_positions": 0,
             "cached_positions": 0,
             "kernel": None,
+            "kv_cache": None,  # which cache the last generate() used (set by the generate wrapper)
         }
 
     def stats(self) -> dict[str, Any]:

@@ -17,12 +17,13 @@ import torch
 
 from ...kernels import select_positions
 from ...registry import param, register
-from .base import SparseAttentionTechnique, budget_param, forced_positions, sink_param, window_param
+from .base import SparseAttentionTechnique, budget_param, forced_positions, kv_cache_param, sink_param, window_param
 
 
 @dataclasses.dataclass
 class QuestParams:
     budget: int = budget_param(256)
+    kv_cache: str = kv_cache_param()
     sink: int = sink_param(4)
     window: int = window_param(32)
     page_size: int = param(16, help="cached positions per page", ge=1)

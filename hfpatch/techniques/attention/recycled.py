@@ -17,12 +17,13 @@ import dataclasses
 import torch
 
 from ...registry import param, register
-from .base import LayerState, SparseAttentionTechnique, budget_param, sink_param, window_param
+from .base import LayerState, SparseAttentionTechnique, budget_param, kv_cache_param, sink_param, window_param
 
 
 @dataclasses.dataclass
 class RecycledAttentionParams:
     budget: int = budget_param(256)
+    kv_cache: str = kv_cache_param()
     sink: int = sink_param(4)
     window: int = window_param(32)
     stride: int = param(16, help="decode steps between full-attention (re-selection) steps; 1 = always full", ge=1)

@@ -11,12 +11,13 @@ import torch
 
 from ...kernels import select_positions
 from ...registry import param, register
-from .base import SparseAttentionTechnique, budget_param, forced_positions, sink_param
+from .base import SparseAttentionTechnique, budget_param, forced_positions, kv_cache_param, sink_param
 
 
 @dataclasses.dataclass
 class SinkWindowParams:
     budget: int = budget_param(256)
+    kv_cache: str = kv_cache_param()
     sink: int = sink_param(4)
     window: int | None = param(None, help="most recent positions attended (None = budget - sink)", ge=0)
 
