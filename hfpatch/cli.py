@@ -590,12 +590,19 @@ def _add_bench(subparsers) -> None:
                              "jobs, 1 gives steadier timings)")
     parser.add_argument("--out", default="bench_out", metavar="DIR",
                         help="folder for bench.json, bench.txt and bench.png (default: ./bench_out)")
+    parser.add_argument("--long-context", action="store_true",
+                        help="instead: the sparse attention recipes (or --recipe ones) side by side with full "
+                             "attention on needle retrieval (1k/2k), perplexity of the last tokens (4k) and "
+                             "decode speed (4k), with the KV cache's share of the speed-up shown apart; writes "
+                             "longctx.json to --out (hfpatch.bench_longctx; minutes on a 2-core CPU)")
     parser.set_defaults(handler=_cmd_bench)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
+    if args.long_context:
+        return _cmd_bench_long_context(args)
     if args.prompts and args.per_category is not None:
         raise CommandError("--per-category applies to the built-in prompt set, not to --prompts")
     prompts = bench.load_prompts(args.prompts) if args.prompts else None
@@ -613,6 +620,27 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(bench.format_report(result))
     written = bench.save_report(result, args.out)
     print(f"[hfpatch] wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    return 0
+
+
+def _cmd_bench_long_context(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from . import bench_longctx
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer, folder = load_local_model(args.model, dtype=args.dtype, device=args.device)
+    name = "SmolLM2-135M-Instruct (bundled)" if args.model is None else Path(folder).name
+    result = bench_longctx.run(model, tokenizer, methods=tuple(args.recipe or bench_longctx.METHODS), model_name=name,
+                               progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(bench_longctx.format_report(result))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "longctx.json").write_text(json.dumps(result, indent=1))
+    print(f"[hfpatch] wrote {out / 'longctx.json'}", file=sys.stderr)
     return 0
 
 
