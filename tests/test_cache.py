@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from test_sparse_attention import batch
 from tiny_models import tiny_model
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
@@ -15,13 +16,7 @@ from hfpatch import compat
 
 
 def prompt(n=2, length=30, pad=(0, 7), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 120, (n, length), generator=g)
-    mask = torch.ones_like(ids)
-    for row, p in enumerate(pad[:n]):
-        mask[row, :p] = 0
-        ids[row, :p] = 0
-    return ids, mask
+    return batch(n, length, seed, pad)
 
 
 def gen(model, ids, mask, cache=None, **kw):

@@ -123,6 +123,15 @@ def test_recycled_dynamic_variant():
     assert stats["full_steps_by_drift"] == 0 and stats["sparse_layer_steps"] == 3 * 4
 
 
+def assert_top_positions(got, scores, valid, budget=9):
+    """Each row of ``got`` [B, H, budget] = first 2 valid positions + the last 3 + the best others by ``scores``."""
+    for b in range(scores.shape[0]):
+        must = set(valid[b].nonzero().flatten()[:2].tolist()) | {37, 38, 39}
+        for h in range(scores.shape[1]):
+            order = [i for i in scores[b, h].argsort(descending=True).tolist() if i not in must and valid[b, i]]
+            assert got[b, h].tolist() == sorted(must | set(order[: budget - len(must)]))
+
+
 def test_selection_equals_a_straightforward_reference():
     """Top-K of the full step's softmax probabilities summed over each KV group, sinks/window forced."""
     technique = RecycledAttention(budget=9, sink=2, window=3)
@@ -130,31 +139,18 @@ def test_selection_equals_a_straightforward_reference():
     q, k = torch.randn(2, 6, 16, generator=g), torch.randn(2, 3, 40, 16, generator=g)
     valid = torch.ones(2, 40, dtype=torch.bool)
     valid[1, :5] = False
-    got = technique.score_and_select(q, k, valid, 0.25)
-    probs = torch.softmax((torch.einsum("bhd,bhsd->bhs", q, k.repeat_interleave(2, 1)) * 0.25)
-                          .masked_fill(~valid[:, None], float("-inf")), -1)
+    logits = torch.einsum("bhd,bhsd->bhs", q, k.repeat_interleave(2, 1))
+    probs = torch.softmax((logits * 0.25).masked_fill(~valid[:, None], float("-inf")), -1)
     group = probs.view(2, 3, 2, 40).sum(2)
-    for b in range(2):
-        first = valid[b].nonzero().flatten()[:2].tolist()
-        must = set(first) | {37, 38, 39}
-        for h in range(3):
-            order = [i for i in group[b, h].argsort(descending=True).tolist() if i not in must and valid[b, i]]
-            assert got[b, h].tolist() == sorted(must | set(order[: 9 - len(must)]))
+    assert_top_positions(technique.score_and_select(q, k, valid, 0.25), group, valid)
     forced = forced_positions(valid, 2, 40, 2, 3, q.device)
     assert forced[1].nonzero().flatten().tolist() == [5, 6, 37, 38, 39]
     tidal = hfpatch.registry.technique_class("tidal_decode")(budget=9, sink=2, window=3)
     shared = tidal.score_and_select(q, k, valid, 0.25, reduce_all_heads=True)
     assert torch.equal(shared[:, 0], shared[:, 2])
     assert torch.equal(shared[:, :1], select_positions(group.sum(1, keepdim=True), 9, forced, valid))
-    # TidalDecode's default: each query head its own top-K by q·k (the authors' code), [B, Hq, K]
-    per_head = tidal.select_per_head(q, k, valid)
-    logits = torch.einsum("bhd,bhsd->bhs", q, k.repeat_interleave(2, 1))
-    for b in range(2):
-        first = valid[b].nonzero().flatten()[:2].tolist()
-        must = set(first) | {37, 38, 39}
-        for h in range(6):
-            order = [i for i in logits[b, h].argsort(descending=True).tolist() if i not in must and valid[b, i]]
-            assert per_head[b, h].tolist() == sorted(must | set(order[: 9 - len(must)]))
+    # per_head=True: each query head its own top-K by q·k (the authors' code), [B, Hq, K]
+    assert_top_positions(tidal.select_per_head(q, k, valid), logits, valid)
 
 
 def test_tidal_layers_dense_selection_and_sparse():
