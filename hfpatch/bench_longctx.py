@@ -9,8 +9,9 @@ prose and standard-library source, see ``hfpatch.assets``):
   token after the first comes from a decode step served by the method.
 * perplexity of the last tokens: prefill the first L - T tokens of a document, then teacher-force the last
   T tokens one decode step at a time; exp(mean NLL) of the tokens predicted by decode steps.
-* decode speed through plain ``model.generate`` (greedy): time(prompt + N new) - time(prompt + 1 new) per
-  token, methods interleaved (order rotated per round), the first round discarded, median of the rest.
+* decode speed through plain ``model.generate`` (greedy): the decode steps of one call timed from inside
+  (a logits processor notes the time of each step, so the prefill is not counted), methods interleaved
+  (order rotated per round), a warm-up round on a short prompt discarded, median of the measured rounds.
   The KV cache is reported as its own factor: full attention with transformers' ``DynamicCache`` (which
   concatenates the whole cache every step), full attention with hfpatch's in-place cache
   (``hfpatch.cache``) and each sparse recipe with the in-place cache (the recipes install it), so the gain
@@ -184,10 +185,29 @@ def perplexity(model, length, tail, budgets, docs, methods=METHODS, progress=Non
     return out
 
 
+class _StepClock:
+    """A logits processor that only notes the time: generate calls it once per forward, so the gaps between
+    its calls after the first are decode steps alone (the prefill comes before the first call)."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.stamps.append(time.perf_counter())
+        return scores
+
+    def per_token(self) -> float:
+        return (self.stamps[-1] - self.stamps[0]) / max(len(self.stamps) - 1, 1)
+
+
 def speed(model, doc, length, new, budget, rounds, methods=METHODS, progress=None):
     """ms per decode token through ``model.generate`` and speed-ups vs full attention with transformers'
-    DynamicCache (``vs_full_dynamic``) and vs full attention with the in-place cache (``vs_full_growable``)."""
-    ids = torch.tensor([doc[:length]], device=model.device)
+    DynamicCache (``vs_full_dynamic``) and vs full attention with the in-place cache (``vs_full_growable``).
+
+    Decode steps are timed inside one generate call per method and round (``_StepClock``), so the prefill
+    is not counted; a first round on a 256-token prompt warms every method up and is discarded."""
+    from transformers import LogitsProcessorList
+
     kwarg = compat.cache_kwarg(model)
     # (label, recipe, its extra parameters, whether the call brings hfpatch's in-place cache itself)
     runs = [("full, DynamicCache", None, {}, False), ("full, in-place cache", None, {}, True)]
@@ -195,23 +215,20 @@ def speed(model, doc, length, new, budget, rounds, methods=METHODS, progress=Non
     times: dict[str, list[float]] = {label: [] for label, *_ in runs}
     loads = [load_average()]
     for r in range(rounds + 1):
+        n = length if r else min(length, 256)
+        ids = torch.tensor([doc[:n]], device=model.device)
         order = runs[r % len(runs):] + runs[:r % len(runs)]
-        for label, recipe, extra, own_cache in order:
-            def call(n):
-                extra = {kwarg: hfcache.growable_cache(model.config, length + n)} if own_cache else {}
-                t0 = time.perf_counter()
-                model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **extra)
-                return time.perf_counter() - t0
-
-            with _patched(model, recipe, {**extra, "budget": budget}):
-                one = call(1)
-                many = call(new)
+        for label, recipe, params, own_cache in order:
+            clock = _StepClock()
+            cache = {kwarg: hfcache.growable_cache(model.config, n + new)} if own_cache else {}
+            with _patched(model, recipe, {**params, "budget": budget}):
+                model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                               logits_processor=LogitsProcessorList([clock]), **cache)
             if r:  # round 0 is the warm-up
-                times[label].append((many - one) / (new - 1))
+                times[label].append(clock.per_token())
         loads.append(load_average())
         if progress:
             progress(f"speed {length}: round {r}/{rounds}")
-    # (tiny models on a busy machine can time a negative difference: floor it to keep the ratios finite)
     median = {k: max(sorted(v)[len(v) // 2], 1e-9) for k, v in times.items()}
     base, own = median["full, DynamicCache"], median["full, in-place cache"]
     return {"load_average_1/5/15": loads,

@@ -23,7 +23,7 @@ def check(result, methods):
     rows = result["speed"]["300"]["methods"]
     assert list(rows) == ["full, DynamicCache", "full, in-place cache"] + [f"{m}, in-place cache" for m in methods]
     assert rows["full, DynamicCache"]["vs_full_dynamic"] == 1.0 
-    assert all(isinstance(r["ms_per_token"], float) and r["vs_full_growable"] >= 0 for r in rows.values())
+    assert all(r["ms_per_token"] > 0 and r["vs_full_growable"] > 0 for r in rows.values())
     assert len(result["speed"]["300"]["load_average_1/5/15"]) == 3  # before + after each of 2 rounds
     report = bench_longctx.format_report(result)
     for m in methods:
