@@ -9,7 +9,8 @@ documents and scorer as benchmarks/transplant/bpb.py.
         tokenizer-adapter:average --docs 8 --max-chars 2000 --timeout 3600 --json peers.json
 
 A peer is `TOOL:METHOD[:OPTION...]`:
-- `mergekit:METHOD[:k=K]`: `mergekit-tokensurgeon BASE DONOR OUT -a METHOD -k K`. mergekit needs a donor model
+- `mergekit:METHOD[:k=K][:bm=yes][:pm=yes]`: `mergekit-tokensurgeon BASE DONOR OUT -a METHOD -k K` (bm/pm: its
+  --byte-match / --prefix-match, e.g. to match SentencePiece byte-fallback pieces). mergekit needs a donor model
   folder. The GPT-2 and Mistral pairs have none, so there it gets a vocabulary-only donor (the new tokenizer
   beside a zero embedding matrix) and only methods that never read donor weights are allowed (`subword`:
   mean of the old pieces; `mean`: the mean of all old rows; `zero`; `randn`).
@@ -78,8 +79,11 @@ def peer_command(peer: str, pair: str, out: Path, args) -> list[str]:
             donor = str(vocabulary_donor(pair, tok_dir))
         cmd = [str(Path(args.mergekit_bin) / "mergekit-tokensurgeon"), base, donor, str(out), "-a", method,
                "--no-write-model-card"]
-        if "k" in opts:
-            cmd += ["-k", opts["k"]]
+        for key, flag in (("k", "-k"), ("bm", "--byte-match"), ("pm", "--prefix-match")):
+            if key in opts:
+                cmd += [flag, opts.pop(key)]
+        if opts:
+            raise ValueError(f"unknown mergekit option(s) {sorted(opts)} in {peer!r}; use k=, bm=, pm=")
         return cmd
     if tool == "tokenizer-adapter":
         cmd = [args.tokenizer_adapter_python, str(HERE / "run_tokenizer_adapter.py"), base, tok_dir, str(out),

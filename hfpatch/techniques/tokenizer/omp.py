@@ -2,9 +2,9 @@
 
 `omp(targets, atoms, k)` expresses each row of `targets` [B, d] as a combination of at most k rows of
 `atoms` [N, d]: greedily pick the atom most correlated with the residual (atoms compared at unit norm),
-refit all picked coefficients by least squares, repeat. Everything is batched over targets and works from
-inner products only (the Batch-OMP formulation): the least squares step solves the normal equations of the
-picked atoms with a Cholesky factorisation.
+refit all picked coefficients by least squares (optionally ridge), repeat. Everything is batched over
+targets and works from inner products only (the Batch-OMP formulation): the picked atoms are orthonormalised
+as they come (a progressive Cholesky factor of their gram), so each step is a few batched kernels.
 
 For large dictionaries `candidates=M` first screens the M atoms most correlated with each target and runs
 the pursuit over those only (exact OMP when M >= N); that keeps a 262k-token vocabulary in minutes.
