@@ -151,7 +151,8 @@ def niah(model, tok, length, trials, budgets, methods=METHODS, seed=0, progress=
 
 def documents(tok, length, count, source="prose"):
     """``count`` token lists of at least ``length`` tokens from distinct documents on disk."""
-    texts = (assets.prose_documents if source == "prose" else assets.code_documents)(count + 2, min_chars=length * 4)
+    # one spare document: a few long ones tokenize shorter than 4 characters per token
+    texts = (assets.prose_documents if source == "prose" else assets.code_documents)(count + 1, min_chars=length * 4)
     docs = [d for d in (tok(t, add_special_tokens=False).input_ids for t in texts) if len(d) >= length]
     if len(docs) < count:
         raise ValueError(f"only {len(docs)} {source} documents of {length} tokens on disk, {count} asked")
@@ -221,7 +222,8 @@ def speed(model, doc, length, new, budget, rounds, methods=METHODS, progress=Non
         for label, recipe, params, own_cache in order:
             clock = _StepClock()
             cache = {kwarg: hfcache.growable_cache(model.config, n + new)} if own_cache else {}
-            with _patched(model, recipe, {**params, "budget": budget}):
+            sparse = {"kv_cache": "growable", **params, "budget": budget}  # the recipes' in-place cache
+            with _patched(model, recipe, sparse):
                 model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                logits_processor=LogitsProcessorList([clock]), **cache)
             if r:  # round 0 is the warm-up
@@ -250,9 +252,13 @@ def run(model, tok, *, methods=METHODS, model_name: str = "", seed: int = 0, ppl
                               "speed": {}}
     for length in z["niah_lengths"]:
         result["niah"][str(length)] = niah(model, tok, length, z["trials"], z["budgets"], methods, seed, progress)
+        if progress:  # each finished section as a JSON line: a later failure does not lose it
+            progress(json.dumps({"niah": {length: result["niah"][str(length)]}}))
     for length in z["ppl_lengths"]:
         docs = documents(tok, length, z["ppl_docs"], ppl_source)
         result["ppl"][str(length)] = perplexity(model, length, z["ppl_tail"], z["budgets"], docs, methods, progress)
+        if progress:
+            progress(json.dumps({"ppl": {length: result["ppl"][str(length)]}}))
     for length in z["speed_lengths"]:
         doc = documents(tok, length, 1, "code")[0]
         result["speed"][str(length)] = speed(model, doc, length, z["speed_new"], z["speed_budget"], z["rounds"],

@@ -87,7 +87,7 @@ def test_sparse_recipes_generate_through_the_growable_cache_and_unpatch(recipe):
     real = hfcache.growable_cache
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(hfcache, "growable_cache", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
-        with hfpatch.patch(model, recipe, budget=4096) as handle:  # budget covers everything: exact
+        with hfpatch.patch(model, recipe, budget=4096, kv_cache="growable") as handle:  # covers everything: exact
             seq, logits = gen(model, ids, mask)
             assert handle.stats[handle.techniques[0].name]["kv_cache"] == "growable"
             twin.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)  # twin untouched
@@ -95,7 +95,7 @@ def test_sparse_recipes_generate_through_the_growable_cache_and_unpatch(recipe):
             gen(model, ids, mask, cache=DynamicCache())  # the caller's cache is used as is
             assert "passed a cache" in handle.stats[handle.techniques[0].name]["kv_cache"]
             assert len(seen) == 1
-        with hfpatch.patch(model, recipe, budget=4096, kv_cache="dynamic") as handle:
+        with hfpatch.patch(model, recipe, budget=4096) as handle:  # the default keeps transformers' cache
             gen(model, ids, mask)
             assert handle.stats[handle.techniques[0].name]["kv_cache"] is None and len(seen) == 1
         gen(model, ids, mask)
