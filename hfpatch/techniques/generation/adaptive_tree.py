@@ -174,7 +174,7 @@ class AdaptiveTree(Technique):
 
     name = "adaptive_tree"
     family = "generation"
-    summary = "Verify only the drafted nodes worth their cost: acceptance estimates x a fitted per-node cost"
+    summary = "Verify only the drafted nodes worth their cost: learned acceptance estimates vs measured step cost per tree size"
     Params = AdaptiveTreeParams
     claims: ClassVar[frozenset[str]] = frozenset({"generate-loop"})
     cooperative_claims: ClassVar[frozenset[str]] = frozenset({"generate-loop"})
