@@ -95,11 +95,14 @@ def test_sparse_recipes_generate_through_the_growable_cache_and_unpatch(recipe):
             gen(model, ids, mask, cache=DynamicCache())  # the caller's cache is used as is
             assert "passed a cache" in handle.stats[handle.techniques[0].name]["kv_cache"]
             assert len(seen) == 1
-        with hfpatch.patch(model, recipe, budget=4096) as handle:  # the default keeps transformers' cache
+        with hfpatch.patch(model, recipe, budget=4096, kv_cache="dynamic") as handle:  # transformers' cache
             gen(model, ids, mask)
             assert handle.stats[handle.techniques[0].name]["kv_cache"] is None and len(seen) == 1
+        with hfpatch.patch(model, recipe, budget=4096) as handle:  # the default is the in-place cache
+            gen(model, ids, mask)
+            assert handle.stats[handle.techniques[0].name]["kv_cache"] == "growable" and len(seen) == 2
         gen(model, ids, mask)
-        assert len(seen) == 1  # unpatched: generate is transformers' own again
+        assert len(seen) == 2  # unpatched: generate is transformers' own again
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(seq, ref_seq)
     assert len(seen[0].layers) == model.config.num_hidden_layers and seen[0].get_seq_length() == ids.shape[1] + 7
