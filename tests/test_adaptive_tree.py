@@ -133,12 +133,15 @@ def _prompt(seed=0):
 @pytest.mark.parametrize("node_cost", [0.0, 0.05, 100.0])
 def test_adaptive_recipes_stay_token_identical(node_cost):
     model = tiny_model("llama")
+    twin = type(model)(model.config).eval()
     prompts = [_prompt(s) for s in range(3)]
     expected = [model.generate(p, max_new_tokens=24, do_sample=False) for p in prompts]
     with hfpatch.patch(model, "recycling+lookup", node_cost=node_cost) as handle:  # first_draft_cost 0.3
         for p, ref in zip(prompts, expected):
             assert torch.equal(model.generate(p, max_new_tokens=24, do_sample=False), ref)
         stats = handle.stats["adaptive_tree"]
+        assert "generate" not in twin.__dict__ and not hfpatch.active_patches(twin)
+    assert "generate" not in model.__dict__ and not hfpatch.active_patches(model)
     assert stats["fallback"] is None
     assert stats["tree_policy"]["relative_step_cost"][4] == pytest.approx(1 + (0.3 + 4 * node_cost) if node_cost else 1.3)
     if node_cost == 100.0:

@@ -73,8 +73,7 @@ class NgramDrafter(Drafter):
         # itself and a top-ranked branch predict the continuation better, and copying comes in stretches.
         self.acceptance = AcceptanceEstimates(prior=0.4)
         self._candidates = Candidates()
-        # Whether the last step's best branch had its first token right: copying runs in stretches.
-        self._last_step_right = False
+        self._last_step_right = False  # the last step's best branch had its first token right
 
     def start(self, prompt: list[int]) -> None:
         self.current = NgramIndex(self.params.max_ngram)
