@@ -394,6 +394,7 @@ class SpeculativeBench:
             self.methods.append(_Method(PROMPT_LOOKUP, "prompt_lookup", model,
                                         extra_kwargs={"prompt_lookup_num_tokens": prompt_lookup_num_tokens}))
         self.recipes: dict[str, dict[str, Any]] = {}
+        self.baselines: dict[str, str] = {}
         try:
             for spec in recipes:
                 label, recipe = _recipe_label(spec)
@@ -407,8 +408,10 @@ class SpeculativeBench:
                 self.recipes[label] = {
                     "recipe": handle.recipe.name,
                     "techniques": [t.name for t in handle.techniques],
+                    "compute_techniques": [t.name for t in handle.techniques if t.family == "compute"],
                     "definition": handle.recipe.to_dict(),
                 }
+            self.baselines = kernel_baselines(self.recipes)
             for method in self.methods:
                 if method.counter is None:
                     # The baselines share one model, hence one counter.
@@ -495,8 +498,13 @@ class SpeculativeBench:
                 "fallback": None,
             }
             record["forwards"] = run["forwards"]
+            base = self.baselines.get(method.label)
+            if base is not None:
+                record["baseline"] = base
+                record["identical_to_baseline"] = tokens == raw[base]["tokens"]
             if method.handle is not None:
-                stats = next((s for s in method.handle.stats.values() if s), {})
+                # the generation engine's statistics (a compute technique in the recipe keeps its own)
+                stats = next((s for s in method.handle.stats.values() if s and "fallback" in s), {})
                 record["fallback"] = stats.get("fallback")
                 if "forwards" in stats:
                     record["forwards"] = stats["forwards"]
@@ -630,6 +638,24 @@ def _aggregate(runs: list[dict[str, Any]], vanilla: list[dict[str, Any]], pld: l
     return row
 
 
+def kernel_baselines(recipes: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Recipe label -> label of the measured recipe made of exactly its compute techniques.
+
+    A recipe such as `recycling+lookup-cpu` (faster kernels + speculation) is then also compared with the
+    same kernels alone, so the speed-up of the speculation is reported apart from the kernels'.
+    """
+    found = {}
+    for label, info in recipes.items():
+        compute = info.get("compute_techniques") or []
+        if not compute or len(compute) == len(info["techniques"]):
+            continue
+        for other, other_info in recipes.items():
+            if other != label and other_info["techniques"] == compute:
+                found[label] = other
+                break
+    return found
+
+
 def _fused_label(result: dict[str, Any]) -> str | None:
     """The recipe combining several drafters (the issue's 'fused recipe'), preferring recycling+lookup."""
     recipes = result["config"]["recipes"]
@@ -655,6 +681,13 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             pld = of(PROMPT_LOOKUP) if PROMPT_LOOKUP in labels and label != PROMPT_LOOKUP else None
             per_group[group] = _aggregate(of(label), of(VANILLA), pld)
         summary["methods"][label] = per_group
+        base = next((r["baseline"] for r in runs if r["method"] == label and "baseline" in r), None)
+        for group, row in per_group.items() if base else ():
+            picked = [r for r in runs if r["method"] == label and group in ("all", r["category"])]
+            base_seconds = sum(r["seconds"] for r in runs if r["method"] == base and group in ("all", r["category"]))
+            row["baseline"] = base
+            row["speedup_vs_baseline"] = base_seconds / row["seconds"] if row["seconds"] > 0 else None
+            row["identical_to_baseline"] = sum(bool(r["identical_to_baseline"]) for r in picked)
     fused = _fused_label(result)
     if fused is not None:
         row = summary["methods"][fused]["all"]
@@ -748,6 +781,12 @@ def format_report(result: dict[str, Any]) -> str:
         parts = [check("mat_vs_prompt_lookup", "MAT vs PLD"), check("speedup", "speed-up vs vanilla"),
                  check("speedup_vs_prompt_lookup", "speed vs PLD")] if has_pld else [check("speedup", "speed-up")]
         lines.append(f"fused recipe {fused['recipe']!r}: " + "; ".join(parts) + f"; identical {fused['identical']}")
+    for label in config["methods"]:
+        row = summary["methods"][label]["all"]
+        if row.get("baseline"):
+            lines.append(f"{label} over its kernels alone ({row['baseline']}): speed-up "
+                         f"{_fmt(row['speedup_vs_baseline'], '.2f', 'x')} from the rest of the recipe; output "
+                         f"identical to {row['baseline']}'s {row['identical_to_baseline']}/{row['prompts']}")
     fallbacks = sorted({(r["method"], r["fallback"]) for r in result["runs"] if r.get("fallback")})
     for label, reason in fallbacks:
         lines.append(f"note: {label} fell back to plain decoding: {reason}")

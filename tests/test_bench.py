@@ -146,6 +146,29 @@ def test_short_bench_run(tiny, tmp_path):
     assert not model._forward_hooks and "generate" not in vars(model)  # the user's model stays unpatched
 
 
+def test_kernel_recipe_is_also_compared_with_its_kernels_alone(tiny):
+    """recycling+lookup-cpu = onednn_linear + speculation: the bench pairs it with the measured onednn-linear
+    recipe, so the speculation's own speed-up and identity are reported apart from the kernels'."""
+    assert bench.kernel_baselines({
+        "k": {"techniques": ["onednn_linear"], "compute_techniques": ["onednn_linear"]},
+        "k+spec": {"techniques": ["onednn_linear", "ngram_lookup"], "compute_techniques": ["onednn_linear"]},
+        "spec": {"techniques": ["ngram_lookup"], "compute_techniques": []},
+    }) == {"k+spec": "k"}
+    model, tok = tiny
+    result = bench.run_bench(model, tok, recipes=["onednn-linear", "recycling+lookup-cpu"], max_new_tokens=6,
+                             prompts=[bench.BenchPrompt("custom", "abcabcabc")], threads=1,
+                             warmup=bench.BenchPrompt("w", "xyz"))
+    run = next(r for r in result["runs"] if r["method"] == "recycling+lookup-cpu")
+    assert run["baseline"] == "onednn-linear" and run["identical_to_baseline"]
+    assert run["mean_tree_nodes"] >= 0  # the engine's statistics, not the kernel technique's
+    row = result["summary"]["methods"]["recycling+lookup-cpu"]["all"]
+    base = next(r for r in result["runs"] if r["method"] == "onednn-linear")
+    assert row["speedup_vs_baseline"] == pytest.approx(base["seconds"] / run["seconds"])
+    assert "baseline" not in result["summary"]["methods"]["onednn-linear"]["all"]
+    report = bench.format_report(result)
+    assert "recycling+lookup-cpu over its kernels alone (onednn-linear): speed-up" in report
+
+
 def test_plot_report(tiny, tmp_path):
     pytest.importorskip("matplotlib")
     model, tok = tiny
