@@ -109,6 +109,29 @@ def test_recycled_full_step_every_stride_and_selection_reused():
     assert state.steps_since_full == 1
 
 
+def test_recycled_follow_adds_the_shifted_top_positions_once():
+    """`follow`: t steps after a full step the set also holds the full step's top-`follow` positions + t,
+    except those already selected or past the full step (a repeated position would be counted twice)."""
+    from hfpatch.kernels import group_attention_scores
+    from hfpatch.techniques.attention.base import LayerState
+    from hfpatch.techniques.attention.recycled import RecycledAttention
+
+    torch.manual_seed(0)
+    technique = RecycledAttention(budget=6, sink=1, window=1, stride=8, follow=3)
+    q, k = torch.randn(1, 4, 8), torch.randn(1, 2, 40, 8)
+    state = LayerState(batch=1)
+    assert technique.decode(0, state, q, k, None, 8 ** -0.5) is None  # the full step
+    top = group_attention_scores(q, k, None, scale=8 ** -0.5).topk(3, dim=-1).indices
+    assert torch.equal(state.extra["followed"], top)
+    k2 = torch.cat([k, torch.randn(1, 2, 2, 8)], dim=2)  # two tokens generated since
+    state.seq_len = 41
+    index = technique.decode(0, state, q, k2[:, :, :41], None, 8 ** -0.5)  # t = 1
+    for h in range(2):
+        expected = set(state.index[0, h].tolist()) | {40} | {p + 1 for p in top[0, h].tolist() if p + 1 < 40}
+        got = [p for p in index[0, h].tolist() if p >= 0]
+        assert len(got) == len(set(got)) and set(got) == expected
+
+
 def test_recycled_dynamic_variant():
     model = deep_model(layers=3)
     ids, mask = batch(n=1, pad=(0,))

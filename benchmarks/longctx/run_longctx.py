@@ -4,6 +4,10 @@ The measurements live in ``hfpatch.bench_longctx`` (also behind ``hfpatch bench 
 script exposes every size knob for the README's runs and writes the raw JSON:
 
     python benchmarks/longctx/run_longctx.py --niah 1024 2048 --ppl 4096 --speed 4096 --out longctx.json
+
+``--base-recipe onednn-linear`` patches the model with that recipe first, for every method, full attention
+included: the speed-ups of the sparse recipes are then measured over the same (faster) linear kernels, so
+they stay the gain of sparsity alone.
 """
 from __future__ import annotations
 
@@ -33,16 +37,24 @@ def main():
     ap.add_argument("--budgets", type=int, nargs="*", default=[128, 256, 512, 1024])
     ap.add_argument("--methods", nargs="*", default=list(bench_longctx.METHODS))
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--base-recipe", default=None,
+                    help="recipe applied to the model under every method (e.g. onednn-linear)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = assets.load_smollm2()
+    name = "SmolLM2-135M-Instruct fp32 sdpa"
+    if args.base_recipe:
+        import hfpatch
+
+        hfpatch.patch(model, args.base_recipe)
+        name += f" + {args.base_recipe} under every method"
     result = bench_longctx.run(
         model.eval(), tok, niah_lengths=args.niah, trials=args.trials, ppl_lengths=args.ppl, ppl_docs=args.ppl_docs,
         ppl_tail=args.ppl_tail, ppl_source=args.ppl_source, budgets=args.budgets, speed_lengths=args.speed,
         speed_new=args.speed_new, speed_budget=args.speed_budget, rounds=args.rounds, methods=args.methods,
-        model_name="SmolLM2-135M-Instruct fp32 sdpa", seed=args.seed,
+        model_name=name, seed=args.seed,
         progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(bench_longctx.format_report(result))
     if args.out:

@@ -274,11 +274,15 @@ class SparseAttentionTechnique(Technique):
     def score_and_select(self, query, key, valid, scale, *, reduce_all_heads: bool = False) -> torch.Tensor:
         """Top-``budget`` positions by this step's attention scores summed over each KV group's query heads
         (or over all heads, broadcast to every KV head), sinks/window/current token forced in."""
-        batch, hkv, length, _ = key.shape
-        scores = group_attention_scores(query, key, valid, scale=scale)
+        return self.select_top(group_attention_scores(query, key, valid, scale=scale), valid,
+                               reduce_all_heads=reduce_all_heads)
+
+    def select_top(self, scores, valid, *, reduce_all_heads: bool = False) -> torch.Tensor:
+        """`score_and_select` from scores already computed ([B, Hkv, S])."""
+        batch, hkv, length = scores.shape
         if reduce_all_heads:
             scores = scores.sum(1, keepdim=True)
-        forced = forced_positions(valid, batch, length, self.params.sink, self.params.window, key.device)
+        forced = forced_positions(valid, batch, length, self.params.sink, self.params.window, scores.device)
         index = select_positions(scores, self.params.budget, forced, valid)
         return index.expand(batch, hkv, index.shape[-1]) if reduce_all_heads else index
 

@@ -16,6 +16,7 @@ import dataclasses
 
 import torch
 
+from ...kernels import group_attention_scores
 from ...registry import param, register
 from .base import LayerState, SparseAttentionTechnique, budget_param, kv_cache_param, sink_param, window_param
 
@@ -27,6 +28,10 @@ class RecycledAttentionParams:
     sink: int = sink_param(4)
     window: int = window_param(32)
     stride: int = param(16, help="decode steps between full-attention (re-selection) steps; 1 = always full", ge=1)
+    follow: int = param(
+        0, help="also attend, t steps after a full step, to the positions t after its `follow` highest-scoring "
+                "ones per KV head (heads that copy a passage move one position per generated token); 0 = off, "
+                "the paper's method", ge=0)
     drift_threshold: float | None = param(
         None, help="dynamic variant: also re-select when the cosine similarity of the query to the last full "
                    "step's query falls below this (None = fixed stride)", ge=-1.0, le=1.0)
@@ -66,9 +71,22 @@ class RecycledAttention(SparseAttentionTechnique):
             if self.covers_all(length):
                 state.index = torch.empty(0)  # marker: everything up to full_len
                 return None
-            state.index = self.score_and_select(query, key, valid, scale)
+            scores = group_attention_scores(query, key, valid, scale=scale)
+            state.index = self.select_top(scores, valid)
+            if self.params.follow:
+                k = min(self.params.follow, length)
+                masked = scores if valid is None else scores.masked_fill(~valid.bool()[:, None, :], float("-inf"))
+                state.extra["followed"] = masked.topk(k, dim=-1).indices
             return None  # the full step itself attends to everything
         state.steps_since_full += 1
         if state.index.numel() == 0:
             return None  # the budget covered the whole context at the last full step
-        return self.with_recent(state.index, state.full_len, length)
+        index = self.with_recent(state.index, state.full_len, length)
+        followed = state.extra.get("followed")
+        if followed is None:
+            return index
+        shifted = followed + state.steps_since_full
+        # the kernel counts a repeated position twice: drop shifted positions already in the set (and those
+        # past the last full step, which `with_recent` covers); -1 entries are skipped
+        repeated = (shifted[..., None] == state.index[..., None, :]).any(-1) | (shifted >= state.full_len)
+        return torch.cat([index, shifted.masked_fill(repeated, -1)], dim=-1)
