@@ -133,6 +133,22 @@ def test_unpatch_restores_every_forward_and_a_second_instance_is_untouched():
     assert torch.equal(logits(model, x), ref)
 
 
+def test_a_deep_copy_of_a_patched_model_works_and_packs_its_own_weights():
+    import copy
+
+    model = tiny_model("llama")
+    x = ids()
+    handle = hfpatch.patch(model, "onednn-linear")
+    ref = logits(model, x)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone.model.layers[0].mlp.up_proj.weight.zero_()
+    changed = logits(clone, x)
+    assert not torch.allclose(changed, ref)
+    torch.testing.assert_close(logits(model, x), ref, atol=0, rtol=0)  # the original keeps its packed weights
+    assert handle.stats["onednn_linear"]["repacks"] == 0
+
+
 def test_unsupported_dtype_is_refused_and_the_model_left_as_it_was():
     model = tiny_model("llama").to(torch.float16)
     with pytest.raises(PatchError, match="float16.*float32"):

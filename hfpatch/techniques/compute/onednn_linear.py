@@ -83,7 +83,13 @@ class PackedLinear:
 
     @property
     def packed_bytes(self) -> int:
-        return self.source.numel() * self.source.element_size()
+        weight = self.module.weight
+        return weight.numel() * weight.element_size()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # oneDNN's blocked tensor has no storage to copy or pickle: a deep copy of the model (TRL's reference
+        # model, for one) gets an empty slot and packs its own weight on its first call
+        return {**self.__dict__, "packed": None, "source": None}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         module = self.module
