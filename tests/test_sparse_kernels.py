@@ -71,6 +71,35 @@ def test_reference_over_every_position_is_dense_attention(shape):
     torch.testing.assert_close(out, dense(q, k, v, valid, scale=0.3), **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reference_over_a_subset_is_dense_attention_masked_to_it(shape):
+    b, hq, hkv, s, d, dv, n = shape
+    q, k, v, index, valid = make(*shape, torch.float32)
+    chosen = torch.zeros(b, hkv, s, dtype=torch.bool).scatter_(2, index, True)
+    if valid is not None:
+        chosen &= valid[:, None, :]
+    kk = k.float().repeat_interleave(hq // hkv, 1)
+    vv = v.float().repeat_interleave(hq // hkv, 1)
+    mask = chosen.repeat_interleave(hq // hkv, 1)[:, :, None, :]
+    expected = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], kk, vv, attn_mask=mask)[:, :, 0]
+    expected = expected.nan_to_num(0.0)  # rows whose whole set is padding attend to nothing
+    torch.testing.assert_close(sparse_decode_attention_reference(q, k, v, index, valid), expected,
+                               **TOL[torch.float32])
+
+
+def test_reference_reads_caches_of_any_layout():
+    """Row gathers see the cache as a table of rows when its strides allow it (contiguous, a view of a longer
+    buffer, broadcast heads) and fall back to a gather otherwise (rows not contiguous)."""
+    q, k, v, index, _ = make(2, 6, 2, 30, 16, 16, 9, torch.float32, pad=False)
+    expected = sparse_decode_attention_reference(q, k.contiguous(), v.contiguous(), index)
+    transposed_k = k.contiguous().transpose(-1, -2).contiguous().transpose(-1, -2)  # D not the inner stride
+    torch.testing.assert_close(sparse_decode_attention_reference(q, transposed_k, v, index), expected)
+    one_head_k, one_head_v = k[:, :1].expand(-1, 2, -1, -1), v[:, :1].expand(-1, 2, -1, -1)
+    shared = sparse_decode_attention_reference(q, one_head_k, one_head_v, index[:, :1].expand(-1, 2, -1))
+    torch.testing.assert_close(shared, sparse_decode_attention_reference(
+        q, one_head_k.contiguous(), one_head_v.contiguous(), index[:, :1].expand(-1, 2, -1).contiguous()))
+
+
 def test_reference_skips_out_of_range_entries_and_padding():
     q, k, v, index, valid = make(2, 4, 2, 20, 8, 8, 6, torch.float32)
     padded = torch.cat([index, torch.full((2, 2, 3), -1), torch.full((2, 2, 1), 20)], -1)
