@@ -128,4 +128,7 @@ def run_demo(
     say("the patch drafts candidate tokens (n-gram lookup + Token Recycling) and verifies them all in one "
         "forward; outputs stay exactly the model's own greedy choice.")
     say("next: 'hfpatch bench' measures every recipe against transformers' prompt lookup on more prompts.")
+    if recipe == DEMO_RECIPE and next(model.parameters()).device.type == "cpu":
+        say("on a CPU, 'hfpatch demo --recipe recycling+lookup-cpu' runs the same speculation on packed oneDNN "
+            "linear kernels (equal to the default ones up to float rounding), 2.6x faster than plain in the README.")
     return {"summary": summary, "prompts": records}

@@ -202,7 +202,9 @@ def test_bench_and_demo_commands(tiny, tmp_path, capsys):
     assert main(["bench", "--prompts", str(prompts), "--per-category", "2"]) == 2
     assert "--per-category" in capsys.readouterr().err
     assert main(["bench", "--max-new-tokens", "0"]) == 2
-    assert main(["demo", "--help"]) == 0 and "recycling+lookup" in capsys.readouterr().out
+    assert main(["demo", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    assert "recycling+lookup" in help_text and "--recipe" in help_text
 
 
 def test_run_demo_on_a_given_model(tiny):
@@ -216,3 +218,9 @@ def test_run_demo_on_a_given_model(tiny):
     assert result["summary"]["identical"] == 2 and result["summary"]["mat"] >= 1.0
     assert "[2/2] continue a Python file: " in text and "identical to plain generate: yes" in text
     assert "overall: 2/2 outputs token-identical" in text
+    assert "hfpatch demo --recipe recycling+lookup-cpu" in text  # the CPU hint after the default recipe
+    out = io.StringIO()
+    result = run_demo(model=model, tokenizer=tok, recipe="recycling+lookup-cpu", max_new_tokens=4,
+                      categories=("code",), passage_chars=160, threads=1, out=out)
+    assert result["summary"]["recipe"] == "recycling+lookup-cpu" and result["summary"]["prompts"] == 1
+    assert "hfpatch demo --recipe" not in out.getvalue()
