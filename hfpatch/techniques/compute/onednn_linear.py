@@ -74,12 +74,10 @@ class PackedLinear:
         self.source = weight
         self.version = weight._version
         self.data_ptr = weight.data_ptr()
-        self.dtype = weight.dtype
 
     def stale(self) -> bool:
         weight = self.module.weight
-        return (weight is not self.source or weight._version != self.version
-                or weight.data_ptr() != self.data_ptr or not weight.is_cpu)
+        return weight is not self.source or weight._version != self.version or weight.data_ptr() != self.data_ptr
 
     @property
     def packed_bytes(self) -> int:
@@ -96,8 +94,8 @@ class PackedLinear:
         needs_autograd = torch.is_grad_enabled() and (
             x.requires_grad or module.weight.requires_grad
             or (module.bias is not None and module.bias.requires_grad))
-        if (needs_autograd or not x.is_cpu or x.dtype != module.weight.dtype or x.dtype not in SUPPORTED_DTYPES
-                or torch.is_autocast_enabled("cpu")):
+        if (needs_autograd or not x.is_cpu or not module.weight.is_cpu or x.dtype != module.weight.dtype
+                or x.dtype not in SUPPORTED_DTYPES or torch.is_autocast_enabled("cpu")):
             self.counters["default_calls"] += 1
             return self.original_forward(x)
         if self.stale():
