@@ -683,7 +683,7 @@ def _add_transplant(subparsers) -> None:
                     "(shared tokens keep their rows bit-for-bit; every other row is initialised by --method), and "
                     "save model + new tokenizer to --out, loadable with plain transformers. A progress bar shows "
                     "the initialisation. --out must not exist (or be empty) unless --force is given.",
-        epilog="examples:\n  hfpatch transplant --model ./smollm2 --tokenizer ./gpt2-tok --method tokenadapt --out ./smollm2-gpt2\n"
+        epilog="examples:\n  hfpatch transplant --model ./smollm2 --tokenizer ./gpt2-tok --method mean --length-bias -3 --out ./smollm2-gpt2\n"
                "  hfpatch transplant --model ./smollm2 --tokenizer ./gemma-tok --donor ./gemma-270m --method omp "
                "--out ./smollm2-gemma --force",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -693,6 +693,9 @@ def _add_transplant(subparsers) -> None:
     parser.add_argument("--donor", metavar="DIR", help="a model that already uses the new tokenizer (omp only)")
     parser.add_argument("--method", default="omp", choices=METHODS, help="initialisation of new rows (default: omp)")
     parser.add_argument("--k", type=_positive, default=64, help="omp: anchor tokens per new token (default: 64)")
+    parser.add_argument("--length-bias", type=float, metavar="B",
+                        help="donor-free: lower each new token's logit by about -B per extra old piece (-3 measured "
+                             "best; off by default; see README)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the transplanted model and tokenizer")
     parser.add_argument("--force", action="store_true", help="write into an existing non-empty --out")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -711,7 +714,8 @@ def _cmd_transplant(args: argparse.Namespace) -> int:
         raise CommandError(f"--out {args.out}: exists and is not a folder")
     model, _, folder = load_local_model(args.model, dtype=args.dtype, device="cpu")
     recipe = Recipe([{"type": "tokenizer_transplant", "tokenizer": args.tokenizer, "method": args.method,
-                      "donor": args.donor, "base_tokenizer": str(folder), "k": args.k}], name="transplant")
+                      "donor": args.donor, "base_tokenizer": str(folder), "k": args.k,
+                      "length_bias": args.length_bias}], name="transplant")
     handle = patch(model, recipe)
     stats = handle.stats["tokenizer_transplant"]
     out.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 import hfpatch
 from hfpatch.errors import PatchError, RecipeError, UnsupportedModelError
 from hfpatch.techniques.tokenizer.alignment import align, piece_bytes
+from hfpatch.techniques.tokenizer.length_bias import constant_logit_direction, ridge_direction
 from hfpatch.techniques.tokenizer.omp import apply_codes, omp
 
 CORPUS = [
@@ -348,3 +349,55 @@ def test_cli_transplant_refuses_to_overwrite_without_force(toks, tmp_path, capsy
     assert "--force" in capsys.readouterr().err
     assert (out / "config.json").stat().st_mtime_ns == stamp
     assert main([*args, "--force"]) == 0
+    assert main([*args, "--force", "--length-bias", "-3"]) == 0  # the option reaches the technique
+    biased = AutoModelForCausalLM.from_pretrained(out).get_input_embeddings().weight
+    assert not torch.equal(biased, reloaded.get_input_embeddings().weight)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_length_bias_moves_each_new_output_row_along_the_fitted_direction(toks, tied):
+    """length_bias b: every initialised output row = the method's row + b * (pieces - 1) * u, u fitted so that
+    h . u ~ 1 on the model's own samples; shared rows and (untied) input rows stay as without it."""
+    old_vocab = len(toks["old"][1])
+    plain_model, model = _model("llama", old_vocab, tied=tied), _model("llama", old_vocab, tied=tied)
+    with hfpatch.patch(plain_model, _recipe(toks, "bytelevel", "mean")):
+        plain_out = plain_model.get_output_embeddings().weight.detach().clone()
+        plain_in = plain_model.get_input_embeddings().weight.detach().clone()
+    rng_before = torch.random.get_rng_state()
+    with hfpatch.patch(model, _recipe(toks, "bytelevel", "mean", length_bias=-3.0)) as handle:
+        technique = handle.technique("tokenizer_transplant")
+        a, u = technique.alignment, technique.direction
+        out = model.get_output_embeddings().weight.detach()
+        fit = handle.stats["tokenizer_transplant"]["length_bias"]["direction_fit"]
+        todo = torch.tensor(a.todo)
+        counts = torch.tensor([len(a.pieces[i]) for i in a.todo], dtype=torch.float32)
+        assert (counts > 1).any()
+        torch.testing.assert_close(out[todo] - plain_out[todo], -3.0 * (counts - 1)[:, None] * u[None, :])
+        assert torch.equal(out[a.shared_new], plain_out[a.shared_new])
+        if not tied:
+            assert torch.equal(model.get_input_embeddings().weight, plain_in)
+    assert torch.equal(torch.random.get_rng_state(), rng_before)  # the sampling used its own RNG
+    assert fit["positions"] == 4 * 256
+    start = toks["old"][1].bos_token_id
+    again, _ = constant_logit_direction(_model("llama", old_vocab, tied=tied), start)
+    assert torch.equal(again, u)  # seeded: the same model gives the same direction
+
+
+def test_ridge_direction_finds_the_constant_component():
+    """States with a hidden constant projection (h . e = 1 along a random unit e, plus noise elsewhere): the
+    fitted u gives h . u ~ 1 everywhere."""
+    g = torch.Generator().manual_seed(0)
+    e = torch.nn.functional.normalize(torch.randn(16, generator=g), dim=0)
+    noise = torch.randn(500, 16, generator=g)
+    states = noise - (noise @ e)[:, None] * e[None, :] + e[None, :]
+    u, fit = ridge_direction(states, ridge=1e-4)
+    assert abs(fit["mean"] - 1.0) < 1e-2 and fit["std"] < 1e-2
+    torch.testing.assert_close(states @ u, torch.ones(500), atol=2e-2, rtol=0)
+
+
+def test_length_bias_refused_where_it_does_not_apply(toks):
+    model = _model("llama", len(toks["old"][1]))
+    for method in ("zero", "random"):
+        with pytest.raises(PatchError, match="length_bias"):
+            hfpatch.patch(model, _recipe(toks, "bytelevel", method, length_bias=-3.0))
+    assert model.config.vocab_size == len(toks["old"][1])

@@ -1,4 +1,4 @@
-"""Experiment (not a library feature yet): donor-free rows of a tied model, corrected on the output side,
+"""Experiment (its `beta=B` with `--u-from generated` is now the library option `length_bias`): donor-free rows of a tied model, corrected on the output side,
 plus two diagnostics that say how far any new-row initialisation can go.
 
 With tied embeddings a new token's row is also its output vector. The mean of a multi-piece token's old
@@ -48,6 +48,7 @@ import bpb  # noqa: E402
 import hfpatch  # noqa: E402
 from hfpatch import assets  # noqa: E402
 from hfpatch.techniques.tokenizer.alignment import canonical_vocab  # noqa: E402
+from hfpatch.techniques.tokenizer.length_bias import ridge_direction  # noqa: E402
 from hfpatch.techniques.tokenizer.tokenadapt import pad_pieces  # noqa: E402
 
 
@@ -56,10 +57,9 @@ def constant_direction(model, tokenizer, texts: list[str], ridge: float = 1e-2) 
     """u minimising |H u - 1|^2 + ridge * n |u|^2 over the final hidden states H of `texts`."""
     H = torch.cat([model.model(input_ids=torch.tensor([tokenizer(d, add_special_tokens=False)["input_ids"]]))
                    .last_hidden_state[0] for d in texts])
-    u = torch.linalg.solve(H.T @ H + ridge * H.shape[0] * torch.eye(H.shape[1]), H.T @ torch.ones(H.shape[0]))
-    fit = H @ u
-    print(f"u: |u| {u.norm():.3f}, h.u mean {fit.mean():.3f} std {fit.std():.3f} over {H.shape[0]} positions",
-          flush=True)
+    u, fit = ridge_direction(H, ridge)
+    print(f"u: |u| {u.norm():.3f}, h.u mean {fit['mean']:.3f} std {fit['std']:.3f} over {fit['positions']} "
+          "positions", flush=True)
     return u
 
 

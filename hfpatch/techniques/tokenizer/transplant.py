@@ -31,6 +31,7 @@ from ...errors import UnsupportedModelError
 from ...registry import Technique, param, register
 from . import omp as omp_mod
 from .alignment import Alignment, align
+from .length_bias import add_length_bias, constant_logit_direction
 from .tokenadapt import mean_of_pieces, pad_pieces, tokenadapt
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,11 @@ class TransplantParams:
     local_weight: float = param(0.7, help="tokenadapt: weight of the local estimate (1 - it for the global)",
                                 ge=0, le=1)
     seed: int = param(0, help="random: seed of the baseline's rows", ge=0)
+    length_bias: float | None = param(
+        None, help="donor-free: add length_bias * (old pieces - 1) * u to each initialised output row, u being a "
+                   "direction with h . u ~ 1 over the model's final hidden states (fitted on text the model "
+                   "samples itself, seeded), i.e. a logit offset of length_bias per extra piece; -3 measured best "
+                   "(README); None = off")
     progress: bool = param(True, help="show a progress bar while initialising rows")
 
 
@@ -175,6 +181,9 @@ class TokenizerTransplant(Technique):
         self.tokenizer = None
         self.alignment: Alignment | None = None
         self._stats: dict[str, Any] = {}
+        self._direction_fit: dict[str, float] | None = None
+        #: u of `length_bias` (None when off)
+        self.direction: torch.Tensor | None = None
 
     def stats(self) -> dict[str, Any]:
         return dict(self._stats)
@@ -212,6 +221,10 @@ class TokenizerTransplant(Technique):
         old_vocab = emb.weight.shape[0]
         if p.donor is not None and p.method != "omp":
             raise ValueError(f"donor= is used by method 'omp' only, not {p.method!r}")
+        if p.length_bias is not None and (p.donor is not None or p.method in ("zero", "random")):
+            raise ValueError("length_bias corrects rows built from the old pieces without a donor (methods mean, "
+                             f"tokenadapt, omp with donor=None), not method {p.method!r}"
+                             + (" with a donor" if p.donor is not None else ""))
         old_tok = self._base_tokenizer(model)
         if len(old_tok) > old_vocab:
             raise UnsupportedModelError(
@@ -225,10 +238,21 @@ class TokenizerTransplant(Technique):
         donor_in = donor_out = None
         if p.donor is not None:
             donor_in, donor_out = self._donor_rows(alignment.new_size)
+        direction = self.direction = self._direction_fit = None
+        if p.length_bias is not None and alignment.todo:
+            # fitted before the vocabulary changes: the model samples with its own tokenizer
+            start = old_tok.bos_token_id if old_tok.bos_token_id is not None else old_tok.eos_token_id
+            if start is None:
+                raise ValueError("length_bias samples text from the model, starting at the base tokenizer's bos or "
+                                 "eos token, and this tokenizer has neither")
+            direction, self._direction_fit = constant_logit_direction(model, start)
+            self.direction = direction
 
         with torch.no_grad():
             w_in = initial_rows(p.method, emb.weight.detach(), alignment, p, donor_rows=donor_in,
                                 progress=p.progress, what="input embeddings")
+            if direction is not None and tied:  # the tied rows are the output rows too
+                self._add_length_bias(w_in, alignment, direction)
             new_emb = _clone_with_weight(emb, torch.nn.Parameter(w_in, requires_grad=emb.weight.requires_grad))
             if tied:
                 new_head = _clone_with_weight(head, new_emb.weight)
@@ -236,6 +260,8 @@ class TokenizerTransplant(Technique):
                 donor_head = donor_out if donor_out is not None else donor_in
                 w_out = initial_rows(p.method, head.weight.detach(), alignment, p, donor_rows=donor_head,
                                      progress=p.progress, what="lm_head")
+                if direction is not None:
+                    self._add_length_bias(w_out, alignment, direction)
                 bias = None
                 if getattr(head, "bias", None) is not None:
                     b = head.bias.detach()[:, None]
@@ -263,6 +289,13 @@ class TokenizerTransplant(Technique):
             "chat_template": template,
             "seconds": round(time.perf_counter() - started, 2),
         }
+        if self._direction_fit is not None:
+            self._stats["length_bias"] = {"bias": p.length_bias, "direction_fit": self._direction_fit}
+
+    def _add_length_bias(self, rows: torch.Tensor, alignment: Alignment, direction: torch.Tensor) -> None:
+        todo = torch.tensor(alignment.todo, dtype=torch.long)
+        counts = torch.tensor([len(alignment.pieces[i]) for i in alignment.todo])
+        add_length_bias(rows, todo, counts, direction, self.params.length_bias)
 
     def _update_config(self, model, ctx, old_tok, new_tok, alignment: Alignment, old_vocab: int) -> None:
         text_sub = ctx.adapter.spec.text_sub_config
