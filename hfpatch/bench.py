@@ -301,7 +301,8 @@ def describe_machine(device: torch.device | str = "cpu") -> dict[str, Any]:
     return info
 
 
-def _machine_line(machine: dict[str, Any]) -> str:
+def machine_line(machine: dict[str, Any]) -> str:
+    """`describe_machine`'s dict as one line for reports."""
     parts = [machine["cpu"], f"{machine['usable_cores']}/{machine['cores']} cores",
              f"torch threads {machine['torch_threads']}"]
     if "gpu" in machine:
@@ -730,7 +731,7 @@ def format_report(result: dict[str, Any]) -> str:
         f"hfpatch bench: {config['model']} ({config['model_class']}, {config['dtype']}, {config['device']}), "
         f"greedy, max_new_tokens={config['max_new_tokens']}, {len(result['prompts'])} prompts, "
         f"{len(config['methods'])} methods interleaved, warm-up discarded",
-        f"machine: {_machine_line(machine)}",
+        f"machine: {machine_line(machine)}",
     ]
     if "load_average" in machine:
         end = machine.get("load_average_end")

@@ -23,7 +23,6 @@ import copy
 import json
 import math
 import os
-import platform
 import random
 import time
 from typing import Any, Callable
@@ -42,20 +41,10 @@ DEFAULTS = dict(niah_lengths=(1024, 2048), trials=5, ppl_lengths=(4096,), ppl_do
 
 
 def machine() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{name}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"transformers {_transformers_version()}")
+    """One line naming the CPU, cores, torch threads and library versions (the speculative bench's line)."""
+    from .bench import describe_machine, machine_line
 
-
-def _transformers_version() -> str:
-    import transformers
-
-    return transformers.__version__
+    return machine_line(describe_machine("cpu"))
 
 
 def load_average() -> str:
