@@ -363,6 +363,7 @@ def test_length_bias_moves_each_new_output_row_along_the_fitted_direction(toks, 
     with hfpatch.patch(plain_model, _recipe(toks, "bytelevel", "mean")):
         plain_out = plain_model.get_output_embeddings().weight.detach().clone()
         plain_in = plain_model.get_input_embeddings().weight.detach().clone()
+    original = {n: p.detach().clone() for n, p in model.state_dict().items()}
     rng_before = torch.random.get_rng_state()
     with hfpatch.patch(model, _recipe(toks, "bytelevel", "mean", length_bias=-3.0)) as handle:
         technique = handle.technique("tokenizer_transplant")
@@ -378,6 +379,10 @@ def test_length_bias_moves_each_new_output_row_along_the_fitted_direction(toks, 
             assert torch.equal(model.get_input_embeddings().weight, plain_in)
     assert torch.equal(torch.random.get_rng_state(), rng_before)  # the sampling used its own RNG
     assert fit["positions"] == 4 * 256
+    # unpatch restores every tensor and the vocabulary size; the sampling left the weights alone
+    restored = model.state_dict()
+    assert restored.keys() == original.keys() and all(torch.equal(restored[n], t) for n, t in original.items())
+    assert model.config.vocab_size == old_vocab
     start = toks["old"][1].bos_token_id
     again, _ = constant_logit_direction(_model("llama", old_vocab, tied=tied), start)
     assert torch.equal(again, u)  # seeded: the same model gives the same direction
