@@ -282,8 +282,14 @@ class SparseAttentionTechnique(Technique):
         batch, hkv, length = scores.shape
         if reduce_all_heads:
             scores = scores.sum(1, keepdim=True)
-        forced = forced_positions(valid, batch, length, self.params.sink, self.params.window, scores.device)
-        index = select_positions(scores, self.params.budget, forced, valid)
+        if valid is None:  # forced positions are two slices: cheaper than building and applying a [B, S] mask
+            scores = scores.float().clone()
+            scores[..., :self.params.sink] = float("inf")
+            scores[..., length - max(self.params.window, 1):] = float("inf")
+            index = select_positions(scores, self.params.budget)
+        else:
+            forced = forced_positions(valid, batch, length, self.params.sink, self.params.window, scores.device)
+            index = select_positions(scores, self.params.budget, forced, valid)
         return index.expand(batch, hkv, index.shape[-1]) if reduce_all_heads else index
 
     @staticmethod

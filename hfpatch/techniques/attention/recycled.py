@@ -8,6 +8,10 @@ generated since. The dynamic variant (``drift_threshold``) also triggers a full 
 query drifts from the query of its last full step: mean cosine similarity over heads below the threshold
 in any batch row. ``stride=1`` or a budget >= the context length is plain full attention.
 
+``rescore_rank`` (off by default; not in the paper) re-selects at every sparse step with the current query,
+scored cheaply in a rank-r principal basis of the keys (``lowrank_keys``, the idea of Loki): on SmolLM2-135M
+at 8k context any selection reused for even two steps cost 8% perplexity, a per-step one under 1%.
+
     >>> handle = hfpatch.patch(model, "recycled-attention", budget=512, stride=16)
 """
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from ...kernels import group_attention_scores
 from ...registry import param, register
 from .base import LayerState, SparseAttentionTechnique, budget_param, kv_cache_param, sink_param, window_param
+from .lowrank_keys import LowRankKeys
 
 
 @dataclasses.dataclass
@@ -35,6 +40,11 @@ class RecycledAttentionParams:
     drift_threshold: float | None = param(
         None, help="dynamic variant: also re-select when the cosine similarity of the query to the last full "
                    "step's query falls below this (None = fixed stride)", ge=-1.0, le=1.0)
+    rescore_rank: int = param(
+        0, help="0 = the paper (sparse steps reuse the last full step's selection); r > 0: every sparse step "
+                "re-selects its `budget` positions by the current query's scores in a rank-r principal basis of "
+                "the keys (Loki-style, reads r / head_dim of the key cache); full steps still come every `stride`",
+        ge=0)
 
 
 @register
@@ -48,6 +58,12 @@ class RecycledAttention(SparseAttentionTechnique):
     def reset_stats(self) -> None:
         super().reset_stats()
         self._stats["full_steps_by_drift"] = 0
+
+    def apply(self, model, ctx) -> None:
+        if self.params.rescore_rank and self.params.follow:
+            raise ValueError("recycled_attention: `follow` shifts the positions of the last full step's "
+                             "selection, which `rescore_rank` replaces at every step; set one of them to 0")
+        super().apply(model, ctx)
 
     def _needs_full(self, state: LayerState, query: torch.Tensor) -> bool:
         if state.index is None or state.steps_since_full + 1 >= self.params.stride:
@@ -68,8 +84,8 @@ class RecycledAttention(SparseAttentionTechnique):
             state.steps_since_full = 0
             state.full_len = length
             state.query = query.float()
-            if self.covers_all(length):
-                state.index = torch.empty(0)  # marker: everything up to full_len
+            if self.covers_all(length) or self.params.rescore_rank:
+                state.index = torch.empty(0)  # marker: everything up to full_len, or re-selected per step
                 return None
             scores = group_attention_scores(query, key, valid, scale=scale)
             state.index = self.select_top(scores, valid)
@@ -79,6 +95,8 @@ class RecycledAttention(SparseAttentionTechnique):
                 state.extra["followed"] = masked.topk(k, dim=-1).indices
             return None  # the full step itself attends to everything
         state.steps_since_full += 1
+        if self.params.rescore_rank:
+            return self._rescored(state, query, key, valid, scale)
         if state.index.numel() == 0:
             return None  # the budget covered the whole context at the last full step
         index = self.with_recent(state.index, state.full_len, length)
@@ -90,3 +108,12 @@ class RecycledAttention(SparseAttentionTechnique):
         # past the last full step, which `with_recent` covers); -1 entries are skipped
         repeated = (shifted[..., None] == state.index[..., None, :]).any(-1) | (shifted >= state.full_len)
         return torch.cat([index, shifted.masked_fill(repeated, -1)], dim=-1)
+
+    def _rescored(self, state, query, key, valid, scale):
+        """This step's own top-`budget` positions by low-rank scores (None when the budget covers the cache)."""
+        if self.covers_all(key.shape[2]):
+            return None
+        lowrank = state.extra.get("lowrank")
+        if lowrank is None:  # the basis comes from the keys cached when the sequence's first sparse step runs
+            lowrank = state.extra["lowrank"] = LowRankKeys(key, valid, self.params.rescore_rank)
+        return self.select_top(lowrank.scores(query, key, valid, scale), valid)
