@@ -32,7 +32,7 @@ import torch
 from . import assets, compat
 from . import cache as hfcache
 
-METHODS = ("recycled-attention", "tidal-decode", "quest", "sink-window")
+METHODS = ("recycled-attention", "recycled-attention-rescored", "tidal-decode", "quest", "sink-window")
 NEEDLE = "The secret passcode for the archive is {code}. Remember this passcode."
 QUESTION = "\n\nQuestion: What is the secret passcode for the archive?\nAnswer: The secret passcode for the archive is"
 #: A few minutes on a 2-core CPU with SmolLM2-135M; the README's numbers use the larger settings it lists.
