@@ -12,8 +12,8 @@ from hfpatch.kernels import select_positions
 from hfpatch.techniques.attention.base import forced_positions
 from hfpatch.techniques.attention.recycled import RecycledAttention
 
-RECIPES = {"recycled-attention": "recycled_attention", "tidal-decode": "tidal_decode", "sink-window": "sink_window",
-           "quest": "quest"}
+RECIPES = {"recycled-attention": "recycled_attention", "recycled-attention-rescored": "recycled_attention",
+           "tidal-decode": "tidal_decode", "sink-window": "sink_window", "quest": "quest"}
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
