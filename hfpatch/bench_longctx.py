@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from typing import Any, Callable
 
@@ -55,10 +56,11 @@ def load_average() -> str:
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"recipe"`` or ``"recipe:key=value,..."`` (values as JSON, else strings) -> (recipe, parameters)."""
+    """``"recipe"`` or ``"recipe:key=value,..."`` (values as JSON, else strings; a list value as ``[2,12]``) ->
+    (recipe, parameters)."""
     recipe, _, rest = spec.partition(":")
     params = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, re.split(r",(?![^\[]*\])", rest)):  # commas inside [...] belong to a list value
         key, _, value = item.partition("=")
         try:
             params[key.strip()] = json.loads(value)

@@ -36,6 +36,8 @@ def test_run_gives_every_cell_side_by_side():
     model, tok = tiny_model("llama"), char_tokenizer()
     methods = ("recycled-attention:drift_threshold=0.9,stride=8", "tidal-decode")
     assert bench_longctx.parse_method(methods[0]) == ("recycled-attention", {"drift_threshold": 0.9, "stride": 8})
+    assert bench_longctx.parse_method("tidal-decode:selection_layers=[2,12,20],budget=64") == (
+        "tidal-decode", {"selection_layers": [2, 12, 20], "budget": 64})
     result = bench_longctx.run(model, tok, methods=methods, model_name="tiny", **TINY)
     check(result, methods)
     assert result["settings"]["budgets"] == (64, 128)
