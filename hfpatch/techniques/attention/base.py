@@ -93,6 +93,19 @@ def forced_positions(valid: torch.Tensor | None, batch: int, length: int, sink: 
     return forced
 
 
+def with_forced_first(scores: torch.Tensor, valid: torch.Tensor | None, sink: int, window: int) -> torch.Tensor:
+    """A float copy of ``scores`` [B, H, S] with the ``forced_positions`` set to +inf, so a top-k keeps them."""
+    length = scores.shape[-1]
+    if valid is not None:
+        forced = forced_positions(valid, scores.shape[0], length, sink, window, scores.device)
+        return scores.float().masked_fill(forced[:, None, :], float("inf"))
+    # without padding they are two slices: cheaper than building and applying a [B, S] mask per decode step
+    out = scores.float().clone()
+    out[..., :sink] = float("inf")
+    out[..., length - max(window, 1):] = float("inf")
+    return out
+
+
 def _growable_cache_problem(model, kwargs) -> str | None:
     """Why ``generate`` should keep transformers' own cache for this call, or None."""
     if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
@@ -278,19 +291,13 @@ class SparseAttentionTechnique(Technique):
                                reduce_all_heads=reduce_all_heads)
 
     def select_top(self, scores, valid, *, reduce_all_heads: bool = False) -> torch.Tensor:
-        """`score_and_select` from scores already computed ([B, Hkv, S])."""
-        batch, hkv, length = scores.shape
+        """`score_and_select` from scores already computed ([B, H, S], one set per row of H)."""
+        batch, heads, _ = scores.shape
         if reduce_all_heads:
             scores = scores.sum(1, keepdim=True)
-        if valid is None:  # forced positions are two slices: cheaper than building and applying a [B, S] mask
-            scores = scores.float().clone()
-            scores[..., :self.params.sink] = float("inf")
-            scores[..., length - max(self.params.window, 1):] = float("inf")
-            index = select_positions(scores, self.params.budget)
-        else:
-            forced = forced_positions(valid, batch, length, self.params.sink, self.params.window, scores.device)
-            index = select_positions(scores, self.params.budget, forced, valid)
-        return index.expand(batch, hkv, index.shape[-1]) if reduce_all_heads else index
+        scores = with_forced_first(scores, valid, self.params.sink, self.params.window)
+        index = select_positions(scores, self.params.budget, valid=valid)
+        return index.expand(batch, heads, index.shape[-1]) if reduce_all_heads else index
 
     @staticmethod
     def with_recent(index: torch.Tensor, start: int, length: int) -> torch.Tensor:

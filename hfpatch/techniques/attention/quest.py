@@ -15,9 +15,8 @@ import dataclasses
 
 import torch
 
-from ...kernels import select_positions
 from ...registry import param, register
-from .base import SparseAttentionTechnique, budget_param, forced_positions, kv_cache_param, sink_param, window_param
+from .base import SparseAttentionTechnique, budget_param, kv_cache_param, sink_param, window_param
 
 
 @dataclasses.dataclass
@@ -76,6 +75,5 @@ class Quest(SparseAttentionTechnique):
         upper = torch.maximum(q * kmin[:, :, None], q * kmax[:, :, None]).sum(-1)  # [B, Hkv, G, P]
         upper = upper.sum(2)  # positions of padding-only pages are excluded by `valid` below
         scores = upper.repeat_interleave(page, dim=-1)[..., :length]
-        forced = forced_positions(valid, batch, length, self.params.sink, self.params.window, key.device)
-        return select_positions(scores, self.params.budget, forced, valid)
+        return self.select_top(scores, valid)
 

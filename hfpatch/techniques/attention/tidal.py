@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ...kernels import select_positions
 from ...registry import param, register
-from .base import SparseAttentionTechnique, budget_param, forced_positions, kv_cache_param, sink_param, window_param
+from .base import SparseAttentionTechnique, budget_param, kv_cache_param, sink_param, window_param
 
 
 @dataclasses.dataclass
@@ -77,5 +76,4 @@ class TidalDecode(SparseAttentionTechnique):
         batch, hkv, length, dim = key.shape
         q = query.reshape(batch, hkv, -1, dim).to(key.dtype)
         logits = (q @ key.transpose(-1, -2)).reshape(batch, query.shape[1], length)
-        forced = forced_positions(valid, batch, length, self.params.sink, self.params.window, key.device)
-        return select_positions(logits, self.params.budget, forced, valid)
+        return self.select_top(logits, valid)
