@@ -365,19 +365,19 @@ def test_auto_picks_triton_for_cuda_devices(monkeypatch):
     monkeypatch.delenv(K.ENV_VAR, raising=False)
     cuda = torch.device("cuda", 0)
     expected = "triton" if K.triton_available() else "torch"
-    assert dispatch._choose("x", cuda, "auto").backend == expected
+    assert dispatch._choose(_probe_op("x"), cuda, "auto").backend == expected
     monkeypatch.setattr(dispatch, "triton_available", lambda: False)
-    assert dispatch._choose("x", cuda, "auto").backend == "torch"
+    assert dispatch._choose(_probe_op("x"), cuda, "auto").backend == "torch"
     with pytest.raises(KernelUnavailableError, match="triton is not installed.*hfpatch\\[triton\\]"):
-        dispatch._choose("x", cuda, "triton")
+        dispatch._choose(_probe_op("x"), cuda, "triton")
 
 
 def test_env_var_forces_reference_globally(monkeypatch):
     monkeypatch.setenv(K.ENV_VAR, "torch")
-    assert dispatch._choose("x", torch.device("cuda"), "auto").backend == "torch"
+    assert dispatch._choose(_probe_op("x"), torch.device("cuda"), "auto").backend == "torch"
     assert _probe_op()(torch.zeros(1)) == ("torch", 1)
     monkeypatch.setenv(K.ENV_VAR, "TORCH ")  # forgiving about case and whitespace
-    assert dispatch._choose("x", torch.device("cuda"), "auto").backend == "torch"
+    assert dispatch._choose(_probe_op("x"), torch.device("cuda"), "auto").backend == "torch"
     monkeypatch.setenv(K.ENV_VAR, "fast")
     with pytest.raises(ValueError, match="HFPATCH_KERNELS='fast'"):
         _probe_op()(torch.zeros(1))

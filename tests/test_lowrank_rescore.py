@@ -7,7 +7,7 @@ import torch
 from test_sparse_attention import TOL, batch, deep_model, run
 
 import hfpatch
-from hfpatch.kernels import group_attention_scores, select_positions
+from hfpatch.kernels import group_attention_scores, select_positions, sparse_decode_attention
 from hfpatch.techniques.attention.base import LayerState
 from hfpatch.techniques.attention.lowrank_keys import LowRankKeys, principal_basis
 from hfpatch.techniques.attention.recycled import RecycledAttention
@@ -21,6 +21,14 @@ def keys_and_valid(seed=0, length=40, dim=16):
     return q, k, valid
 
 
+def lowrank_scores(lowrank, q, k, valid, scale):
+    """The selection scores of a step: softmax of the projected logits summed per KV group."""
+    b, hq, d = q.shape
+    hkv = k.shape[1]
+    projected_query = (q.reshape(b, hkv, hq // hkv, d) @ lowrank.basis).reshape(b, hq, -1)
+    return group_attention_scores(projected_query, lowrank.projected(k).transpose(-1, -2), valid, scale=scale)
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_full_rank_scores_equal_exact_scores_and_follow_a_growing_cache(padded):
     q, k, valid = keys_and_valid()
@@ -28,11 +36,11 @@ def test_full_rank_scores_equal_exact_scores_and_follow_a_growing_cache(padded):
     lowrank = LowRankKeys(k[:, :, :30], None if valid is None else valid[:, :30], rank=16)
     for length in (30, 31, 40):  # the buffer (capacity 30 + 64) is extended by the keys added since
         v = None if valid is None else valid[:, :length]
-        torch.testing.assert_close(lowrank.scores(q, k[:, :, :length], v, 0.25),
+        torch.testing.assert_close(lowrank_scores(lowrank, q, k[:, :, :length], v, 0.25),
                                    group_attention_scores(q, k[:, :, :length], v, scale=0.25), atol=1e-5, rtol=1e-5)
     long_k = torch.randn(2, 3, 200, 16)  # past the buffer's capacity: it grows, earlier projections kept
     long_k[:, :, :40] = k
-    torch.testing.assert_close(lowrank.scores(q, long_k, None, 0.25), group_attention_scores(q, long_k, scale=0.25),
+    torch.testing.assert_close(lowrank_scores(lowrank, q, long_k, None, 0.25), group_attention_scores(q, long_k, scale=0.25),
                                atol=1e-5, rtol=1e-5)
     assert lowrank.length == 200 and lowrank.buffer.shape[-1] >= 200
 
@@ -50,7 +58,7 @@ def test_basis_spans_keys_that_live_in_a_subspace_and_ignores_padding():
     assert residual.abs().max() < 1e-4
     q = torch.randn(1, 4, 16, generator=g)
     exact = group_attention_scores(q, k, valid, scale=0.25)
-    torch.testing.assert_close(LowRankKeys(k, valid, 4).scores(q, k, valid, 0.25), exact, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lowrank_scores(LowRankKeys(k, valid, 4), q, k, valid, 0.25), exact, atol=1e-5, rtol=1e-5)
 
 
 def test_each_sparse_step_selects_with_its_own_query():
@@ -59,13 +67,15 @@ def test_each_sparse_step_selects_with_its_own_query():
     technique = RecycledAttention(budget=9, sink=2, window=3, stride=8, rescore_rank=16)
     paper = RecycledAttention(budget=9, sink=2, window=3, stride=8)
     q, k, valid = keys_and_valid()
+    v = torch.randn_like(k)
     state, paper_state = LayerState(batch=2), LayerState(batch=2)
-    assert technique.decode(0, state, q, k[:, :, :39], valid[:, :39], 0.25) is None  # the full step
+    assert technique.attend(0, state, q, k[:, :, :39], v[:, :, :39], valid[:, :39], 0.25) == (None, None)  # full
     assert state.extra.get("lowrank") is None  # no selection pass at a full step when re-scoring
     paper.decode(0, paper_state, q, k[:, :, :39], valid[:, :39], 0.25)
     q2 = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(5))
-    got = technique.decode(0, state, q2, k, valid, 0.25)
+    out, got = technique.attend(0, state, q2, k, v, valid, 0.25)
     assert torch.equal(got, technique.score_and_select(q2, k, valid, 0.25))
+    torch.testing.assert_close(out, sparse_decode_attention(q2, k, v, got, valid, scale=0.25), atol=1e-5, rtol=1e-5)
     assert not torch.equal(got, paper.decode(0, paper_state, q2, k, valid, 0.25)[..., :9])
     assert state.extra["lowrank"].rank == 16
 

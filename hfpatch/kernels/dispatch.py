@@ -1,17 +1,19 @@
 """Kernel registry and backend dispatch.
 
-Every kernel is registered together with a pure-torch reference that has the same signature. The
-registered op picks, per call:
+Every kernel is registered together with a pure-torch reference that has the same signature, plus a
+Triton implementation (GPU), a compiled CPU one (``cpu_build``), or both. The registered op picks, per
+call:
 
-1. the ``backend=`` argument of the call, when it is ``"triton"`` or ``"torch"``;
-2. else the ``HFPATCH_KERNELS`` environment variable (``auto`` | ``torch`` | ``triton``), read at
-   every call so it can be flipped without re-importing;
-3. else (``auto``) Triton for CUDA tensors when triton is installed, the reference otherwise.
+1. the ``backend=`` argument of the call, when it is ``"triton"``, ``"cpu"`` or ``"torch"``;
+2. else the ``HFPATCH_KERNELS`` environment variable (``auto`` | ``torch`` | ``triton`` | ``cpu``),
+   read at every call so it can be flipped without re-importing;
+3. else (``auto``) Triton for CUDA tensors when triton is installed, the compiled CPU kernel for CPU
+   tensors when the op has one and it builds on this machine, the reference otherwise.
 
 An explicit per-call backend wins over the environment variable: code that asks for one backend by
 name (a test comparing both, a benchmark) must get it or an error, never the other one silently.
 Library code calls with the default ``backend="auto"``, so ``HFPATCH_KERNELS=torch`` turns every
-Triton kernel of hfpatch off at once.
+Triton and compiled CPU kernel of hfpatch off at once.
 
 Triton is imported only when a Triton implementation actually runs.
 """
@@ -39,19 +41,19 @@ __all__ = [
 ]
 
 ENV_VAR = "HFPATCH_KERNELS"
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "cpu", "torch")
 
 # Device types Triton can compile for. torch reports ROCm GPUs as "cuda" too.
 _TRITON_DEVICES = ("cuda",)
 
 
 class KernelUnavailableError(RuntimeError):
-    """Raised when ``backend="triton"`` is requested but the Triton kernel cannot run."""
+    """Raised when ``backend="triton"`` (or ``"cpu"``) is requested but that kernel cannot run."""
 
 
 @dataclass(frozen=True)
 class _Choice:
-    backend: str  # "triton" or "torch"
+    backend: str  # "triton", "cpu" or "torch"
     reason: str
 
 
@@ -84,7 +86,17 @@ def _triton_blocker(device: torch.device | None) -> str | None:
     return f"Triton has no backend for {device.type!r} tensors"
 
 
-def _choose(name: str, device: torch.device | None, backend: str) -> _Choice:
+def _cpu_blocker(op: "KernelOp", device: torch.device | None) -> str | None:
+    """Why the op's compiled CPU kernel cannot run on tensors of this device, or None when it can."""
+    if op.cpu is None:
+        return "this kernel has no compiled CPU implementation"
+    if device is None or device.type != "cpu":
+        return f"the compiled kernel runs on CPU tensors, not {getattr(device, 'type', 'no tensor')!r}"
+    return op.cpu.unavailable()
+
+
+def _choose(op: "KernelOp", device: torch.device | None, backend: str) -> _Choice:
+    name = op.name
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
     source = "backend argument"
@@ -93,22 +105,37 @@ def _choose(name: str, device: torch.device | None, backend: str) -> _Choice:
         source = f"{ENV_VAR} environment variable"
     if backend == "torch":
         return _Choice("torch", f"requested by the {source}")
+    where = "tensors" if device is None else f"{device.type} tensors"
     if backend == "triton":
-        blocker = _triton_blocker(device)
+        blocker = "this kernel has no Triton implementation" if op.triton is None else _triton_blocker(device)
         if blocker is not None:
-            where = "tensors" if device is None else f"{device.type} tensors"
             raise KernelUnavailableError(
                 f"{name}: backend 'triton' (from the {source}) cannot run on {where}: {blocker}. "
                 f"Use backend='auto' or 'torch' for the pure-torch reference."
             )
         return _Choice("triton", f"requested by the {source}")
+    if backend == "cpu":
+        blocker = _cpu_blocker(op, device)
+        if blocker is not None:
+            raise KernelUnavailableError(
+                f"{name}: backend 'cpu' (from the {source}) cannot run on {where}: {blocker}. "
+                f"Use backend='auto' or 'torch' for the pure-torch reference."
+            )
+        return _Choice("cpu", f"requested by the {source}")
     # auto: Triton only where it is compiled for the device. The CPU interpreter is for tests,
     # far slower than the reference, so "auto" never picks it.
-    if device is not None and device.type in _TRITON_DEVICES and triton_available():
+    if op.triton is not None and device is not None and device.type in _TRITON_DEVICES and triton_available():
         return _Choice("triton", f"auto: {device.type} tensor and triton installed")
+    if op.cpu is not None and device is not None and device.type == "cpu":
+        blocker = op.cpu.unavailable()
+        if blocker is None:
+            return _Choice("cpu", "auto: cpu tensor and the compiled CPU kernel built")
+        return _Choice("torch", f"auto: the compiled CPU kernel is unavailable ({blocker})")
     if device is None or device.type not in _TRITON_DEVICES:
         where = "no tensor" if device is None else f"{device.type} tensor"
         return _Choice("torch", f"auto: {where}")
+    if op.triton is None:
+        return _Choice("torch", "auto: no Triton implementation")
     return _Choice("torch", "auto: triton not installed")
 
 
@@ -123,8 +150,8 @@ def _same_signature(a: Callable, b: Callable) -> bool:
 class KernelOp:
     """A registered kernel: call it like its reference, plus ``backend=``.
 
-    Attributes ``reference`` and ``triton`` are the two implementations (call them directly to
-    bypass dispatch); ``name`` is the registry key.
+    Attributes ``reference``, ``triton`` and ``cpu`` are the implementations (call them directly to
+    bypass dispatch; ``triton`` or ``cpu`` may be None); ``name`` is the registry key.
 
     Example:
         >>> import torch
@@ -136,10 +163,12 @@ class KernelOp:
         'torch'
     """
 
-    def __init__(self, name: str, reference: Callable, triton: Callable, description: str = ""):
+    def __init__(self, name: str, reference: Callable, triton: Callable | None, description: str = "",
+                 cpu: Callable | None = None):
         self.name = name
         self.reference = reference
         self.triton = triton
+        self.cpu = cpu
         self.description = description or (inspect.getdoc(reference) or "").split("\n", 1)[0]
         functools.update_wrapper(self, reference)
         self.__name__ = self.__qualname__ = name
@@ -152,24 +181,24 @@ class KernelOp:
         self.__signature__ = ref_sig.replace(parameters=params)
 
     def resolve_backend(self, *args: Any, backend: str = "auto", **kwargs: Any) -> str:
-        """Which backend a call with these arguments would use: ``"triton"`` or ``"torch"``.
+        """Which backend a call with these arguments would use: ``"triton"``, ``"cpu"`` or ``"torch"``.
 
         Raises the same errors as the call itself (e.g. ``backend="triton"`` on a CPU tensor
         without the interpreter). Useful to record in stats what actually ran.
         """
         device = getattr(_first_tensor(args, kwargs), "device", None)
-        return _choose(self.name, device, backend).backend
+        return _choose(self, device, backend).backend
 
     def explain(self, *args: Any, backend: str = "auto", **kwargs: Any) -> str:
         """Like :meth:`resolve_backend`, with the reason: ``"torch (auto: cpu tensor)"``."""
         device = getattr(_first_tensor(args, kwargs), "device", None)
-        choice = _choose(self.name, device, backend)
+        choice = _choose(self, device, backend)
         return f"{choice.backend} ({choice.reason})"
 
     def __call__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> Any:
         device = getattr(_first_tensor(args, kwargs), "device", None)
-        choice = _choose(self.name, device, backend)
-        impl = self.triton if choice.backend == "triton" else self.reference
+        choice = _choose(self, device, backend)
+        impl = {"triton": self.triton, "cpu": self.cpu}.get(choice.backend) or self.reference
         return impl(*args, **kwargs)
 
     def __repr__(self) -> str:
@@ -180,13 +209,16 @@ _REGISTRY: dict[str, KernelOp] = {}
 
 
 def register_kernel(
-    name: str, *, reference: Callable, triton: Callable, description: str = "", replace: bool = False
+    name: str, *, reference: Callable, triton: Callable | None, description: str = "", replace: bool = False,
+    cpu: Callable | None = None,
 ) -> KernelOp:
-    """Register a Triton implementation beside its pure-torch reference and return the op.
+    """Register a Triton implementation (and/or a compiled CPU one) beside its pure-torch reference and
+    return the op.
 
-    Both callables must have the same signature (checked here), must not take a ``backend``
+    All callables must have the same signature (checked here), must not take a ``backend``
     parameter (the op adds it), and the Triton one must import triton itself, lazily, so that
-    importing hfpatch never imports triton.
+    importing hfpatch never imports triton. A ``cpu`` implementation is a ``cpu_build.CompiledKernel``
+    (it builds its C++ source on first use and says when it cannot).
 
     Example (how ``logprob_gather.py`` does it)::
 
@@ -200,17 +232,20 @@ def register_kernel(
         raise ValueError("kernel name must be a non-empty string")
     if "backend" in inspect.signature(reference).parameters:
         raise TypeError(f"kernel {name!r}: 'backend' is reserved for dispatch; rename the parameter")
-    if not _same_signature(reference, triton):
-        raise TypeError(
-            f"kernel {name!r}: the Triton implementation's signature {inspect.signature(triton)} "
-            f"differs from the reference's {inspect.signature(reference)}"
-        )
+    if triton is None and cpu is None:
+        raise TypeError(f"kernel {name!r}: give a Triton implementation, a compiled CPU one, or both")
+    for label, impl in (("Triton", triton), ("compiled CPU", cpu)):
+        if impl is not None and not _same_signature(reference, impl):
+            raise TypeError(
+                f"kernel {name!r}: the {label} implementation's signature {inspect.signature(impl)} "
+                f"differs from the reference's {inspect.signature(reference)}"
+            )
     if name in _REGISTRY and not replace:
         existing = _REGISTRY[name]
-        if existing.reference is reference and existing.triton is triton:
+        if existing.reference is reference and existing.triton is triton and existing.cpu is cpu:
             return existing
         raise ValueError(f"kernel {name!r} is already registered (pass replace=True to override)")
-    op = KernelOp(name, reference, triton, description)
+    op = KernelOp(name, reference, triton, description, cpu=cpu)
     _REGISTRY[name] = op
     return op
 
@@ -242,7 +277,7 @@ def list_kernels() -> list[str]:
 
 
 def resolve_backend(name: str, *args: Any, backend: str = "auto", **kwargs: Any) -> str:
-    """Which backend kernel ``name`` would use for these arguments (``"triton"``/``"torch"``).
+    """Which backend kernel ``name`` would use for these arguments (``"triton"``/``"cpu"``/``"torch"``).
 
     Example:
         >>> import torch

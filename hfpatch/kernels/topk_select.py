@@ -24,10 +24,12 @@ from .interpret import exact_float32_dots
 from .sparse_decode import _sm_count
 
 __all__ = [
+    "forced_positions",
     "group_attention_scores",
     "group_attention_scores_reference",
     "group_attention_scores_triton",
     "select_positions",
+    "with_forced_first",
 ]
 
 triton = None
@@ -273,3 +275,31 @@ def _select_on_cpu(s: torch.Tensor, k: int) -> torch.Tensor:
     top = numpy.argpartition(rows, length - k, axis=-1)[:, length - k:]
     top.sort(axis=-1)
     return torch.from_numpy(top).reshape(*s.shape[:-1], k)
+
+
+def forced_positions(valid: torch.Tensor | None, batch: int, length: int, sink: int, window: int,
+                     device: torch.device) -> torch.Tensor:
+    """``[B, S]`` bool: the first ``sink`` valid positions of each row, the last ``window`` positions and the
+    current token (position S-1)."""
+    positions = torch.arange(length, device=device)
+    forced = (positions >= length - max(window, 1)).expand(batch, length)
+    if sink > 0:
+        if valid is None:
+            forced = forced | (positions < sink)
+        else:
+            rank = valid.long().cumsum(-1)  # 1-based rank of each valid position in its row
+            forced = forced | (valid & (rank <= sink))
+    return forced
+
+
+def with_forced_first(scores: torch.Tensor, valid: torch.Tensor | None, sink: int, window: int) -> torch.Tensor:
+    """A float copy of ``scores`` [B, H, S] with the ``forced_positions`` set to +inf, so a top-k keeps them."""
+    length = scores.shape[-1]
+    if valid is not None:
+        forced = forced_positions(valid, scores.shape[0], length, sink, window, scores.device)
+        return scores.float().masked_fill(forced[:, None, :], float("inf"))
+    # without padding they are two slices: cheaper than building and applying a [B, S] mask per decode step
+    out = scores.float().clone()
+    out[..., :sink] = float("inf")
+    out[..., length - max(window, 1):] = float("inf")
+    return out

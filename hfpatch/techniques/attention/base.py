@@ -27,7 +27,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ... import arch, compat, primitives
 from ... import cache as hfcache
-from ...kernels import group_attention_scores, select_positions, sparse_decode_attention
+from ...kernels import group_attention_scores, select_positions, sparse_decode_attention, with_forced_first
 from ...registry import Technique, param
 
 #: Attention implementations whose masks and numerics the sparse path reproduces. Full steps run sdpa.
@@ -76,34 +76,6 @@ def key_validity(attention_mask: torch.Tensor | None, batch: int, length: int) -
         mask = mask > torch.finfo(mask.dtype).min / 2
     mask = mask[..., -length:].expand(batch, length)
     return None if bool(mask.all()) else mask
-
-
-def forced_positions(valid: torch.Tensor | None, batch: int, length: int, sink: int, window: int,
-                     device: torch.device) -> torch.Tensor:
-    """``[B, S]`` bool: the first ``sink`` valid positions of each row, the last ``window`` positions and the
-    current token (position S-1)."""
-    positions = torch.arange(length, device=device)
-    forced = (positions >= length - max(window, 1)).expand(batch, length)
-    if sink > 0:
-        if valid is None:
-            forced = forced | (positions < sink)
-        else:
-            rank = valid.long().cumsum(-1)  # 1-based rank of each valid position in its row
-            forced = forced | (valid & (rank <= sink))
-    return forced
-
-
-def with_forced_first(scores: torch.Tensor, valid: torch.Tensor | None, sink: int, window: int) -> torch.Tensor:
-    """A float copy of ``scores`` [B, H, S] with the ``forced_positions`` set to +inf, so a top-k keeps them."""
-    length = scores.shape[-1]
-    if valid is not None:
-        forced = forced_positions(valid, scores.shape[0], length, sink, window, scores.device)
-        return scores.float().masked_fill(forced[:, None, :], float("inf"))
-    # without padding they are two slices: cheaper than building and applying a [B, S] mask per decode step
-    out = scores.float().clone()
-    out[..., :sink] = float("inf")
-    out[..., length - max(window, 1):] = float("inf")
-    return out
 
 
 def _growable_cache_problem(model, kwargs) -> str | None:
@@ -257,9 +229,8 @@ class SparseAttentionTechnique(Technique):
         state = self._state(layer, batch, length)
         scale = dim ** -0.5 if scaling is None else scaling
         valid = key_validity(attention_mask, batch, length)
-        q = query[:, :, 0, :]
-        index = self.decode(layer, state, q, key, valid, scale)
-        if index is None or index.shape[-1] >= length:
+        out, index = self.attend(layer, state, query[:, :, 0, :], key, value, valid, scale)
+        if out is None:
             self._stats["full_layer_steps"] += 1
             if index is not None:
                 self._stats["short_context_layer_steps"] += 1
@@ -267,13 +238,23 @@ class SparseAttentionTechnique(Technique):
         self._stats["sparse_layer_steps"] += 1
         self._stats["attended_positions"] += index.shape[-1]
         self._stats["cached_positions"] += length
-        out = sparse_decode_attention(q, key, value, index, valid, scale=scale)
-        if self._stats["kernel"] is None:
-            self._stats["kernel"] = sparse_decode_attention.resolve_backend(q, key, value, index)
         return out[:, None].contiguous(), None  # [B, 1, Hq, Dv]
 
     # ---------------------------------------------------------------------------------------------
     # helpers for subclasses
+
+    def attend(self, layer: int, state: LayerState, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               valid: torch.Tensor | None, scale: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(out [B, Hq, Dv], index)`` of a sparse decode step, or ``(None, index-or-None)`` for full attention.
+
+        The default attends with ``sparse_decode_attention`` to the positions ``decode`` chose; a technique
+        that selects and attends in one fused kernel overrides this instead of ``decode``."""
+        index = self.decode(layer, state, query, key, valid, scale)
+        if index is None or index.shape[-1] >= key.shape[2]:
+            return None, index
+        if self._stats["kernel"] is None:
+            self._stats["kernel"] = sparse_decode_attention.resolve_backend(query, key, value, index)
+        return sparse_decode_attention(query, key, value, index, valid, scale=scale), index
 
     def decode(self, layer: int, state: LayerState, query: torch.Tensor, key: torch.Tensor,
                valid: torch.Tensor | None, scale: float) -> torch.Tensor | None:  # pragma: no cover - abstract

@@ -8,13 +8,12 @@ attended positions with the *current* query at every decode step.
 Here the basis comes from the sequence itself: the uncentred principal directions of the keys cached
 when a layer starts decoding a sequence (the prompt's keys, padding excluded, one basis per batch row
 and KV head). The projected keys are kept in a buffer laid out ``[B, Hkv, rank, capacity]`` (a query
-times it is one plain matrix product) and extended by the keys added since the previous step.
+times it is one plain matrix product) and extended by the keys added since the previous step; the
+scoring, selection and attention of a step are one kernel, ``kernels.lowrank_sparse_decode``.
 """
 from __future__ import annotations
 
 import torch
-
-from ...kernels import group_attention_scores
 
 
 def principal_basis(key: torch.Tensor, valid: torch.Tensor | None, rank: int) -> torch.Tensor:
@@ -29,11 +28,9 @@ def principal_basis(key: torch.Tensor, valid: torch.Tensor | None, rank: int) ->
 
 
 class LowRankKeys:
-    """The projected key cache of one layer for one sequence.
-
-    ``scores(query, key, valid, scale)`` returns ``[B, Hkv, S]`` like ``group_attention_scores`` (which
-    computes it): the softmax probabilities of the approximate logits, summed over each KV group's query
-    heads.
+    """The projected key cache of one layer for one sequence: ``basis`` [B, Hkv, D, rank] and, from
+    ``projected(key)``, the cached keys in that basis as a ``[B, Hkv, rank, S]`` view (the layout
+    ``lowrank_sparse_decode`` scores from), extended by the keys added since the previous call.
     """
 
     def __init__(self, key: torch.Tensor, valid: torch.Tensor | None, rank: int):
@@ -43,7 +40,7 @@ class LowRankKeys:
         self.buffer = key.new_empty(batch, hkv, self.rank, length + max(length // 2, 64))
         self.length = 0
 
-    def _extend(self, key: torch.Tensor) -> None:
+    def projected(self, key: torch.Tensor) -> torch.Tensor:
         length = key.shape[2]
         if length > self.buffer.shape[-1]:
             grown = self.buffer.new_empty(*self.buffer.shape[:3], length + length // 2)
@@ -53,12 +50,4 @@ class LowRankKeys:
             new = key[:, :, self.length:length]  # [B, Hkv, n, D]
             self.buffer[..., self.length:length] = (new @ self.basis).transpose(-1, -2)
             self.length = length
-
-    def scores(self, query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor | None, scale: float) -> torch.Tensor:
-        self._extend(key)
-        batch, hq, dim = query.shape
-        hkv = key.shape[1]
-        projected_query = (query.to(self.basis.dtype).reshape(batch, hkv, hq // hkv, dim) @ self.basis)
-        projected_keys = self.buffer[..., :key.shape[2]].transpose(-1, -2)  # [B, Hkv, S, rank] view
-        return group_attention_scores(projected_query.reshape(batch, hq, self.rank), projected_keys, valid,
-                                      scale=scale)
+        return self.buffer[..., :length]

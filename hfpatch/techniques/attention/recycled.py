@@ -21,7 +21,7 @@ import dataclasses
 
 import torch
 
-from ...kernels import group_attention_scores
+from ...kernels import group_attention_scores, lowrank_sparse_decode
 from ...registry import param, register
 from .base import LayerState, SparseAttentionTechnique, budget_param, kv_cache_param, sink_param, window_param
 from .lowrank_keys import LowRankKeys
@@ -77,16 +77,38 @@ class RecycledAttention(SparseAttentionTechnique):
                 return True
         return False
 
+    def _start_full_step(self, state: LayerState, query: torch.Tensor, length: int) -> None:
+        state.steps_since_full = 0
+        state.full_len = length
+        state.query = query.float()
+        state.index = torch.empty(0)  # marker: everything up to full_len (or, rescored, re-selected per step)
+
+    def attend(self, layer, state, query, key, value, valid, scale):
+        if not self.params.rescore_rank:
+            return super().attend(layer, state, query, key, value, valid, scale)
+        length = key.shape[2]
+        if self.params.stride == 1 or self._needs_full(state, query):
+            self._start_full_step(state, query, length)
+            return None, None
+        state.steps_since_full += 1
+        if self.covers_all(length):
+            return None, None
+        lowrank = state.extra.get("lowrank")
+        if lowrank is None:  # the basis comes from the keys cached when the sequence's first sparse step runs
+            lowrank = state.extra["lowrank"] = LowRankKeys(key, valid, self.params.rescore_rank)
+        args = (query, lowrank.basis, lowrank.projected(key), key, value, valid)
+        options = dict(budget=self.params.budget, scale=scale, sink=self.params.sink, window=self.params.window)
+        if self._stats["kernel"] is None:
+            self._stats["kernel"] = lowrank_sparse_decode.resolve_backend(*args, **options)
+        return lowrank_sparse_decode(*args, **options)
+
     def decode(self, layer, state, query, key, valid, scale):
         length = key.shape[2]
         if self.params.stride == 1:
             return None
         if self._needs_full(state, query):
-            state.steps_since_full = 0
-            state.full_len = length
-            state.query = query.float()
-            if self.covers_all(length) or self.params.rescore_rank:
-                state.index = torch.empty(0)  # marker: everything up to full_len, or re-selected per step
+            self._start_full_step(state, query, length)
+            if self.covers_all(length):
                 return None
             scores = group_attention_scores(query, key, valid, scale=scale)
             state.index = self.select_top(scores, valid)
@@ -96,8 +118,6 @@ class RecycledAttention(SparseAttentionTechnique):
                 state.extra["followed"] = masked.topk(k, dim=-1).indices
             return None  # the full step itself attends to everything
         state.steps_since_full += 1
-        if self.params.rescore_rank:
-            return self._rescored(state, query, key, valid, scale)
         if state.index.numel() == 0:
             return None  # the budget covered the whole context at the last full step
         index = self.with_recent(state.index, state.full_len, length)
@@ -109,12 +129,3 @@ class RecycledAttention(SparseAttentionTechnique):
         # past the last full step, which `with_recent` covers); -1 entries are skipped
         repeated = (shifted[..., None] == state.index[..., None, :]).any(-1) | (shifted >= state.full_len)
         return torch.cat([index, shifted.masked_fill(repeated, -1)], dim=-1)
-
-    def _rescored(self, state, query, key, valid, scale):
-        """This step's own top-`budget` positions by low-rank scores (None when the budget covers the cache)."""
-        if self.covers_all(key.shape[2]):
-            return None
-        lowrank = state.extra.get("lowrank")
-        if lowrank is None:  # the basis comes from the keys cached when the sequence's first sparse step runs
-            lowrank = state.extra["lowrank"] = LowRankKeys(key, valid, self.params.rescore_rank)
-        return self.select_top(lowrank.scores(query, key, valid, scale), valid)

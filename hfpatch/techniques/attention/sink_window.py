@@ -9,9 +9,9 @@ import dataclasses
 
 import torch
 
-from ...kernels import select_positions
+from ...kernels import forced_positions, select_positions
 from ...registry import param, register
-from .base import SparseAttentionTechnique, budget_param, forced_positions, kv_cache_param, sink_param
+from .base import SparseAttentionTechnique, budget_param, kv_cache_param, sink_param
 
 
 @dataclasses.dataclass

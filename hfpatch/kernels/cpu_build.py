@@ -1,0 +1,129 @@
+"""Compiled CPU kernels: C++ sources in ``csrc/``, built on first use with torch's extension builder.
+
+A few decode-time hot paths are dozens of small torch ops per layer and step; on a CPU their dispatch
+and their separate passes over memory cost more than the arithmetic, so they have a fused C++ version
+beside the pure-torch reference (the GPU gets Triton). A source is compiled once per machine, source
+and torch version (``-O3 -march=native``, OpenMP) into torch's extension directory
+(``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) under ``hfpatch/``; later processes
+load the built library in milliseconds. Building needs a C++ compiler and ninja (``pip install ninja``);
+when either is missing or the build fails, the kernel reports why (``unavailable()``), dispatch runs the
+reference instead, and one warning says so.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["CompiledKernel", "SOURCE_DIR", "build_directory", "load"]
+
+logger = logging.getLogger(__name__)
+
+SOURCE_DIR = Path(__file__).parent / "csrc"
+_CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")
+_LDFLAGS = ("-fopenmp",)
+_lock = threading.Lock()
+_failures: dict[str, str] = {}
+
+
+def _machine_tag() -> str:
+    """Identifies what ``-march=native`` compiled for, so a shared cache never serves another CPU's build."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "model name")):
+                    flags += line
+                if line.startswith("flags"):
+                    break
+    except OSError:
+        flags = platform.processor()
+    return flags
+
+
+def _extension_name(source: str) -> str:
+    digest = hashlib.sha256()
+    for part in ((SOURCE_DIR / source).read_bytes(), torch.__version__.encode(), " ".join(_CFLAGS).encode(),
+                 _machine_tag().encode()):
+        digest.update(part)
+    return f"hfpatch_{Path(source).stem}_{digest.hexdigest()[:12]}"
+
+
+def build_directory(source: str) -> Path:
+    """Where the library built from ``csrc/<source>`` lives on this machine."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
+    return Path(root).expanduser() / "hfpatch" / _extension_name(source)
+
+
+@functools.lru_cache(maxsize=None)
+def _load(source: str) -> ModuleType:
+    from torch.utils import cpp_extension
+
+    name = _extension_name(source)
+    directory = build_directory(source)
+    if not (directory / f"{name}.so").exists():
+        logger.warning("hfpatch: compiling the CPU kernel %s once for this machine (about 20 s; cached in %s)",
+                       source, directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(name=name, sources=[str(SOURCE_DIR / source)], extra_cflags=list(_CFLAGS),
+                              extra_ldflags=list(_LDFLAGS), build_directory=str(directory), verbose=False)
+
+
+def load(source: str) -> ModuleType | None:
+    """The extension module built from ``csrc/<source>``, or None when it cannot be built here (the
+    reason: ``CompiledKernel.unavailable``). Builds at most once per process; thread-safe."""
+    with _lock:
+        if source in _failures:
+            return None
+        try:
+            return _load(source)
+        except Exception as error:  # noqa: BLE001 - no compiler, no ninja, a compile error: all mean "use torch"
+            reason = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
+            _failures[source] = reason
+            logger.warning("hfpatch: the CPU kernel %s could not be built (%s); using the pure-torch reference",
+                           source, reason)
+            return None
+
+
+class CompiledKernel:
+    """A compiled CPU implementation for ``register_kernel(..., cpu=...)``.
+
+    ``function`` has the reference's signature and calls ``load(source)``'s entry point; dispatch asks
+    ``unavailable()`` (which builds the source on first use) before choosing it.
+
+    Example (how ``lowrank_decode.py`` does it)::
+
+        def my_op_cpu(x, *, scale=1.0):
+            return load("my_op.cpp").my_op(x, scale)
+        my_op = register_kernel("my_op", reference=my_op_reference, triton=None,
+                                cpu=CompiledKernel("my_op.cpp", my_op_cpu))
+    """
+
+    def __init__(self, source: str, function: Callable[..., Any]):
+        if not (SOURCE_DIR / source).is_file():
+            raise FileNotFoundError(f"no C++ source {source!r} in {SOURCE_DIR}")
+        self.source = source
+        self.function = function
+        self.__signature__ = inspect.signature(function)
+        functools.update_wrapper(self, function)
+
+    def unavailable(self) -> str | None:
+        """None when the kernel is built (building it now if needed), else why it cannot run here."""
+        if load(self.source) is not None:
+            return None
+        return f"its C++ source {self.source} did not build: {_failures.get(self.source, 'unknown error')}"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.function(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<hfpatch compiled CPU kernel {self.source}>"

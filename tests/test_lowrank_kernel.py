@@ -1,0 +1,137 @@
+"""`lowrank_sparse_decode`: the fused CPU kernel against its torch reference, and the compiled-kernel dispatch."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hfpatch.kernels import (
+    CompiledKernel,
+    KernelUnavailableError,
+    cpu_build,
+    dispatch,
+    lowrank_sparse_decode,
+    lowrank_sparse_decode_reference,
+    register_kernel,
+    sparse_decode_attention,
+)
+
+needs_compiled = pytest.mark.skipif(lowrank_sparse_decode.cpu.unavailable() is not None,
+                                    reason=f"CPU kernel not built: {lowrank_sparse_decode.cpu.unavailable()}")
+
+
+def inputs(b, hq, hkv, d, s, rank, *, pad=(), capacity=0, seed=0, dv=None):
+    """A step over a cache that may be a view of a longer buffer (like hfpatch's in-place cache), with the
+    projected keys a view of a longer buffer too, and left padding of `pad[i]` positions in row i."""
+    g = torch.Generator().manual_seed(seed)
+    dv = dv or d
+    key = torch.randn(b, hkv, s + capacity, d, generator=g)[:, :, :s]
+    value = torch.randn(b, hkv, s + capacity, dv, generator=g)[:, :, :s]
+    query = torch.randn(b, hq, d, generator=g)
+    basis = torch.linalg.qr(torch.randn(b, hkv, d, rank, generator=g)).Q
+    buffer = torch.empty(b, hkv, rank, s + capacity)
+    buffer[..., :s] = (key @ basis).transpose(-1, -2)
+    valid = None
+    if pad:
+        valid = torch.ones(b, s, dtype=torch.bool)
+        for row, n in enumerate(pad):
+            valid[row, :n] = False
+    return query, basis, buffer[..., :s], key, value, valid
+
+
+CASES = {  # (b, hq, hkv, d, s, rank, budget, sink, window, pad, capacity)
+    "smollm2-like": (1, 9, 3, 64, 700, 16, 64, 4, 32, (), 40),
+    "no-gqa": (2, 4, 4, 16, 77, 5, 10, 0, 1, (), 0),
+    "padded": (2, 8, 2, 32, 129, 8, 20, 2, 3, (0, 17), 7),
+    "fewer-valid-than-budget": (2, 6, 3, 16, 40, 4, 30, 1, 2, (0, 25), 0),
+    "budget-covers-all": (1, 4, 2, 16, 33, 4, 50, 4, 8, (), 0),
+    "window-zero-keeps-current": (1, 2, 1, 8, 9, 8, 3, 0, 0, (), 0),
+    "length-one": (1, 2, 1, 8, 1, 2, 4, 0, 1, (), 0),
+}
+
+
+@needs_compiled
+@pytest.mark.parametrize("case", list(CASES))
+def test_cpu_kernel_equals_reference(case):
+    b, hq, hkv, d, s, rank, budget, sink, window, pad, capacity = CASES[case]
+    args = inputs(b, hq, hkv, d, s, rank, pad=pad, capacity=capacity)
+    options = dict(budget=budget, scale=0.3, sink=sink, window=window)
+    out, index = lowrank_sparse_decode(*args, **options, backend="cpu")
+    ref_out, ref_index = lowrank_sparse_decode_reference(*args, **options)
+    assert index.dtype == torch.int64 and index.shape == ref_index.shape == (b, hkv, min(budget, s))
+    assert torch.equal(index, ref_index)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
+
+
+@needs_compiled
+def test_cpu_kernel_selection_semantics():
+    """Sinks and window are always in, padding never, and the rest are the best approximate scores."""
+    query, basis, projected, key, value, valid = inputs(2, 6, 3, 16, 60, 16, pad=(0, 9), seed=3)
+    out, index = lowrank_sparse_decode(query, basis, projected, key, value, valid, budget=12, sink=2, window=3,
+                                       backend="cpu")
+    for row, first in ((0, 0), (1, 9)):
+        for head in range(3):
+            chosen = index[row, head].tolist()
+            assert chosen == sorted(chosen) and -1 not in chosen
+            assert {first, first + 1, 57, 58, 59} <= set(chosen) and min(chosen) >= first
+    # attending to the returned set with the exact kernel gives the returned output
+    torch.testing.assert_close(out, sparse_decode_attention(query, key, value, index, valid), atol=2e-5, rtol=2e-5)
+
+
+def test_other_dtypes_and_strides_fall_back_to_the_reference():
+    *tensors, valid = inputs(1, 4, 2, 16, 30, 4, pad=(3,))
+    args = [t.to(torch.bfloat16) for t in tensors] + [valid]
+    out, index = lowrank_sparse_decode.cpu(*args, budget=8, sink=1, window=2)
+    ref_out, ref_index = lowrank_sparse_decode_reference(*args, budget=8, sink=1, window=2)
+    assert out.dtype == torch.bfloat16 and torch.equal(index, ref_index) and torch.equal(out, ref_out)
+
+
+def test_shape_errors_name_the_problem():
+    query, basis, projected, key, value, valid = inputs(1, 4, 2, 16, 30, 4)
+    with pytest.raises(ValueError, match="projected"):
+        lowrank_sparse_decode(query, basis, projected[..., :20], key, value, budget=8)
+    with pytest.raises(ValueError, match="valid must be"):
+        lowrank_sparse_decode(query, basis, projected, key, value, torch.ones(1, 29, dtype=torch.bool), budget=8)
+
+
+def test_dispatch_picks_the_compiled_kernel_and_honours_overrides(monkeypatch):
+    monkeypatch.delenv("HFPATCH_KERNELS", raising=False)
+    args = inputs(1, 4, 2, 16, 30, 4)
+    built = lowrank_sparse_decode.cpu.unavailable() is None
+    assert lowrank_sparse_decode.resolve_backend(*args, budget=8) == ("cpu" if built else "torch")
+    assert lowrank_sparse_decode.resolve_backend(*args, budget=8, backend="torch") == "torch"
+    monkeypatch.setenv("HFPATCH_KERNELS", "torch")
+    assert lowrank_sparse_decode.resolve_backend(*args, budget=8) == "torch"
+    with pytest.raises(KernelUnavailableError, match="no Triton implementation"):
+        lowrank_sparse_decode(*args, budget=8, backend="triton")
+    # an op without a compiled kernel refuses backend="cpu" by name
+    with pytest.raises(KernelUnavailableError, match="no compiled CPU implementation"):
+        sparse_decode_attention(args[0], args[3], args[4], torch.zeros(1, 2, 3, dtype=torch.long), backend="cpu")
+    with pytest.raises(TypeError, match="Triton implementation, a compiled CPU one, or both"):
+        register_kernel("test_neither", reference=lambda x: x, triton=None)
+
+
+def test_a_kernel_that_does_not_build_falls_back_with_the_reason(tmp_path, monkeypatch, caplog):
+    """No compiler, no ninja or a compile error: `auto` runs the reference, `cpu` raises with the reason."""
+    (tmp_path / "broken.cpp").write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_build, "SOURCE_DIR", tmp_path)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
+    monkeypatch.delenv("HFPATCH_KERNELS", raising=False)
+    monkeypatch.setattr(cpu_build, "_failures", {})
+
+    def ref(x, *, k=1):
+        return "reference"
+
+    def compiled(x, *, k=1):
+        return cpu_build.load("broken.cpp").broken(x, k)
+
+    op = register_kernel("test_broken", reference=ref, triton=None, cpu=CompiledKernel("broken.cpp", compiled))
+    try:
+        assert op(torch.zeros(1)) == "reference"
+        assert "compiled CPU kernel is unavailable" in op.explain(torch.zeros(1))
+        with pytest.raises(KernelUnavailableError, match="broken.cpp did not build"):
+            op(torch.zeros(1), backend="cpu")
+        assert any("could not be built" in r.message for r in caplog.records)
+    finally:
+        dispatch._REGISTRY.pop("test_broken", None)
+    with pytest.raises(FileNotFoundError, match="no C\\+\\+ source 'missing.cpp'"):
+        CompiledKernel("missing.cpp", compiled)
