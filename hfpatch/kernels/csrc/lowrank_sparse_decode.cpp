@@ -4,7 +4,7 @@
 // same step written as ~30 small torch ops costs more in dispatch and in passes over memory than in
 // arithmetic.
 //
-// Work is split over (batch row, KV head). For each:
+// Step 1 is split over (batch row, KV head, chunk of positions), the rest over (batch row, KV head):
 //   1. the group's queries go into the basis (scaled) and score every cached position from the projected
 //      key cache, blocked along positions so a block of projected keys is read from memory once;
 //   2. softmax per query head, summed over the group = the selection score of a position;
@@ -92,19 +92,23 @@ std::tuple<torch::Tensor, torch::Tensor> lowrank_sparse_decode(
   int64_t* ix_all = index.data_ptr<int64_t>();
   const float fscale = static_cast<float>(scale);
 
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> pq(G * R), logits(G * S), score(S), probs(G * std::max<int64_t>(K, 1));
-    std::vector<uint32_t> keys(S), scratch(S);
-    std::vector<int64_t> sel(std::max<int64_t>(K, 1));
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / Hkv, h = bh % Hkv;
-      const bool* valid_row = valid_all ? valid_all + b * S : nullptr;
-      const float* q = q_all + (b * Hq + h * G) * D;  // the group's G queries, [G, D]
+  // 1. scaled projected queries and approximate logits, the memory-bound part: split along positions as
+  //    well, so that every thread streams an equal share of the projected keys (a few KV heads alone would
+  //    leave threads idle, e.g. 3 heads on 2 threads)
+  auto logits_all = torch::empty({B * Hkv, G, S}, query.options());
+  float* l_all = logits_all.data_ptr<float>();
+  const int64_t heads = B * Hkv;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((2 * at::get_num_threads() + heads - 1) / heads,
+                                                                 (S + kBlock - 1) / kBlock));
+  const int64_t chunk_len = (S + chunks - 1) / chunks;
+  at::parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> pq(G * R);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / chunks, b = bh / Hkv, h = bh % Hkv;
+      const int64_t first = (task % chunks) * chunk_len, last = std::min(S, first + chunk_len);
+      const float* q = q_all + (b * Hq + h * G) * D;
       const float* w = w_all + bh * D * R;
       const float* p = p_all + b * projected.stride(0) + h * projected.stride(1);
-      const int64_t p_rank_stride = projected.stride(2);
-
-      // 1. scaled projected queries and approximate logits
       for (int64_t g = 0; g < G; ++g) {
         float* pqg = pq.data() + g * R;
         std::fill(pqg, pqg + R, 0.f);
@@ -112,22 +116,35 @@ std::tuple<torch::Tensor, torch::Tensor> lowrank_sparse_decode(
           for (int64_t r = 0; r < R; ++r) pqg[r] += q[g * D + d] * w[d * R + r];
         for (int64_t r = 0; r < R; ++r) pqg[r] *= fscale;
       }
-      for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
-        const int64_t s1 = std::min(S, s0 + kBlock);
+      for (int64_t s0 = first; s0 < last; s0 += kBlock) {  // a block of projected keys is read once
+        const int64_t s1 = std::min(last, s0 + kBlock);
         for (int64_t g = 0; g < G; ++g) {
-          float* row = logits.data() + g * S;
+          float* row = l_all + (bh * G + g) * S;
           std::fill(row + s0, row + s1, 0.f);
           for (int64_t r = 0; r < R; ++r) {
             const float c = pq[g * R + r];
-            const float* pr = p + r * p_rank_stride;
+            const float* pr = p + r * projected.stride(2);
             for (int64_t s = s0; s < s1; ++s) row[s] += c * pr[s];
           }
         }
       }
+    }
+  });
+
+  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> score(S), probs(G * std::max<int64_t>(K, 1));
+    std::vector<uint32_t> keys(S), scratch(S);
+    std::vector<int64_t> sel(std::max<int64_t>(K, 1));
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / Hkv, h = bh % Hkv;
+      const bool* valid_row = valid_all ? valid_all + b * S : nullptr;
+      const float* q = q_all + (b * Hq + h * G) * D;  // the group's G queries, [G, D]
+      float* logits = l_all + bh * G * S;
+
       // 2. softmax per query head (padding excluded), summed over the group
       std::fill(score.begin(), score.end(), 0.f);
       for (int64_t g = 0; g < G; ++g) {
-        float* row = logits.data() + g * S;
+        float* row = logits + g * S;
         float top = -3.0e38f;
         for (int64_t s = 0; s < S; ++s)
           if (!valid_row || valid_row[s]) top = std::max(top, row[s]);
