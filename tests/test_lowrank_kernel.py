@@ -19,9 +19,10 @@ needs_compiled = pytest.mark.skipif(lowrank_sparse_decode.cpu.unavailable() is n
                                     reason=f"CPU kernel not built: {lowrank_sparse_decode.cpu.unavailable()}")
 
 
-def inputs(b, hq, hkv, d, s, rank, *, pad=(), capacity=0, seed=0, dv=None):
+def inputs(b, hq, hkv, d, s, rank, *, pad=(), capacity=0, seed=0, dv=None, fresh=0):
     """A step over a cache that may be a view of a longer buffer (like hfpatch's in-place cache), with the
-    projected keys a view of a longer buffer too, and left padding of `pad[i]` positions in row i."""
+    projected keys a view of a longer buffer too (its last `fresh` positions not projected yet: NaN), and
+    left padding of `pad[i]` positions in row i."""
     g = torch.Generator().manual_seed(seed)
     dv = dv or d
     key = torch.randn(b, hkv, s + capacity, d, generator=g)[:, :, :s]
@@ -30,6 +31,7 @@ def inputs(b, hq, hkv, d, s, rank, *, pad=(), capacity=0, seed=0, dv=None):
     basis = torch.linalg.qr(torch.randn(b, hkv, d, rank, generator=g)).Q
     buffer = torch.empty(b, hkv, rank, s + capacity)
     buffer[..., :s] = (key @ basis).transpose(-1, -2)
+    buffer[..., s - fresh:s] = float("nan")
     valid = None
     if pad:
         valid = torch.ones(b, s, dtype=torch.bool)
@@ -38,25 +40,29 @@ def inputs(b, hq, hkv, d, s, rank, *, pad=(), capacity=0, seed=0, dv=None):
     return query, basis, buffer[..., :s], key, value, valid
 
 
-CASES = {  # (b, hq, hkv, d, s, rank, budget, sink, window, pad, capacity)
-    "smollm2-like": (1, 9, 3, 64, 700, 16, 64, 4, 32, (), 40),
-    "no-gqa": (2, 4, 4, 16, 77, 5, 10, 0, 1, (), 0),
-    "padded": (2, 8, 2, 32, 129, 8, 20, 2, 3, (0, 17), 7),
-    "fewer-valid-than-budget": (2, 6, 3, 16, 40, 4, 30, 1, 2, (0, 25), 0),
-    "budget-covers-all": (1, 4, 2, 16, 33, 4, 50, 4, 8, (), 0),
-    "window-zero-keeps-current": (1, 2, 1, 8, 9, 8, 3, 0, 0, (), 0),
-    "length-one": (1, 2, 1, 8, 1, 2, 4, 0, 1, (), 0),
+CASES = {  # (b, hq, hkv, d, s, rank, budget, sink, window, pad, capacity, fresh)
+    "smollm2-like": (1, 9, 3, 64, 700, 16, 64, 4, 32, (), 40, 1),
+    "no-gqa": (2, 4, 4, 16, 77, 5, 10, 0, 1, (), 0, 0),
+    "padded": (2, 8, 2, 32, 129, 8, 20, 2, 3, (0, 17), 7, 3),
+    "fewer-valid-than-budget": (2, 6, 3, 16, 40, 4, 30, 1, 2, (0, 25), 0, 1),
+    "budget-covers-all": (1, 4, 2, 16, 33, 4, 50, 4, 8, (), 0, 33),
+    "window-zero-keeps-current": (1, 2, 1, 8, 9, 8, 3, 0, 0, (), 0, 1),
+    "length-one": (1, 2, 1, 8, 1, 2, 4, 0, 1, (), 0, 0),
 }
 
 
 @needs_compiled
 @pytest.mark.parametrize("case", list(CASES))
 def test_cpu_kernel_equals_reference(case):
-    b, hq, hkv, d, s, rank, budget, sink, window, pad, capacity = CASES[case]
-    args = inputs(b, hq, hkv, d, s, rank, pad=pad, capacity=capacity)
-    options = dict(budget=budget, scale=0.3, sink=sink, window=window)
+    b, hq, hkv, d, s, rank, budget, sink, window, pad, capacity, fresh = CASES[case]
+    args = inputs(b, hq, hkv, d, s, rank, pad=pad, capacity=capacity, fresh=fresh)
+    ref_args = inputs(b, hq, hkv, d, s, rank, pad=pad, capacity=capacity, fresh=fresh)
+    options = dict(budget=budget, scale=0.3, sink=sink, window=window, fresh=fresh)
     out, index = lowrank_sparse_decode(*args, **options, backend="cpu")
-    ref_out, ref_index = lowrank_sparse_decode_reference(*args, **options)
+    ref_out, ref_index = lowrank_sparse_decode_reference(*ref_args, **options)
+    # both wrote the fresh positions' projections into the buffer
+    torch.testing.assert_close(args[2], ref_args[2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(args[2], (args[3] @ args[1]).transpose(-1, -2), atol=1e-5, rtol=1e-5)
     assert index.dtype == torch.int64 and index.shape == ref_index.shape == (b, hkv, min(budget, s))
     assert torch.equal(index, ref_index)
     torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
@@ -91,6 +97,8 @@ def test_shape_errors_name_the_problem():
         lowrank_sparse_decode(query, basis, projected[..., :20], key, value, budget=8)
     with pytest.raises(ValueError, match="valid must be"):
         lowrank_sparse_decode(query, basis, projected, key, value, torch.ones(1, 29, dtype=torch.bool), budget=8)
+    with pytest.raises(ValueError, match="fresh=31"):
+        lowrank_sparse_decode(query, basis, projected, key, value, budget=8, fresh=31)
 
 
 def test_dispatch_picks_the_compiled_kernel_and_honours_overrides(monkeypatch):

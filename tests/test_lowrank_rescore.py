@@ -26,7 +26,10 @@ def lowrank_scores(lowrank, q, k, valid, scale):
     b, hq, d = q.shape
     hkv = k.shape[1]
     projected_query = (q.reshape(b, hkv, hq // hkv, d) @ lowrank.basis).reshape(b, hq, -1)
-    return group_attention_scores(projected_query, lowrank.projected(k).transpose(-1, -2), valid, scale=scale)
+    projected, fresh = lowrank.projected(k)
+    if fresh:  # what the kernel does first: project the keys added since the last call
+        projected[..., -fresh:] = (k[:, :, -fresh:] @ lowrank.basis).transpose(-1, -2)
+    return group_attention_scores(projected_query, projected.transpose(-1, -2), valid, scale=scale)
 
 
 @pytest.mark.parametrize("padded", [False, True])

@@ -24,7 +24,7 @@ from .topk_select import group_attention_scores, select_positions, with_forced_f
 __all__ = ["lowrank_sparse_decode", "lowrank_sparse_decode_reference"]
 
 
-def _check(query, basis, projected, key, value, valid):
+def _check(query, basis, projected, key, value, valid, fresh):
     if query.dim() != 3 or key.dim() != 4 or value.dim() != 4 or basis.dim() != 4 or projected.dim() != 4:
         raise ValueError(
             "lowrank_sparse_decode: expected query [B, Hq, D], basis [B, Hkv, D, r], projected [B, Hkv, r, S], "
@@ -42,6 +42,8 @@ def _check(query, basis, projected, key, value, valid):
                          f"[B, Hkv, r, S] = {(b, hkv, rank, s)}; got {tuple(basis.shape)}, {tuple(projected.shape)}")
     if valid is not None and tuple(valid.shape) != (b, s):
         raise ValueError(f"lowrank_sparse_decode: valid must be [B, S] = {(b, s)}, got {tuple(valid.shape)}")
+    if not 0 <= fresh <= s:
+        raise ValueError(f"lowrank_sparse_decode: fresh={fresh} must be between 0 and S={s}")
 
 
 def lowrank_sparse_decode_reference(
@@ -56,6 +58,7 @@ def lowrank_sparse_decode_reference(
     scale: float | None = None,
     sink: int = 0,
     window: int = 1,
+    fresh: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Low-rank re-selection + exact sparse attention for one decode step.
 
@@ -63,7 +66,9 @@ def lowrank_sparse_decode_reference(
     transposed; any strides); ``key``/``value`` [B, Hkv, S, D|Dv] (the cache, any strides); ``valid``
     optional [B, S] bool (False = padding: never selected, never attended). ``scale`` defaults to
     ``D ** -0.5`` and scales both the approximate and the exact logits. ``window`` counts the current
-    token (at least 1 is kept).
+    token (at least 1 is kept). ``fresh``: the last ``fresh`` positions of ``projected`` are first written
+    in place from ``key @ basis`` (the keys added since the previous step; the buffer's owner projects
+    the rest once).
 
     Returns ``(out [B, Hq, Dv] in query.dtype, index [B, Hkv, min(budget, S)] int64)``: the positions
     attended, ascending, then -1 for slots left when a row has fewer valid positions than the budget.
@@ -79,10 +84,12 @@ def lowrank_sparse_decode_reference(
         >>> out.shape, index.shape, index[0, 0, 0].item(), index[0, 0, -1].item()
         (torch.Size([1, 4, 8]), torch.Size([1, 2, 6]), 0, 19)
     """
-    _check(query, basis, projected, key, value, valid)
+    _check(query, basis, projected, key, value, valid, fresh)
     b, hq, d = query.shape
     hkv, length = key.shape[1], key.shape[2]
     rank = basis.shape[-1]
+    if fresh:
+        projected[..., length - fresh:] = (key[:, :, length - fresh:].to(basis.dtype) @ basis).transpose(-1, -2)
     scale = d ** -0.5 if scale is None else scale
     projected_query = (query.to(basis.dtype).reshape(b, hkv, hq // hkv, d) @ basis).reshape(b, hq, rank)
     scores = group_attention_scores(projected_query, projected.transpose(-1, -2), valid, scale=scale)
@@ -106,18 +113,20 @@ def lowrank_sparse_decode_cpu(
     scale: float | None = None,
     sink: int = 0,
     window: int = 1,
+    fresh: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused C++ kernel (float32; other dtypes and non-unit last strides go to the reference)."""
-    _check(query, basis, projected, key, value, valid)
+    _check(query, basis, projected, key, value, valid, fresh)
     tensors = (query, basis, projected, key, value)
     if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors) or any(
             t.stride(-1) != 1 for t in (projected, key, value)):
         return lowrank_sparse_decode_reference(query, basis, projected, key, value, valid, budget=budget,
-                                               scale=scale, sink=sink, window=window)
+                                               scale=scale, sink=sink, window=window, fresh=fresh)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     return load(_SOURCE).lowrank_sparse_decode(
         query.contiguous(), basis.contiguous(), projected, key, value,
-        None if valid is None else valid.bool().contiguous(), float(scale), int(budget), int(sink), int(window))
+        None if valid is None else valid.bool().contiguous(), float(scale), int(budget), int(sink), int(window),
+        int(fresh))
 
 
 _SOURCE = "lowrank_sparse_decode.cpp"

@@ -60,7 +60,7 @@ std::pair<uint32_t, int64_t> kth_largest(const uint32_t* keys, int64_t n, int64_
 std::tuple<torch::Tensor, torch::Tensor> lowrank_sparse_decode(
     const torch::Tensor& query, const torch::Tensor& basis, const torch::Tensor& projected,
     const torch::Tensor& key, const torch::Tensor& value, const c10::optional<torch::Tensor>& valid_opt,
-    double scale, int64_t budget, int64_t sink, int64_t window) {
+    double scale, int64_t budget, int64_t sink, int64_t window, int64_t fresh) {
   TORCH_CHECK(query.scalar_type() == torch::kFloat && basis.scalar_type() == torch::kFloat &&
                   projected.scalar_type() == torch::kFloat && key.scalar_type() == torch::kFloat &&
                   value.scalar_type() == torch::kFloat,
@@ -85,12 +85,28 @@ std::tuple<torch::Tensor, torch::Tensor> lowrank_sparse_decode(
   auto index = torch::full({B, Hkv, K}, -1, query.options().dtype(torch::kLong));
   const float* q_all = query.data_ptr<float>();
   const float* w_all = basis.data_ptr<float>();
-  const float* p_all = projected.data_ptr<float>();
+  float* p_all = projected.data_ptr<float>();
   const float* k_all = key.data_ptr<float>();
   const float* v_all = value.data_ptr<float>();
   float* o_all = out.data_ptr<float>();
   int64_t* ix_all = index.data_ptr<int64_t>();
   const float fscale = static_cast<float>(scale);
+  TORCH_CHECK(fresh >= 0 && fresh <= S, "fresh must be in [0, S]");
+
+  // 0. project the keys added since the previous step (the last `fresh` positions) into the buffer
+  for (int64_t bh = 0; bh < B * Hkv; ++bh) {
+    const int64_t b = bh / Hkv, h = bh % Hkv;
+    const float* w = w_all + bh * D * R;
+    float* p = p_all + b * projected.stride(0) + h * projected.stride(1);
+    for (int64_t s = S - fresh; s < S; ++s) {
+      const float* krow = k_all + b * key.stride(0) + h * key.stride(1) + s * key.stride(2);
+      for (int64_t r = 0; r < R; ++r) {
+        float acc = 0.f;
+        for (int64_t d = 0; d < D; ++d) acc += krow[d] * w[d * R + r];
+        p[r * projected.stride(2) + s] = acc;
+      }
+    }
+  }
 
   // 1. scaled projected queries and approximate logits, the memory-bound part: split along positions as
   //    well, so that every thread streams an equal share of the projected keys (a few KV heads alone would

@@ -96,8 +96,10 @@ class RecycledAttention(SparseAttentionTechnique):
         lowrank = state.extra.get("lowrank")
         if lowrank is None:  # the basis comes from the keys cached when the sequence's first sparse step runs
             lowrank = state.extra["lowrank"] = LowRankKeys(key, valid, self.params.rescore_rank)
-        args = (query, lowrank.basis, lowrank.projected(key), key, value, valid)
-        options = dict(budget=self.params.budget, scale=scale, sink=self.params.sink, window=self.params.window)
+        projected, fresh = lowrank.projected(key)
+        args = (query, lowrank.basis, projected, key, value, valid)
+        options = dict(budget=self.params.budget, scale=scale, sink=self.params.sink, window=self.params.window,
+                       fresh=fresh)
         if self._stats["kernel"] is None:
             self._stats["kernel"] = lowrank_sparse_decode.resolve_backend(*args, **options)
         return lowrank_sparse_decode(*args, **options)
