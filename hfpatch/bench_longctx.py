@@ -115,20 +115,26 @@ class _Nothing:
         return False
 
 
-def niah(model, tok, length, trials, budgets, methods=METHODS, seed=0, progress=None):
-    """``{"method@budget": "hits/trials"}`` for needle retrieval at ``length`` tokens."""
+def needle_prompts(tok, length, trials, seed=0):
+    """The needle trials: ``(prompt ids [1, length], passcode, needle start, needle token ids)`` for each,
+    a 7-digit passcode in Python-documentation prose at depths spread evenly over the trials."""
     rng = random.Random(seed)
     prose_ids = tok("\n\n".join(assets.prose_documents(40)), add_special_tokens=False).input_ids
     q_ids = tok(QUESTION, add_special_tokens=False).input_ids
-    hits: dict[str, int] = {}
     for trial in range(trials):
         code = "".join(str(rng.randint(1, 9)) for _ in range(7))
         needle = tok(" " + NEEDLE.format(code=code) + " ", add_special_tokens=False).input_ids
         start = rng.randint(0, len(prose_ids) - length - 10)
         hay = prose_ids[start:start + length - len(needle) - len(q_ids)]
         cut = int(len(hay) * (trial + 0.5) / trials)  # needle depths spread evenly over the trials
-        ids = torch.tensor([hay[:cut] + needle + hay[cut:] + q_ids], device=model.device)
-        cache, logits = _prefill(model, ids)
+        yield torch.tensor([hay[:cut] + needle + hay[cut:] + q_ids]), code, cut, needle
+
+
+def niah(model, tok, length, trials, budgets, methods=METHODS, seed=0, progress=None):
+    """``{"method@budget": "hits/trials"}`` for needle retrieval at ``length`` tokens."""
+    hits: dict[str, int] = {}
+    for trial, (ids, code, _, _) in enumerate(needle_prompts(tok, length, trials, seed)):
+        cache, logits = _prefill(model, ids.to(model.device))
         first = logits.argmax(-1)
         for label, recipe, params in _configs(methods, budgets, length):
             with _patched(model, recipe, params):

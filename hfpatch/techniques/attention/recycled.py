@@ -10,7 +10,8 @@ in any batch row. ``stride=1`` or a budget >= the context length is plain full a
 
 ``rescore_rank`` (off by default; not in the paper) re-selects at every sparse step with the current query,
 scored cheaply in a rank-r principal basis of the keys (``lowrank_keys``, the idea of Loki): on SmolLM2-135M
-at 8k context any selection reused for even two steps cost 8% perplexity, a per-step one under 1%.
+at 8k context any selection reused for even two steps cost 8% perplexity, a per-step one under 1%. Such a
+step is one kernel, ``kernels.lowrank_sparse_decode`` (fused C++ on CPU).
 
     >>> handle = hfpatch.patch(model, "recycled-attention", budget=512, stride=16)
     >>> handle = hfpatch.patch(model, "recycled-attention", budget=512, rescore_rank=16, stride=64)  # per step
