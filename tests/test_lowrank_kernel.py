@@ -6,6 +6,9 @@ import torch
 
 from hfpatch.kernels import (
     CompiledKernel,
+    group_attention_scores,
+    triton_cpu_reason,
+    triton_runs_on_cpu,
     KernelUnavailableError,
     cpu_build,
     dispatch,
@@ -81,6 +84,19 @@ def test_cpu_kernel_selection_semantics():
             assert {first, first + 1, 57, 58, 59} <= set(chosen) and min(chosen) >= first
     # attending to the returned set with the exact kernel gives the returned output
     torch.testing.assert_close(out, sparse_decode_attention(query, key, value, index, valid), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.skipif(not triton_runs_on_cpu(), reason=f"Triton cannot run on CPU here: {triton_cpu_reason()}")
+def test_on_cuda_the_reference_scores_the_projected_view_with_the_triton_kernel():
+    """CUDA runs the reference, whose scoring pass reads the projected keys as a transposed view of the
+    buffer (unit stride along rank is not given): the Triton kernel must follow those strides."""
+    query, basis, projected, key, value, valid = inputs(2, 6, 3, 16, 37, 4, pad=(0, 5), capacity=13)
+    projected_query = (query.reshape(2, 3, 2, 16) @ basis).reshape(2, 6, 4)
+    view = projected.transpose(-1, -2)
+    assert view.stride(-1) != 1
+    torch.testing.assert_close(group_attention_scores(projected_query, view, valid, scale=0.3, backend="triton"),
+                               group_attention_scores(projected_query, view, valid, scale=0.3, backend="torch"),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_other_dtypes_and_strides_fall_back_to_the_reference():
