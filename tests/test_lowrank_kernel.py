@@ -129,7 +129,7 @@ def test_dispatch_picks_the_compiled_kernel_and_honours_overrides(monkeypatch):
         lowrank_sparse_decode(*args, budget=8, backend="triton")
     # an op without a compiled kernel refuses backend="cpu" by name
     with pytest.raises(KernelUnavailableError, match="no compiled CPU implementation"):
-        sparse_decode_attention(args[0], args[3], args[4], torch.zeros(1, 2, 3, dtype=torch.long), backend="cpu")
+        group_attention_scores(args[0], args[3], backend="cpu")
     with pytest.raises(TypeError, match="Triton implementation, a compiled CPU one, or both"):
         register_kernel("test_neither", reference=lambda x: x, triton=None)
 

@@ -100,6 +100,36 @@ def test_reference_reads_caches_of_any_layout():
         q, one_head_k.contiguous(), one_head_v.contiguous(), index[:, :1].expand(-1, 2, -1).contiguous()))
 
 
+needs_compiled_cpu = pytest.mark.skipif(sparse_decode_attention.cpu.unavailable() is not None,
+                                        reason=f"CPU kernel not built: {sparse_decode_attention.cpu.unavailable()}")
+
+
+@needs_compiled_cpu
+@pytest.mark.parametrize("shape", SHAPES)
+def test_compiled_cpu_kernel_equals_reference(shape):
+    """float32 through the compiled kernel; with -1 / out-of-range entries, duplicates and left padding."""
+    q, k, v, index, valid = make(*shape, torch.float32)
+    b, _, hkv, s = shape[:4]
+    ragged = torch.cat([index, torch.full((b, hkv, 2), -1), torch.full((b, hkv, 1), s), index[..., :1]], -1)
+    for idx in (index, ragged):
+        torch.testing.assert_close(sparse_decode_attention(q, k, v, idx, valid, scale=0.3, backend="cpu"),
+                                   sparse_decode_attention_reference(q, k, v, idx, valid, scale=0.3),
+                                   **TOL[torch.float32])
+    nothing = torch.full((b, hkv, 3), -1)
+    assert sparse_decode_attention(q, k, v, nothing, backend="cpu").abs().sum() == 0
+
+
+@needs_compiled_cpu
+def test_compiled_cpu_kernel_hands_other_inputs_to_the_reference():
+    q, k, v, index, valid = make(2, 6, 2, 37, 24, 24, 13, torch.bfloat16)
+    torch.testing.assert_close(sparse_decode_attention(q, k, v, index, valid, backend="cpu"),
+                               sparse_decode_attention_reference(q, k, v, index, valid), rtol=0, atol=0)
+    q, k, v, index, valid = make(2, 6, 2, 37, 24, 24, 13, torch.float32)
+    per_head = index.repeat_interleave(3, 1)  # [B, Hq, N]: one set per query head
+    torch.testing.assert_close(sparse_decode_attention(q, k, v, per_head, valid, backend="cpu"),
+                               sparse_decode_attention_reference(q, k, v, per_head, valid), rtol=0, atol=0)
+
+
 def test_reference_skips_out_of_range_entries_and_padding():
     q, k, v, index, valid = make(2, 4, 2, 20, 8, 8, 6, torch.float32)
     padded = torch.cat([index, torch.full((2, 2, 3), -1), torch.full((2, 2, 1), 20)], -1)
@@ -204,11 +234,12 @@ def test_select_positions_equals_a_straightforward_reference():
     assert select_positions(scores, 80).shape == (2, 3, 50)  # budget clipped to S
 
 
-def test_kernels_are_registered_and_dispatch_to_reference_on_cpu(monkeypatch):
+def test_kernels_are_registered_and_dispatch_on_cpu(monkeypatch):
     monkeypatch.delenv(K.ENV_VAR, raising=False)
     assert {"sparse_decode_attention", "group_attention_scores"} <= set(K.list_kernels())
     q, k, v, index, valid = make(2, 4, 2, 10, 8, 8, 5, torch.float32)
-    assert sparse_decode_attention.resolve_backend(q, k, v, index) == "torch"
-    assert group_attention_scores.resolve_backend(q, k) == "torch"
+    built = sparse_decode_attention.cpu.unavailable() is None  # the compiled kernel when it builds here
+    assert sparse_decode_attention.resolve_backend(q, k, v, index) == ("cpu" if built else "torch")
+    assert group_attention_scores.resolve_backend(q, k) == "torch"  # no compiled version: the reference
     with pytest.raises(ValueError, match="multiple"):
         sparse_decode_attention(torch.randn(1, 3, 8), k[:1], v[:1], index[:1])

@@ -8,7 +8,7 @@ head with the first ``sink`` valid positions and the last ``window`` forced in, 
 attention over them (``sparse_decode_attention``) plus the chosen positions.
 
 The reference composes the dispatched ops (so a CUDA call runs their Triton kernels). On CPU a fused
-C++ kernel (``csrc/lowrank_sparse_decode.cpp``, built on first use by ``cpu_build``) does all of it in one
+C++ kernel (``csrc/sparse_decode.cpp``, built on first use by ``cpu_build``) does all of it in one
 call: on the README's 2-core CPU the composition is ~30 small ops per layer and step whose dispatch and
 extra passes over memory cost more than the arithmetic.
 """
@@ -129,7 +129,7 @@ def lowrank_sparse_decode_cpu(
         int(fresh))
 
 
-_SOURCE = "lowrank_sparse_decode.cpp"
+_SOURCE = "sparse_decode.cpp"  # beside the plain sparse attention it shares its attention code with
 
 lowrank_sparse_decode = register_kernel(
     "lowrank_sparse_decode",

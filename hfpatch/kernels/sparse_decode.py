@@ -14,6 +14,9 @@ result; a tiny torch reduction merges the slices. The reference gathers, then co
 Entries of ``index`` outside ``[0, S)`` (e.g. -1 padding of a ragged index set) are skipped, as are
 positions whose ``valid[b, pos]`` is False (left padding; the Triton wrapper folds ``valid`` into the
 index set with one small gather). A row with nothing to attend gives zeros.
+
+On CPU a compiled kernel (``csrc/sparse_decode.cpp``, float32, one index set per KV head) reads the listed
+rows in place with prefetching, instead of the reference's gathers, masks and sdpa call.
 """
 from __future__ import annotations
 
@@ -22,10 +25,12 @@ import math
 
 import torch
 
+from .cpu_build import CompiledKernel, load
 from .dispatch import register_kernel
 from .interpret import exact_float32_dots
 
-__all__ = ["sparse_decode_attention", "sparse_decode_attention_reference", "sparse_decode_attention_triton"]
+__all__ = ["sparse_decode_attention", "sparse_decode_attention_cpu", "sparse_decode_attention_reference",
+           "sparse_decode_attention_triton"]
 
 # Bound by _kernels(); the interpreter patches tl through the kernel function's globals.
 triton = None
@@ -303,8 +308,30 @@ def sparse_decode_attention_triton(
     return out
 
 
+def sparse_decode_attention_cpu(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    index: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The compiled CPU kernel (float32, ``index`` [B, Hkv, N]; other inputs go to the reference)."""
+    _check(query, key, value, index, valid)
+    if (any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (query, key, value))
+            or index.shape[1] != key.shape[1] or key.stride(-1) != 1 or value.stride(-1) != 1):
+        return sparse_decode_attention_reference(query, key, value, index, valid, scale=scale)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    return load(_CPU_SOURCE).sparse_decode_attention(
+        query.contiguous(), key, value, index, None if valid is None else valid.bool(), float(scale))
+
+
+_CPU_SOURCE = "sparse_decode.cpp"
+
 sparse_decode_attention = register_kernel(
     "sparse_decode_attention",
     reference=sparse_decode_attention_reference,
     triton=sparse_decode_attention_triton,
+    cpu=CompiledKernel(_CPU_SOURCE, sparse_decode_attention_cpu),
 )

@@ -30,7 +30,8 @@ class TidalDecodeParams:
                     "which retrieved needles better on SmolLM2-135M (1k context, budget 256: 5/6 vs 2/6)")
     selection_layers: list[int] | None = param(
         None, help="layers that attend fully and select positions for the layers after them (None = the paper's "
-                   "choice: [full_layers, round(13/32 * num_layers)])")
+                   "choice: [full_layers, round(13/32 * num_layers)]); model-specific: a selection layer should come "
+                   "at or just before the layers whose heads retrieve (for SmolLM2-135M [2, 7, 17], see the README)")
 
 
 @register

@@ -1,9 +1,13 @@
-// One decode step of per-step re-selection in a low-rank key basis followed by exact attention over the
-// selected positions, fused for the CPU (float32). The pure-torch reference with the same contract is
-// hfpatch/kernels/lowrank_decode.py; read its docstring for the semantics. Why fused: on a 2-core CPU the
-// same step written as ~30 small torch ops costs more in dispatch and in passes over memory than in
-// arithmetic.
+// Sparse decode attention on the CPU (float32), two entry points:
+// - sparse_decode_attention: exact attention of one query step over an index set of the cache (reference:
+//   hfpatch/kernels/sparse_decode.py);
+// - lowrank_sparse_decode: per-step re-selection in a low-rank key basis followed by that attention
+//   (reference: hfpatch/kernels/lowrank_decode.py).
+// Read the references' docstrings for the semantics. Why compiled: on a 2-core CPU the same steps written
+// as torch ops (gathers, masks, a softmax, ~30 ops for the re-selection) cost more in dispatch and in
+// passes over memory than in arithmetic.
 //
+// lowrank_sparse_decode:
 // Step 1 is split over (batch row, KV head, chunk of positions), the rest over (batch row, KV head):
 //   1. the group's queries go into the basis (scaled) and score every cached position from the projected
 //      key cache, blocked along positions so a block of projected keys is read from memory once;
@@ -55,16 +59,58 @@ std::pair<uint32_t, int64_t> kth_largest(const uint32_t* keys, int64_t n, int64_
   return {value, need};
 }
 
+// Exact softmax attention of a group's G queries (q: [G, D]) over the n cache rows listed in rows (each
+// valid, in [0, S)); out [G, Dv] is overwritten. probs: scratch of G * n floats. Rows are prefetched a few
+// ahead, the value rows too, so the second pass finds them in cache (the rows are scattered: latency, not
+// bandwidth, bounds this part).
+void attend_rows(const float* q, const float* kb, int64_t ks, const float* vb, int64_t vs, const int64_t* rows,
+                 int64_t n, int64_t G, int64_t D, int64_t Dv, float scale, float* probs, float* out) {
+  std::fill(out, out + G * Dv, 0.f);
+  if (n == 0) return;
+  for (int64_t i = 0; i < std::min(n, kAhead); ++i)
+    for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(kb + rows[i] * ks + c);
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + kAhead < n) {
+      for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(kb + rows[i + kAhead] * ks + c);
+      for (int64_t c = 0; c < Dv; c += 16) __builtin_prefetch(vb + rows[i + kAhead] * vs + c);
+    }
+    const float* krow = kb + rows[i] * ks;
+    for (int64_t g = 0; g < G; ++g) {
+      float acc = 0.f;
+      for (int64_t d = 0; d < D; ++d) acc += q[g * D + d] * krow[d];
+      probs[g * n + i] = acc * scale;
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* pr = probs + g * n;
+    float top = -3.0e38f;
+    for (int64_t i = 0; i < n; ++i) top = std::max(top, pr[i]);
+    float total = 0.f;
+    for (int64_t i = 0; i < n; ++i) { pr[i] = std::exp(pr[i] - top); total += pr[i]; }
+    const float inv = 1.f / total;
+    for (int64_t i = 0; i < n; ++i) pr[i] *= inv;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const float* vrow = vb + rows[i] * vs;
+    for (int64_t g = 0; g < G; ++g) {
+      const float weight = probs[g * n + i];
+      for (int64_t d = 0; d < Dv; ++d) out[g * Dv + d] += weight * vrow[d];
+    }
+  }
+}
+
+void check_float32(std::initializer_list<const torch::Tensor*> tensors, const char* op) {
+  for (const torch::Tensor* t : tensors)
+    TORCH_CHECK(t->scalar_type() == torch::kFloat, op, " (CPU): float32 tensors only");
+}
+
 }  // namespace
 
 std::tuple<torch::Tensor, torch::Tensor> lowrank_sparse_decode(
     const torch::Tensor& query, const torch::Tensor& basis, const torch::Tensor& projected,
     const torch::Tensor& key, const torch::Tensor& value, const c10::optional<torch::Tensor>& valid_opt,
     double scale, int64_t budget, int64_t sink, int64_t window, int64_t fresh) {
-  TORCH_CHECK(query.scalar_type() == torch::kFloat && basis.scalar_type() == torch::kFloat &&
-                  projected.scalar_type() == torch::kFloat && key.scalar_type() == torch::kFloat &&
-                  value.scalar_type() == torch::kFloat,
-              "lowrank_sparse_decode (CPU): float32 tensors only");
+  check_float32({&query, &basis, &projected, &key, &value}, "lowrank_sparse_decode");
   TORCH_CHECK(query.is_contiguous() && basis.is_contiguous(), "query and basis must be contiguous");
   TORCH_CHECK(projected.stride(3) == 1 && key.stride(3) == 1 && value.stride(3) == 1,
               "projected keys, keys and values need a unit stride in their last dimension");
@@ -196,46 +242,59 @@ std::tuple<torch::Tensor, torch::Tensor> lowrank_sparse_decode(
       std::copy(sel.begin(), sel.begin() + n, ix_all + bh * K);
 
       // 4. exact attention over the selected rows
-      const float* kb = k_all + b * key.stride(0) + h * key.stride(1);
-      const float* vb = v_all + b * value.stride(0) + h * value.stride(1);
-      const int64_t ks = key.stride(2), vs = value.stride(2);
-      for (int64_t i = 0; i < std::min(n, kAhead); ++i)
-        for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(kb + sel[i] * ks + c);
-      for (int64_t i = 0; i < n; ++i) {
-        if (i + kAhead < n) {  // the value rows too: the second pass finds them in cache
-          for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(kb + sel[i + kAhead] * ks + c);
-          for (int64_t c = 0; c < Dv; c += 16) __builtin_prefetch(vb + sel[i + kAhead] * vs + c);
-        }
-        const float* krow = kb + sel[i] * ks;
-        for (int64_t g = 0; g < G; ++g) {
-          float acc = 0.f;
-          for (int64_t d = 0; d < D; ++d) acc += q[g * D + d] * krow[d];
-          probs[g * K + i] = acc * fscale;
-        }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        float* pr = probs.data() + g * K;
-        float top = -3.0e38f;
-        for (int64_t i = 0; i < n; ++i) top = std::max(top, pr[i]);
-        float total = 0.f;
-        for (int64_t i = 0; i < n; ++i) { pr[i] = std::exp(pr[i] - top); total += pr[i]; }
-        const float inv = total > 0.f ? 1.f / total : 0.f;
-        for (int64_t i = 0; i < n; ++i) pr[i] *= inv;
-      }
-      float* o = o_all + (b * Hq + h * G) * Dv;
-      for (int64_t i = 0; i < n; ++i) {
-        const float* vrow = vb + sel[i] * vs;
-        for (int64_t g = 0; g < G; ++g) {
-          const float weight = probs[g * K + i];
-          for (int64_t d = 0; d < Dv; ++d) o[g * Dv + d] += weight * vrow[d];
-        }
-      }
+      attend_rows(q, k_all + b * key.stride(0) + h * key.stride(1), key.stride(2),
+                  v_all + b * value.stride(0) + h * value.stride(1), value.stride(2), sel.data(), n, G, D, Dv,
+                  fscale, probs.data(), o_all + (b * Hq + h * G) * Dv);
     }
   });
   return {out, index};
 }
 
+torch::Tensor sparse_decode_attention(const torch::Tensor& query, const torch::Tensor& key,
+                                      const torch::Tensor& value, const torch::Tensor& index,
+                                      const c10::optional<torch::Tensor>& valid_opt, double scale) {
+  check_float32({&query, &key, &value}, "sparse_decode_attention");
+  TORCH_CHECK(query.is_contiguous() && key.stride(3) == 1 && value.stride(3) == 1,
+              "query must be contiguous, keys and values need a unit stride in their last dimension");
+  const int64_t B = query.size(0), Hq = query.size(1), D = query.size(2);
+  const int64_t Hkv = key.size(1), S = key.size(2), Dv = value.size(3), N = index.size(2);
+  const int64_t G = Hq / Hkv;
+  TORCH_CHECK(index.size(0) == B && index.size(1) == Hkv, "index must be [B, Hkv, N]");
+  const torch::Tensor idx = index.to(torch::kLong).contiguous();
+  torch::Tensor valid;
+  const bool* valid_all = nullptr;
+  if (valid_opt.has_value()) {
+    valid = valid_opt->to(torch::kBool).contiguous();
+    valid_all = valid.data_ptr<bool>();
+  }
+  auto out = torch::empty({B, Hq, Dv}, query.options());
+  const float* q_all = query.data_ptr<float>();
+  const float* k_all = key.data_ptr<float>();
+  const float* v_all = value.data_ptr<float>();
+  const int64_t* i_all = idx.data_ptr<int64_t>();
+  float* o_all = out.data_ptr<float>();
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> rows(std::max<int64_t>(N, 1));
+    std::vector<float> probs(G * std::max<int64_t>(N, 1));
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / Hkv, h = bh % Hkv;
+      const bool* valid_row = valid_all ? valid_all + b * S : nullptr;
+      int64_t n = 0;
+      for (int64_t i = 0; i < N; ++i) {  // out-of-range entries (e.g. -1 padding) and padding are skipped
+        const int64_t pos = i_all[bh * N + i];
+        if (pos >= 0 && pos < S && (!valid_row || valid_row[pos])) rows[n++] = pos;
+      }
+      attend_rows(q_all + (b * Hq + h * G) * D, k_all + b * key.stride(0) + h * key.stride(1), key.stride(2),
+                  v_all + b * value.stride(0) + h * value.stride(1), value.stride(2), rows.data(), n, G, D, Dv,
+                  static_cast<float>(scale), probs.data(), o_all + (b * Hq + h * G) * Dv);
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lowrank_sparse_decode", &lowrank_sparse_decode,
         "low-rank re-selection + exact sparse decode attention (float32, CPU)");
+  m.def("sparse_decode_attention", &sparse_decode_attention,
+        "exact decode attention over an index set of the cache (float32, CPU)");
 }
