@@ -8,7 +8,13 @@ from tiny_models import tiny_config, tiny_model
 
 import hfpatch
 from hfpatch.errors import UnsupportedModelError
-from hfpatch.kernels import forced_positions, lowrank_sparse_decode, select_positions, sparse_decode_attention
+from hfpatch.kernels import (
+    forced_positions,
+    group_attention_scores,
+    lowrank_sparse_decode,
+    select_positions,
+    sparse_decode_attention,
+)
 from hfpatch.techniques.attention.recycled import RecycledAttention
 
 RECIPES = {"recycled-attention": "recycled_attention", "recycled-attention-rescored": "recycled_attention",
@@ -192,6 +198,32 @@ def test_tidal_layers_dense_selection_and_sparse():
     with pytest.raises(hfpatch.errors.PatchError, match="outside the model's 8 layers"):
         hfpatch.patch(model, "tidal-decode", selection_layers=[8])
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_tidal_selection_layer_attends_fully_and_selects_in_one_pass():
+    """On CPU in float32 a selection layer computes its full attention and its scores together
+    (`attention_with_scores`): the output is full attention, the chosen set the shared top-K."""
+    from hfpatch.techniques.attention.base import LayerState, attention_with_scores
+    from hfpatch.techniques.attention.tidal import TidalDecode
+
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 6, 8, generator=g)
+    k, v = torch.randn(2, 2, 30, 8, generator=g), torch.randn(2, 2, 30, 8, generator=g)
+    valid = torch.ones(2, 30, dtype=torch.bool)
+    valid[1, :7] = False
+    out, scores = attention_with_scores(q, k, v, valid, 0.4)
+    mask = valid[:, None, None, :]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None], k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=mask, scale=0.4)[:, :, 0]
+    torch.testing.assert_close(out, expected, **TOL[torch.float32])
+    torch.testing.assert_close(scores, group_attention_scores(q, k, valid, scale=0.4), **TOL[torch.float32])
+    assert attention_with_scores(q.double(), k.double(), v.double(), valid, 0.4) is None  # not float32: sdpa path
+    tidal = TidalDecode(budget=9, sink=1, window=2)
+    tidal.selection, tidal._current = [3], None
+    got, index = tidal.attend(3, LayerState(batch=2), q, k, v, valid, 0.4)
+    assert index is None  # full attention, computed here
+    torch.testing.assert_close(got, expected, **TOL[torch.float32])
+    assert torch.equal(tidal._current[2], tidal.score_and_select(q, k, valid, 0.4, reduce_all_heads=True))
 
 
 def test_quest_page_bounds_bound_every_key_score():

@@ -108,6 +108,23 @@ def _capacity_hint(model, args, kwargs) -> int | None:
     return int(longest) if longest and longest > ids.shape[1] else None
 
 
+def attention_with_scores(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor | None,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Full attention of one decode step ``[B, Hq, Dv]`` and its probabilities summed per KV group
+    ``[B, Hkv, S]`` (as ``group_attention_scores``) from one pass over the keys, for a selecting step that
+    needs both: sdpa plus a separate scoring pass read the whole key cache twice. float32 CPU tensors only
+    (None otherwise: there sdpa and the Triton scoring kernel are the better pair)."""
+    if query.device.type != "cpu" or any(t.dtype != torch.float32 for t in (query, key, value)):
+        return None
+    batch, heads, dim = query.shape
+    kv_heads = key.shape[1]
+    logits = (query.reshape(batch, kv_heads, heads // kv_heads, dim) * scale) @ key.transpose(-1, -2)
+    if valid is not None:
+        logits = logits.masked_fill(~valid.bool()[:, None, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)  # [B, Hkv, G, S]; a decode query always sees itself: no empty row
+    return (probs @ value).reshape(batch, heads, value.shape[-1]), probs.sum(dim=2)
+
+
 class SparseAttentionTechnique(Technique):
     """Base of the sparse decode attention techniques (subclasses implement ``decode``)."""
 
@@ -230,8 +247,10 @@ class SparseAttentionTechnique(Technique):
         scale = dim ** -0.5 if scaling is None else scaling
         valid = key_validity(attention_mask, batch, length)
         out, index = self.attend(layer, state, query[:, :, 0, :], key, value, valid, scale)
-        if out is None:
+        if out is None or index is None:
             self._stats["full_layer_steps"] += 1
+            if out is not None:  # full attention the technique computed itself (e.g. with its scores)
+                return out[:, None].contiguous(), None
             if index is not None:
                 self._stats["short_context_layer_steps"] += 1
             return self._full(module, query, key, value, attention_mask, scaling, dropout, kwargs)
@@ -245,7 +264,8 @@ class SparseAttentionTechnique(Technique):
 
     def attend(self, layer: int, state: LayerState, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                valid: torch.Tensor | None, scale: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``(out [B, Hq, Dv], index)`` of a sparse decode step, or ``(None, index-or-None)`` for full attention.
+        """``(out [B, Hq, Dv], index)`` of a sparse decode step, ``(None, index-or-None)`` for full attention
+        by sdpa, or ``(out, None)`` for full attention the technique computed itself.
 
         The default attends with ``sparse_decode_attention`` to the positions ``decode`` chose; a technique
         that selects and attends in one fused kernel overrides this instead of ``decode``."""

@@ -14,7 +14,14 @@ from __future__ import annotations
 import dataclasses
 
 from ...registry import param, register
-from .base import SparseAttentionTechnique, budget_param, kv_cache_param, sink_param, window_param
+from .base import (
+    SparseAttentionTechnique,
+    attention_with_scores,
+    budget_param,
+    kv_cache_param,
+    sink_param,
+    window_param,
+)
 
 
 @dataclasses.dataclass
@@ -52,6 +59,15 @@ class TidalDecode(SparseAttentionTechnique):
             raise ValueError(f"selection_layers {bad} outside the model's {self.num_layers} layers")
         self.selection = sorted(set(layers))
         self._current = None  # (cache length, batch, index) of the latest selection layer in this step
+
+    def attend(self, layer, state, query, key, value, valid, scale):
+        if layer in self.selection and not self.params.per_head and not self.covers_all(key.shape[2]):
+            fused = attention_with_scores(query, key, value, valid, scale)
+            if fused is not None:  # the selection layer's own full attention and its scores in one pass
+                out, scores = fused
+                self._current = (key.shape[2], query.shape[0], self.select_top(scores, valid, reduce_all_heads=True))
+                return out, None
+        return super().attend(layer, state, query, key, value, valid, scale)
 
     def decode(self, layer, state, query, key, valid, scale):
         length = key.shape[2]
