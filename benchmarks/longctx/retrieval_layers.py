@@ -37,14 +37,15 @@ def main() -> None:
     need, cover = torch.zeros(layers), torch.zeros(layers)
     steps = hits = 0
     for ids, code, start, needle in bench_longctx.needle_prompts(tok, args.length, args.trials, args.seed):
-        digits = set(tok(" " + code, add_special_tokens=False).input_ids + tok(code, add_special_tokens=False).input_ids)
+        digits = {t for text in (" " + code, code) for t in tok(text, add_special_tokens=False).input_ids}
         span = torch.tensor([start + i for i, t in enumerate(needle) if t in digits])
         with torch.no_grad():
             res = model(input_ids=ids, use_cache=True)
             token, answer = res.logits[:, -1:].argmax(-1), []
             for _ in range(args.steps):
                 answer.append(int(token))
-                res = model(input_ids=token, use_cache=True, output_attentions=True, **{kwarg: compat.output_cache(res)})
+                cache = {kwarg: compat.output_cache(res)}
+                res = model(input_ids=token, use_cache=True, output_attentions=True, **cache)
                 for layer, probs in enumerate(res.attentions):
                     p = probs[0, :, -1, :]  # [heads, S]
                     need[layer] += p[:, span].sum(-1).max()
