@@ -203,7 +203,8 @@ def test_tidal_layers_dense_selection_and_sparse():
 def test_tidal_selection_layer_attends_fully_and_selects_in_one_pass():
     """On CPU in float32 a selection layer computes its full attention and its scores together
     (`attention_with_scores`): the output is full attention, the chosen set the shared top-K."""
-    from hfpatch.techniques.attention.base import LayerState, attention_with_scores
+    from hfpatch.kernels import attention_with_scores
+    from hfpatch.techniques.attention.base import LayerState
     from hfpatch.techniques.attention.tidal import TidalDecode
 
     g = torch.Generator().manual_seed(4)

@@ -29,6 +29,7 @@ from .cpu_build import CompiledKernel
 from .logprob_gather import logprob_gather, logprob_gather_reference, logprob_gather_triton
 from .sparse_decode import sparse_decode_attention, sparse_decode_attention_reference, sparse_decode_attention_triton
 from .topk_select import (
+    attention_with_scores,
     forced_positions,
     group_attention_scores,
     group_attention_scores_reference,
@@ -44,6 +45,7 @@ __all__ = [
     "ENV_VAR",
     "KernelOp",
     "KernelUnavailableError",
+    "attention_with_scores",
     "forced_positions",
     "get_kernel",
     "group_attention_scores",

@@ -24,6 +24,7 @@ from .interpret import exact_float32_dots
 from .sparse_decode import _sm_count
 
 __all__ = [
+    "attention_with_scores",
     "forced_positions",
     "group_attention_scores",
     "group_attention_scores_reference",
@@ -70,16 +71,36 @@ def group_attention_scores_reference(
         (torch.Size([1, 2, 5]), 2.0)
     """
     _check(query, key, valid)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    return _group_probabilities(query, key, valid, scale).sum(dim=2)
+
+
+def _group_probabilities(query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor | None,
+                         scale: float) -> torch.Tensor:
+    """float32 softmax probabilities of each query head over the cache, grouped ``[B, Hkv, G, S]``
+    (all-padding rows: 0)."""
     b, hq, d = query.shape
-    hkv, s = key.shape[1], key.shape[2]
-    scale = d ** -0.5 if scale is None else scale
+    hkv = key.shape[1]
     # the scale goes on the (small) query, not on the [B, Hkv, G, S] logits
     q = query.reshape(b, hkv, hq // hkv, d).float() * scale
-    logits = q @ key.float().transpose(-1, -2)  # [B, Hkv, G, S]
+    logits = q @ key.float().transpose(-1, -2)
     if valid is None:
-        return torch.softmax(logits, dim=-1).sum(dim=2)
+        return torch.softmax(logits, dim=-1)
     logits = logits.masked_fill(~valid.bool()[:, None, None, :], float("-inf"))
-    return torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(dim=2)  # all-padding rows: 0
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+
+
+def attention_with_scores(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor | None,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Full attention of one decode step ``[B, Hq, Dv]`` and ``group_attention_scores`` ``[B, Hkv, S]`` from
+    one pass over the keys, for a selecting step that needs both: sdpa plus a separate scoring pass read the
+    whole key cache twice. float32 CPU tensors only (None otherwise: there sdpa and the Triton scoring kernel
+    are the better pair)."""
+    if query.device.type != "cpu" or any(t.dtype != torch.float32 for t in (query, key, value)):
+        return None
+    _check(query, key, valid)
+    probs = _group_probabilities(query, key, valid, scale)
+    return (probs @ value).reshape(query.shape[0], query.shape[1], value.shape[-1]), probs.sum(dim=2)
 
 
 def _lse_kernel(

@@ -108,23 +108,6 @@ def _capacity_hint(model, args, kwargs) -> int | None:
     return int(longest) if longest and longest > ids.shape[1] else None
 
 
-def attention_with_scores(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor | None,
-                          scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Full attention of one decode step ``[B, Hq, Dv]`` and its probabilities summed per KV group
-    ``[B, Hkv, S]`` (as ``group_attention_scores``) from one pass over the keys, for a selecting step that
-    needs both: sdpa plus a separate scoring pass read the whole key cache twice. float32 CPU tensors only
-    (None otherwise: there sdpa and the Triton scoring kernel are the better pair)."""
-    if query.device.type != "cpu" or any(t.dtype != torch.float32 for t in (query, key, value)):
-        return None
-    batch, heads, dim = query.shape
-    kv_heads = key.shape[1]
-    logits = (query.reshape(batch, kv_heads, heads // kv_heads, dim) * scale) @ key.transpose(-1, -2)
-    if valid is not None:
-        logits = logits.masked_fill(~valid.bool()[:, None, None, :], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)  # [B, Hkv, G, S]; a decode query always sees itself: no empty row
-    return (probs @ value).reshape(batch, heads, value.shape[-1]), probs.sum(dim=2)
-
-
 class SparseAttentionTechnique(Technique):
     """Base of the sparse decode attention techniques (subclasses implement ``decode``)."""
 

@@ -13,15 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from ...kernels import attention_with_scores
 from ...registry import param, register
-from .base import (
-    SparseAttentionTechnique,
-    attention_with_scores,
-    budget_param,
-    kv_cache_param,
-    sink_param,
-    window_param,
-)
+from .base import SparseAttentionTechnique, budget_param, kv_cache_param, sink_param, window_param
 
 
 @dataclasses.dataclass
