@@ -195,6 +195,9 @@ def test_tidal_layers_dense_selection_and_sparse():
     with hfpatch.patch(model, "tidal-decode", budget=10, selection_layers=[5]) as handle:
         run(model, ids, mask, new=5)
         assert handle.stats["tidal_decode"]["sparse_layer_steps"] == 4 * 2
+    with hfpatch.patch(model, "tidal-decode", budget=10, selection_layers=[1]) as handle:
+        run(model, ids, mask, new=5)  # a selection layer inside the dense ones stays dense and selects nothing
+        assert handle.stats["tidal_decode"]["sparse_layer_steps"] == 0
     with pytest.raises(hfpatch.errors.PatchError, match="outside the model's 8 layers"):
         hfpatch.patch(model, "tidal-decode", selection_layers=[8])
     assert model.config._attn_implementation == "sdpa"

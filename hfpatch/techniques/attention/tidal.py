@@ -32,7 +32,8 @@ class TidalDecodeParams:
     selection_layers: list[int] | None = param(
         None, help="layers that attend fully and select positions for the layers after them (None = the paper's "
                    "choice: [full_layers, round(13/32 * num_layers)]); model-specific: a selection layer should come "
-                   "at or just before the layers whose heads retrieve (for SmolLM2-135M [2, 7, 17], see the README)")
+                   "at or just before the layers whose heads retrieve (for SmolLM2-135M [2, 7, 12, 17, 20], see "
+                   "the README)")
 
 
 @register
@@ -54,8 +55,12 @@ class TidalDecode(SparseAttentionTechnique):
         self.selection = sorted(set(layers))
         self._current = None  # (cache length, batch, index) of the latest selection layer in this step
 
+    def _selects(self, layer: int) -> bool:
+        """A selection layer past the dense ones (one inside them stays dense and selects nothing)."""
+        return layer >= self.params.full_layers and layer in self.selection
+
     def attend(self, layer, state, query, key, value, valid, scale):
-        if layer in self.selection and not self.params.per_head and not self.covers_all(key.shape[2]):
+        if self._selects(layer) and not self.params.per_head and not self.covers_all(key.shape[2]):
             fused = attention_with_scores(query, key, value, valid, scale)
             if fused is not None:  # the selection layer's own full attention and its scores in one pass
                 out, scores = fused
@@ -67,7 +72,7 @@ class TidalDecode(SparseAttentionTechnique):
         length = key.shape[2]
         if layer < self.params.full_layers or (self.selection and layer < self.selection[0]):
             return None
-        if layer in self.selection:
+        if self._selects(layer):
             self._current = None
             if self.covers_all(length):
                 return None
