@@ -13,7 +13,7 @@ with hfpatch.patch(model, "token-recycling") as handle:
     for doc in assets.prose_documents(2, 1000):
         inputs = tok(doc[:600], return_tensors="pt")
         model.generate(**inputs, max_new_tokens=32, do_sample=False)
-    recipe = handle.technique("token_recycling").to_recipe(tok, name="token-recycling-warm")
+    recipe = handle.to_recipe(tok, name="token-recycling-warm")
 recipe.save_pretrained(out_dir)  # hfpatch_recipe.json + hfpatch_recipe.safetensors (table + tokenizer fingerprint)
 
 warm = hfpatch.Recipe.from_pretrained(out_dir)

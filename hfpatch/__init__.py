@@ -7,9 +7,10 @@ Example:
     >>> handle.stats
     >>> handle.unpatch()
 """
+from . import techniques as _techniques  # noqa: F401  (fills the catalogue, once)
+from .catalogue import list_techniques
 from .patcher import PatchHandle, active_patches, patch, unpatch
 from .recipe import Recipe, list_recipes
-from .registry import list_techniques
 
 __version__ = "0.1.0"
 __all__ = ["PatchHandle", "Recipe", "active_patches", "list_recipes", "list_techniques", "patch", "unpatch"]

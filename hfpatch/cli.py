@@ -108,7 +108,7 @@ def _add_techniques(subparsers) -> None:
 
 
 def _cmd_techniques(args: argparse.Namespace) -> int:
-    from .registry import list_techniques, technique_class
+    from .catalogue import list_techniques, technique_class
 
     items = list_techniques()
     if args.name:

@@ -9,6 +9,7 @@ patches above it raises; `hfpatch.unpatch(model)` removes all of them, newest fi
 """
 from __future__ import annotations
 
+import json
 import logging
 import weakref
 from typing import Any
@@ -19,6 +20,7 @@ from . import arch, compat
 from .errors import PatchConflictError, PatchError, UnsupportedModelError
 from .primitives import Undo
 from .recipe import Recipe, resolve_recipe
+from .technique import params_to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +98,30 @@ class PatchHandle:
             raise AttributeError(f"handle.tokenizer needs exactly one technique that provides a tokenizer; this "
                                  f"patch has {len(found)} ({names})")
         return found[0].tokenizer
+
+    def to_recipe(self, tokenizer=None, *, name: str | None = None, description: str | None = None) -> Recipe:
+        """This patch as a recipe: each technique's parameters plus the tensors it exports now (e.g. a warmed
+        Token Recycling table), so another process can start where this one is.
+
+        Example:
+            >>> handle = hfpatch.patch(model, "token-recycling")
+            >>> model.generate(**inputs)                          # warms the table
+            >>> handle.to_recipe(tokenizer, name="warm").save_pretrained("warm/")   # or .push_to_hub(...)
+        """
+        entries, tensors, metadata = [], {}, {}
+        for technique in self.techniques:
+            entries.append({"type": technique.name, **params_to_dict(technique.params)})
+            own_tensors, own_metadata = technique.export_tensors(tokenizer)
+            tensors.update({f"{technique.name}/{key}": value for key, value in own_tensors.items()})
+            metadata.update({f"{technique.name}/{key}": value for key, value in own_metadata.items()})
+        return Recipe(
+            json.loads(json.dumps(entries)),  # tuples -> lists: the recipe holds plain JSON data
+            name=name if name is not None else self.recipe.name,
+            description=description if description is not None else self.recipe.description,
+            requirements=dict(self.recipe.requirements),
+            tensors=tensors,
+            tensor_metadata=metadata,
+        )
 
     def unpatch(self) -> None:
         """Restore the model exactly as it was before this patch."""

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RecipeError, RecipeNotFoundError
-from .registry import build_params, parameter_fields, technique_class
+from .catalogue import technique_class
+from .technique import build_params, parameter_fields
 
 FORMAT_VERSION = "1.0"
 RECIPE_FILE = "hfpatch_recipe.json"

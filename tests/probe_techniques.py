@@ -10,7 +10,8 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from hfpatch import primitives
-from hfpatch.registry import Technique, param, register
+from hfpatch.catalogue import register
+from hfpatch.technique import Technique, param
 
 
 @dataclasses.dataclass

@@ -16,7 +16,8 @@ import hfpatch
 from hfpatch import recipe as recipe_module
 from hfpatch.errors import RecipeError, RecipeNotFoundError
 from hfpatch.recipe import FORMAT_VERSION, RECIPE_FILE, TENSOR_FILE, Recipe, resolve_recipe
-from hfpatch.registry import Technique, param, register, unregister
+from hfpatch.catalogue import register, unregister
+from hfpatch.technique import Technique, param
 
 
 @dataclasses.dataclass

@@ -16,7 +16,8 @@ from safetensors.torch import save
 
 import hfpatch
 from hfpatch.recipe import RecipeError, RecipeNotFoundError
-from hfpatch.registry import Technique, param, register, unregister
+from hfpatch.catalogue import register, unregister
+from hfpatch.technique import Technique, param
 
 RECIPE_JSON = "hfpatch_recipe.json"
 TENSOR_FILE = "hfpatch_recipe.safetensors"

@@ -175,7 +175,7 @@ def test_selection_equals_a_straightforward_reference():
     assert_top_positions(technique.score_and_select(q, k, valid, 0.25), group, valid)
     forced = forced_positions(valid, 2, 40, 2, 3, q.device)
     assert forced[1].nonzero().flatten().tolist() == [5, 6, 37, 38, 39]
-    tidal = hfpatch.registry.technique_class("tidal_decode")(budget=9, sink=2, window=3)
+    tidal = hfpatch.catalogue.technique_class("tidal_decode")(budget=9, sink=2, window=3)
     shared = tidal.score_and_select(q, k, valid, 0.25, reduce_all_heads=True)
     assert torch.equal(shared[:, 0], shared[:, 2])
     assert torch.equal(shared[:, :1], select_positions(group.sum(1, keepdim=True), 9, forced, valid))

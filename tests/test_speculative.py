@@ -224,7 +224,7 @@ def test_warm_table_round_trip_through_the_hub(hub_server):
     prompt = _prompts(1, seed=13)[0]
     with hfpatch.patch(model, "token-recycling") as handle:
         model.generate(prompt, max_new_tokens=30, do_sample=False)
-        recipe = handle.technique("token_recycling").to_recipe(name="warm")
+        recipe = handle.to_recipe(name="warm")
         table = handle.technique("token_recycling").drafter.table.clone()
     repo = hub_server.new_repo_id("warm-table")
     recipe.push_to_hub(repo)

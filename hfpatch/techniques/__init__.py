@@ -1,4 +1,4 @@
-"""Built-in techniques. Importing this package registers every one of them with `hfpatch.registry`."""
+"""Built-in techniques. Importing this package registers every one of them in `hfpatch.catalogue`."""
 from . import generation  # noqa: F401
 from . import tokenizer  # noqa: F401
 from . import attention  # noqa: F401

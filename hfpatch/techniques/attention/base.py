@@ -28,7 +28,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from ... import arch, compat, primitives
 from ... import cache as hfcache
 from ...kernels import group_attention_scores, select_positions, sparse_decode_attention, with_forced_first
-from ...registry import Technique, param
+from ...technique import Technique, param
 
 #: Attention implementations whose masks and numerics the sparse path reproduces. Full steps run sdpa.
 SUPPORTED_IMPLEMENTATIONS = (None, "sdpa", "eager")

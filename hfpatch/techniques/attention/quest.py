@@ -15,7 +15,8 @@ import dataclasses
 
 import torch
 
-from ...registry import param, register
+from ...catalogue import register
+from ...technique import param
 from .base import SparseAttentionTechnique, budget_param, kv_cache_param, sink_param, window_param
 
 

@@ -23,7 +23,8 @@ import dataclasses
 import torch
 
 from ...kernels import group_attention_scores, lowrank_sparse_decode
-from ...registry import param, register
+from ...catalogue import register
+from ...technique import param
 from .base import LayerState, SparseAttentionTechnique, budget_param, kv_cache_param, sink_param, window_param
 from .lowrank_keys import LowRankKeys
 

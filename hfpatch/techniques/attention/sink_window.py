@@ -10,7 +10,8 @@ import dataclasses
 import torch
 
 from ...kernels import forced_positions, select_positions
-from ...registry import param, register
+from ...catalogue import register
+from ...technique import param
 from .base import SparseAttentionTechnique, budget_param, kv_cache_param, sink_param
 
 

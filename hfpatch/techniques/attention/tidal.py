@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 
 from ...kernels import attention_with_scores
-from ...registry import param, register
+from ...catalogue import register
+from ...technique import param
 from .base import SparseAttentionTechnique, budget_param, kv_cache_param, sink_param, window_param
 
 

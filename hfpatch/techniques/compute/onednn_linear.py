@@ -28,7 +28,8 @@ import torch
 
 from ... import primitives
 from ...errors import PatchError
-from ...registry import Technique, param, register
+from ...catalogue import register
+from ...technique import Technique, param
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 

@@ -25,7 +25,8 @@ from typing import Any, ClassVar
 
 from ... import arch
 from ...errors import RecipeError
-from ...registry import Technique, param, register
+from ...catalogue import register
+from ...technique import Technique, param
 from .base import shared_engine
 from .tree import DraftTree
 

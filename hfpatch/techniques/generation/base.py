@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from ... import arch, primitives
-from ...registry import Technique
+from ...technique import Technique
 from .engine import Drafter, SpeculativeEngine
 
 _ENGINE_KEY = "speculative_engine"

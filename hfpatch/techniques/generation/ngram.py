@@ -11,7 +11,8 @@ import dataclasses
 from collections import Counter
 from typing import Any
 
-from ...registry import param, register
+from ...catalogue import register
+from ...technique import param
 from .acceptance import AcceptanceEstimates, Candidates
 from .base import DrafterTechnique
 from .engine import Drafter

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from ...errors import RecipeError
-from ...registry import param, register
+from ...catalogue import register
+from ...technique import param
 from .acceptance import AcceptanceEstimates, Candidates
 from .base import DrafterTechnique
 from .engine import Drafter
@@ -172,7 +173,7 @@ class TokenRecycling(DrafterTechnique):
         >>> handle = hfpatch.patch(model, "token-recycling")
         >>> model.generate(**inputs, max_new_tokens=128)     # same tokens as before, fewer forwards
         >>> handle.stats["token_recycling"]["mean_accepted_tokens_per_forward"]
-        >>> handle.technique("token_recycling").to_recipe(tokenizer).push_to_hub("me/warm-table")
+        >>> handle.to_recipe(tokenizer, name="warm-table").push_to_hub("me/warm-table")   # the warm table travels
     """
 
     name = "token_recycling"
@@ -202,19 +203,11 @@ class TokenRecycling(DrafterTechnique):
         if self.drafter is not None:
             self.drafter.reset()
 
-    def to_recipe(self, tokenizer=None, *, name: str = "token-recycling-warm", description: str = ""):
-        """A recipe carrying this patch's warmed table (and the tokenizer's fingerprint when given)."""
-        from ...recipe import Recipe
-
+    def export_tensors(self, tokenizer=None) -> tuple[dict[str, Any], dict[str, str]]:
+        """The warmed table (and the tokenizer's fingerprint when given), for `handle.to_recipe()`."""
         if self.drafter is None:
-            raise RuntimeError("to_recipe() needs the technique applied to a model (hfpatch.patch) first")
+            return super().export_tensors(tokenizer)
         metadata = {"vocab_size": str(self.drafter.vocab_size), "k": str(self.params.k)}
         if tokenizer is not None:
             metadata["tokenizer_fingerprint"] = tokenizer_fingerprint(tokenizer)
-        return Recipe(
-            [{"type": self.name, **{f.name: getattr(self.params, f.name) for f in dataclasses.fields(self.params)}}],
-            name=name,
-            description=description or "Token Recycling with a warm successor table",
-            tensors={f"{self.name}/table": self.drafter.table.clone()},
-            tensor_metadata={f"{self.name}/{key}": value for key, value in metadata.items()},
-        )
+        return {"table": self.drafter.table.clone()}, metadata

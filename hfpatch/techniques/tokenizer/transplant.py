@@ -28,7 +28,8 @@ import torch
 
 from ... import primitives
 from ...errors import UnsupportedModelError
-from ...registry import Technique, param, register
+from ...catalogue import register
+from ...technique import Technique, param
 from . import omp as omp_mod
 from .alignment import Alignment, align
 from .length_bias import add_length_bias, constant_logit_direction

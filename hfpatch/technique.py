@@ -1,7 +1,8 @@
-"""Technique base class, parameter validation and the name -> technique registry.
+"""The technique base class and its parameter validation.
 
 A technique is a class with a `name`, a dataclass of parameters (`Params`) and an `apply` method that
-changes a model only through `hfpatch.primitives`, recording an undo for every change.
+changes a model only through `hfpatch.primitives`, recording an undo for every change. This module sits
+below every technique and imports nothing above it (the name -> class catalogue is `hfpatch.catalogue`).
 """
 from __future__ import annotations
 
@@ -44,15 +45,16 @@ class NoParams:
     """Parameters of a technique that takes none."""
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
+    """A parameter annotation as a reader would say it ("int or null", "list of int")."""
     if tp is type(None):
         return "null"
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
     if origin in (list, tuple):
         args = typing.get_args(tp)
-        return f"list of {_type_name(args[0])}" if args else "list"
+        return f"list of {type_name(args[0])}" if args else "list"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -67,7 +69,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except RecipeError:
                 continue
-        raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        raise RecipeError(f"{where}: expected {type_name(tp)}, got {value!r}")
     if tp is type(None):
         if value is None:
             return None
@@ -96,7 +98,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
     elif isinstance(tp, type) and isinstance(value, tp):
         return value
-    raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise RecipeError(f"{where}: expected {type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
 def _check_range(value: Any, meta: dict, where: str) -> None:
@@ -114,6 +116,7 @@ def _check_range(value: Any, meta: dict, where: str) -> None:
 
 
 def parameter_fields(params_cls: type) -> dict[str, dataclasses.Field]:
+    """The fields of a Params dataclass by name."""
     return {f.name: f for f in dataclasses.fields(params_cls)}
 
 
@@ -145,6 +148,7 @@ def build_params(params_cls: type, raw: dict[str, Any], *, where: str, ignore_un
 
 
 def params_to_dict(params: Any) -> dict[str, Any]:
+    """A Params object as the plain dict a recipe stores."""
     return {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
 
 
@@ -155,7 +159,7 @@ class Technique:
     to the model goes through a primitive whose undo is recorded with `ctx.record(...)`.
 
     Example:
-        @register
+        @hfpatch.catalogue.register
         class MyTechnique(Technique):
             name = "my_technique"
             family = "generation"
@@ -214,70 +218,12 @@ class Technique:
         self.tensors = dict(tensors)
         self.tensor_metadata = dict(metadata)
 
-    def export_tensors(self) -> tuple[dict[str, Any], dict[str, str]]:
-        """Tensors (and string metadata) to store in a recipe's payload, e.g. a warmed draft table."""
+    def export_tensors(self, tokenizer=None) -> tuple[dict[str, Any], dict[str, str]]:
+        """Tensors (and string metadata) to store in a recipe's payload, e.g. a warmed draft table.
+
+        `tokenizer`, when given, lets a technique record which vocabulary its tensors belong to.
+        """
         return dict(self.tensors), dict(self.tensor_metadata)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params!r})"
-
-
-_REGISTRY: dict[str, type[Technique]] = {}
-
-
-def register(cls: type[Technique]) -> type[Technique]:
-    """Class decorator adding a technique to the registry under `cls.name`."""
-    if not dataclasses.is_dataclass(cls.Params):
-        raise TypeError(f"{cls.__name__}.Params must be a dataclass")
-    existing = _REGISTRY.get(cls.name)
-    if existing is not None and existing is not cls:
-        raise ValueError(f"technique name {cls.name!r} is already registered by {existing.__qualname__}")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def unregister(name: str) -> None:
-    """Remove a technique from the registry (used by tests that register throwaway techniques)."""
-    _REGISTRY.pop(name, None)
-
-
-def _load_builtin_techniques() -> None:
-    from . import techniques  # noqa: F401  (importing registers them)
-
-
-def technique_class(name: str) -> type[Technique]:
-    _load_builtin_techniques()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY)) or "(none)"
-        raise RecipeError(f"unknown technique type {name!r}; known techniques: {known}") from None
-
-
-def list_techniques() -> list[dict[str, Any]]:
-    """Describe every registered technique: name, family, summary and parameters with defaults.
-
-    Example:
-        >>> [t["name"] for t in hfpatch.list_techniques()]
-    """
-    _load_builtin_techniques()
-    result = []
-    for name in sorted(_REGISTRY):
-        cls = _REGISTRY[name]
-        hints = typing.get_type_hints(cls.Params)
-        params = []
-        for field in dataclasses.fields(cls.Params):
-            default = field.default
-            if default is _MISSING and field.default_factory is not _MISSING:
-                default = field.default_factory()
-            params.append(
-                {
-                    "name": field.name,
-                    "type": _type_name(hints[field.name]),
-                    "default": None if default is _MISSING else default,
-                    "help": field.metadata.get("help", ""),
-                    **{k: field.metadata[k] for k in ("ge", "le", "gt", "choices") if field.metadata.get(k) is not None},
-                }
-            )
-        result.append({"name": name, "family": cls.family, "summary": cls.summary, "params": params})
-    return result
