@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from . import compat
+
 __all__ = ["growable_cache", "make_growable", "is_growable"]
 
 #: Extra positions reserved when a buffer has to grow without a capacity hint (then x1.5 of the need).
@@ -83,13 +85,11 @@ def make_growable(cache, capacity: int | None = None):
     without it buffers grow by half their size (at least ``MIN_RESERVE`` positions) when full. Sliding
     window layers and other layer types are left as they are.
     """
-    from transformers.cache_utils import DynamicLayer
-
     if not cache.layers:
         raise ValueError("make_growable needs a cache whose layers exist already: build the DynamicCache with "
                          "config= (or use growable_cache(config))")
     for layer in cache.layers:
-        if type(layer) is DynamicLayer:
+        if compat.is_full_attention_layer(layer):
             # An instance attribute, not a subclass: the speculative engine only compacts caches whose layers
             # are exactly DynamicLayer (compat.compactable_cache), and this layer still is one.
             layer.update = types.MethodType(_update_in_place, layer)
@@ -100,10 +100,8 @@ def make_growable(cache, capacity: int | None = None):
 
 def growable_cache(config, capacity: int | None = None):
     """A new ``DynamicCache`` for ``config`` (a model config) whose full-attention layers append in place."""
-    from transformers.cache_utils import DynamicCache
-
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    return make_growable(DynamicCache(config=text), capacity)
+    return make_growable(compat.new_dynamic_cache(text), capacity)
 
 
 def is_growable(cache) -> bool:

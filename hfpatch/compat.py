@@ -1,6 +1,8 @@
-"""The one place that knows how transformers versions differ.
+"""The one place that knows transformers internals and how transformers versions differ.
 
-Everything else in hfpatch asks this module instead of checking `transformers.__version__` itself.
+Everything else in hfpatch asks this module instead of importing below transformers' top-level names,
+calling private methods, or checking `transformers.__version__` itself (tests/test_imports.py checks the
+imports).
 Tested range: transformers 5.23 and 5.24 (see `TESTED_TRANSFORMERS`).
 """
 from __future__ import annotations
@@ -11,6 +13,8 @@ import warnings
 
 import transformers
 from packaging.version import Version
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward as _transformers_sdpa_attention_forward
 
 TESTED_TRANSFORMERS = (">=5.23", "<5.25")
 TRANSFORMERS_VERSION = Version(transformers.__version__)
@@ -49,6 +53,26 @@ def output_cache(outputs):
     if cache is None:
         cache = getattr(outputs, "past_key_values", None)
     return cache
+
+
+#: transformers' own sdpa attention function: the sparse techniques run exactly it on full steps (re-exported
+#: rather than wrapped, since it runs in every layer of every step).
+sdpa_attention_forward = _transformers_sdpa_attention_forward
+
+
+def uses_default_dynamic_cache(model) -> bool:
+    """Whether `generate` gives this model a plain DynamicCache when the caller passes none."""
+    return bool(model._supports_default_dynamic_cache())
+
+
+def is_full_attention_layer(layer) -> bool:
+    """Whether a cache layer is exactly a full-attention `DynamicLayer` (not a sliding window or a subclass)."""
+    return type(layer) is DynamicLayer
+
+
+def new_dynamic_cache(config):
+    """An empty `DynamicCache` whose layers exist already, one per decoder layer of `config`."""
+    return DynamicCache(config=config)
 
 
 def attention_functions():
@@ -124,8 +148,6 @@ def compactable_cache(cache) -> bool:
     Sliding-window layers only qualify while nothing has slid out of them yet, which the caller must
     guarantee by keeping the whole sequence shorter than the window.
     """
-    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
-
     return type(cache) is DynamicCache and all(
         type(layer) is DynamicLayer or (type(layer) is DynamicSlidingWindowLayer and not layer.record_past)
         for layer in cache.layers

@@ -7,12 +7,12 @@ class, a shared config object or a module-level function.
 from __future__ import annotations
 
 import copy
-import functools
 import itertools
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import wrapt
 
 from . import compat
 
@@ -41,21 +41,36 @@ def set_attribute(obj: Any, name: str, value: Any) -> Undo:
     return undo
 
 
+class _MethodWrapper(wrapt.FunctionWrapper):
+    """A wrapt wrapper around one instance's bound method.
+
+    wrapt keeps the wrapper transparent: `inspect.signature`, `__wrapped__`, `__name__`, `__doc__` and
+    `__self__` are the original method's, so code that introspects `model.generate` (transformers itself,
+    TRL, Accelerate) sees what it would see unpatched. A deep copy keeps the same wrapper object, as a
+    plain function attribute would be kept.
+    """
+
+    def __deepcopy__(self, memo: dict) -> _MethodWrapper:
+        return self
+
+    def __copy__(self) -> _MethodWrapper:
+        return self
+
+
 def wrap_method(obj: Any, name: str, wrapper: Callable[..., Any]) -> Undo:
     """Route calls of `obj.name(...)` through `wrapper(original, *args, **kwargs)` for this instance only.
 
     `original` is the method as bound at patch time (possibly an earlier wrapper), so wrappers stack in the
-    order they were applied and come off in reverse. Used for `generate` and for training-loss hooks
-    (`Trainer.compute_loss` on one trainer instance).
+    order they were applied and come off in reverse. Used for `generate`, `forward` and training-loss hooks
+    (`Trainer.compute_loss` on one trainer instance). The wrapper keeps the original's signature and
+    metadata (see `_MethodWrapper`).
     """
     original = getattr(obj, name)
 
-    @functools.wraps(original)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        return wrapper(original, *args, **kwargs)
+    def call(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
+        return wrapper(wrapped, *args, **kwargs)
 
-    wrapped.__hfpatch_original__ = original  # type: ignore[attr-defined]
-    return set_attribute(obj, name, wrapped)
+    return set_attribute(obj, name, _MethodWrapper(original, call))
 
 
 def wrap_generate(model: torch.nn.Module, wrapper: Callable[..., Any]) -> Undo:

@@ -11,8 +11,9 @@ from tiny_models import tiny_model
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 import hfpatch
-from hfpatch import cache as hfcache
 from hfpatch import compat
+from hfpatch.cache import growable_cache, is_growable, make_growable
+from hfpatch.techniques.attention import base as attention_base
 
 
 def prompt(n=2, length=30, pad=(0, 7), seed=0):
@@ -34,7 +35,7 @@ def test_generate_with_growable_cache_equals_dynamic_cache(kind, capacity):
     model = tiny_model(kind)
     ids, mask = prompt()
     ref_seq, ref_logits = gen(model, ids, mask)
-    cache = hfcache.growable_cache(model.config, capacity)
+    cache = growable_cache(model.config, capacity)
     seq, logits = gen(model, ids, mask, cache)
     torch.testing.assert_close(logits, ref_logits, atol=0, rtol=0)
     assert torch.equal(seq, ref_seq)
@@ -46,9 +47,9 @@ def test_generate_with_growable_cache_equals_dynamic_cache(kind, capacity):
 
 def test_decode_step_writes_in_place_and_crop_compaction_deepcopy_keep_working():
     with pytest.raises(ValueError, match="config"):
-        hfcache.make_growable(DynamicCache())  # layers appear lazily: nothing to convert
-    cache = hfcache.growable_cache(tiny_model("llama").config, capacity=12)
-    assert hfcache.is_growable(cache)
+        make_growable(DynamicCache())  # layers appear lazily: nothing to convert
+    cache = growable_cache(tiny_model("llama").config, capacity=12)
+    assert is_growable(cache)
     ref = DynamicCache()
     g = torch.Generator().manual_seed(0)
     for step in range(20):  # 10 positions, then one at a time past the capacity
@@ -85,9 +86,9 @@ def test_sparse_recipes_generate_through_the_growable_cache_and_unpatch(recipe):
     ids, mask = prompt()
     ref_seq, ref_logits = gen(model, ids, mask)
     seen = []
-    real = hfcache.growable_cache
+    real = growable_cache
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(hfcache, "growable_cache", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+        mp.setattr(attention_base, "growable_cache", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
         with hfpatch.patch(model, recipe, budget=4096, kv_cache="growable") as handle:  # covers everything: exact
             seq, logits = gen(model, ids, mask)
             assert handle.stats[handle.techniques[0].name]["kv_cache"] == "growable"

@@ -240,3 +240,32 @@ def test_training_loss_hook_on_one_trainer_instance(tmp_path):
     undo()
     assert "compute_loss" not in trainer.__dict__
     assert trainer.compute_loss.__func__ is transformers.Trainer.compute_loss
+
+
+def test_wrapped_generate_and_forward_keep_their_signature_and_metadata():
+    """hfpatch's method wrappers are transparent to introspection (wrapt): signature, __wrapped__, name, doc."""
+    import inspect
+
+    from hfpatch import primitives
+
+    model = tiny_model("llama")
+    mlp = model.model.layers[0].mlp
+    before = {"generate": inspect.signature(model.generate), "forward": inspect.signature(mlp.forward)}
+    calls = []
+
+    def counting(original, *args, **kwargs):
+        calls.append(original.__name__)
+        return original(*args, **kwargs)
+
+    undo_generate = primitives.wrap_method(model, "generate", counting)
+    undo_forward = primitives.wrap_method(mlp, "forward", counting)
+    for owner, name in ((model, "generate"), (mlp, "forward")):
+        wrapped = getattr(owner, name)
+        assert inspect.signature(wrapped) == before[name]
+        assert wrapped.__name__ == name and wrapped.__doc__ == getattr(type(owner), name).__doc__
+        assert wrapped.__wrapped__ == getattr(type(owner), name).__get__(owner)
+    model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=1, do_sample=False)
+    assert calls[0] == "generate" and "forward" in calls
+    undo_forward()
+    undo_generate()
+    assert "generate" not in vars(model) and "forward" not in vars(mlp)

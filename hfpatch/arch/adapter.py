@@ -67,6 +67,19 @@ class ArchAdapter:
     def output_embeddings(self) -> torch.nn.Module:
         return _get(self.model, self.spec.lm_head)
 
+    def input_embeddings_path(self) -> str:
+        """Dotted path of the input embeddings from the top-level model (what `replace_submodule` takes)."""
+        language_model = self.spec.language_model
+        return f"{language_model}.{self.spec.embed_tokens}" if language_model else self.spec.embed_tokens
+
+    def output_embeddings_path(self) -> str:
+        """Dotted path of the LM head from the top-level model."""
+        return self.spec.lm_head
+
+    def text_sub_config(self) -> str | None:
+        """Name of the text sub-config of a VLM config (None for a plain decoder, whose config is the text one)."""
+        return self.spec.text_sub_config
+
     def embeddings_tied(self) -> bool:
         return self.output_embeddings().weight is self.input_embeddings().weight
 

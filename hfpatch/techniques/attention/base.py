@@ -23,10 +23,9 @@ import dataclasses
 from typing import Any, ClassVar
 
 import torch
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ... import arch, compat, primitives
-from ... import cache as hfcache
+from ...cache import growable_cache
 from ...kernels import group_attention_scores, select_positions, sparse_decode_attention, with_forced_first
 from ...technique import Technique, param
 
@@ -88,7 +87,7 @@ def _growable_cache_problem(model, kwargs) -> str | None:
     implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
     if implementation is not None:
         return f"cache_implementation={implementation!r}"
-    if not model._supports_default_dynamic_cache():
+    if not compat.uses_default_dynamic_cache(model):
         return "the model does not use a DynamicCache"
     return None
 
@@ -156,7 +155,7 @@ class SparseAttentionTechnique(Technique):
         """``generate`` with an in-place KV cache when the caller brings none (see ``hfpatch.cache``)."""
         problem = _growable_cache_problem(model, kwargs)
         if problem is None:
-            cache = hfcache.growable_cache(model.config, _capacity_hint(model, args, kwargs))
+            cache = growable_cache(model.config, _capacity_hint(model, args, kwargs))
             kwargs = {**kwargs, compat.cache_kwarg(model): cache}
         out = original(*args, **kwargs)
         # after the call: the prefill resets the statistics
@@ -195,7 +194,7 @@ class SparseAttentionTechnique(Technique):
     # the attention function
 
     def _full(self, module, query, key, value, attention_mask, scaling, dropout, kwargs):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+        return compat.sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
 
     def _state(self, layer: int, batch: int, length: int) -> LayerState:

@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 
-from ... import primitives
+from ... import arch, primitives
 from ...errors import UnsupportedModelError
 from ...catalogue import register
 from ...technique import Technique, param
-from . import omp as omp_mod
+from .omp import apply_codes, omp
 from .alignment import Alignment, align
 from .length_bias import add_length_bias, constant_logit_direction
 from .tokenadapt import mean_of_pieces, pad_pieces, tokenadapt
@@ -38,7 +38,6 @@ from .tokenadapt import mean_of_pieces, pad_pieces, tokenadapt
 logger = logging.getLogger(__name__)
 
 METHODS = ("omp", "tokenadapt", "mean", "zero", "random")
-TEXT_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gpt2"})
 
 
 @dataclasses.dataclass
@@ -124,9 +123,9 @@ def initial_rows(method: str, rows: torch.Tensor, alignment: Alignment, params: 
             targets = mean_of_pieces(rows, ids, mask)
             atoms = rows[anchors_old].float()
         with _bar(len(todo), f"omp k={params.k} {what}", progress) as bar:
-            idx, coef = omp_mod.omp(targets, atoms, params.k, candidates=params.omp_candidates,
+            idx, coef = omp(targets, atoms, params.k, candidates=params.omp_candidates,
                                     ridge=params.omp_ridge, progress=bar.update)
-        values = omp_mod.apply_codes(idx, coef, rows[anchors_old].float())
+        values = apply_codes(idx, coef, rows[anchors_old].float())
     else:  # pragma: no cover - validated by the parameter's choices
         raise ValueError(method)
     new[todo] = values.to(rows.dtype)
@@ -175,7 +174,7 @@ class TokenizerTransplant(Technique):
     summary = "Tokenizer swap: new vocabulary with training-free embedding init (OMP, TokenAdapt, mean)"
     Params = TransplantParams
     claims = frozenset({"embeddings", "vocabulary"})
-    model_types = TEXT_MODEL_TYPES
+    model_types = frozenset(arch.supported_model_types("decoder"))  # text models; VLMs are not handled yet
 
     def __init__(self, params: Any = None, **kwargs: Any):
         super().__init__(params, **kwargs)
@@ -273,11 +272,8 @@ class TokenizerTransplant(Technique):
         if isinstance(new_emb, torch.nn.Embedding):
             new_emb.padding_idx = new_pad
 
-        spec = adapter.spec
-        lm_path = spec.language_model
-        ctx.record(primitives.replace_submodule(model, f"{lm_path}.{spec.embed_tokens}" if lm_path else
-                                                spec.embed_tokens, new_emb))
-        ctx.record(primitives.replace_submodule(model, spec.lm_head, new_head))
+        ctx.record(primitives.replace_submodule(model, adapter.input_embeddings_path(), new_emb))
+        ctx.record(primitives.replace_submodule(model, adapter.output_embeddings_path(), new_head))
         self._update_config(model, ctx, old_tok, new_tok, alignment, old_vocab)
 
         template = self._chat_template(old_tok, new_tok)
@@ -299,7 +295,7 @@ class TokenizerTransplant(Technique):
         add_length_bias(rows, todo, counts, direction, self.params.length_bias)
 
     def _update_config(self, model, ctx, old_tok, new_tok, alignment: Alignment, old_vocab: int) -> None:
-        text_sub = ctx.adapter.spec.text_sub_config
+        text_sub = ctx.adapter.text_sub_config()
         new_size = alignment.new_size
         ctx.record(primitives.set_config_field(model, "vocab_size", new_size, sub_config=text_sub))
         ids = {role: getattr(new_tok, f"{role}_token_id", None) for role in ("bos", "eos", "pad")}
