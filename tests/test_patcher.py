@@ -269,3 +269,18 @@ def test_wrapped_generate_and_forward_keep_their_signature_and_metadata():
     undo_forward()
     undo_generate()
     assert "generate" not in vars(model) and "forward" not in vars(mlp)
+
+
+@pytest.mark.parametrize("recipe", sorted(r["name"] for r in hfpatch.list_recipes()))
+def test_every_builtin_recipe_round_trips_exactly(recipe):
+    """The strict snapshot round trip for every built-in recipe: used through generate, then unpatched."""
+    model = tiny_model("llama")
+    inputs = _inputs(model)
+    logits_before = _logits(model, inputs)
+    before = _snapshot(model)
+    prompt = inputs["input_ids"][:1]
+    expected = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    with hfpatch.patch(model, recipe):
+        model.generate(prompt, max_new_tokens=4, do_sample=False)
+    _assert_same(model, before, logits_before, inputs)
+    assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False), expected)
