@@ -325,9 +325,7 @@ def _cmd_recipe_push(args: argparse.Namespace) -> int:
 
 
 def _cmd_recipe_pull(args: argparse.Namespace) -> int:
-    from huggingface_hub import hf_hub_download
-
-    from .recipe import RECIPE_FILE, TENSOR_FILE, Recipe
+    from .recipe import Recipe, builtin_recipe_path
 
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
@@ -337,24 +335,11 @@ def _cmd_recipe_pull(args: argparse.Namespace) -> int:
                            "recipe files")
     if Path(args.repo_id).expanduser().exists():
         raise CommandError(f"{args.repo_id!r} is a local path; 'recipe pull' takes a Hub repo id like 'org/name'")
-    recipe = Recipe.from_pretrained(args.repo_id, revision=args.revision)
-    source = recipe.source or ""
-    if not source.startswith("hub:"):
-        raise CommandError(f"{args.repo_id!r} is not a Hub repo id (it resolved to {source}); "
+    if args.revision is None and builtin_recipe_path(args.repo_id) is not None:
+        raise CommandError(f"{args.repo_id!r} is not a Hub repo id (it resolved to builtin:{args.repo_id}); "
                            "use 'hfpatch recipe show' for built-in recipes")
-    commit = source.rsplit("@", 1)[1]
-    # Copy the files as published rather than re-saving the parsed recipe: a recipe from a newer format
-    # minor version keeps the keys this version ignores. Pinning the commit makes these cache hits.
-    files = [RECIPE_FILE] + ([TENSOR_FILE] if recipe.tensors else [])
-    out.mkdir(parents=True, exist_ok=True)
-    for name in files:
-        cached = hf_hub_download(args.repo_id, name, revision=commit)
-        tmp = out / f".{name}.tmp"
-        shutil.copyfile(cached, tmp)
-        os.replace(tmp, out / name)
-    if not recipe.tensors and (out / TENSOR_FILE).exists():
-        (out / TENSOR_FILE).unlink()  # left from an earlier pull; would contradict the new JSON
-    print(f"pulled recipe {recipe.name!r} from {args.repo_id}@{commit} into {out}")
+    recipe = Recipe.download(args.repo_id, out, revision=args.revision)
+    print(f"pulled recipe {recipe.name!r} from {args.repo_id}@{recipe.source.rsplit('@', 1)[1]} into {out}")
     return 0
 
 

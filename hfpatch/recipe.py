@@ -354,6 +354,49 @@ class Recipe:
             )
         return info.oid
 
+    @classmethod
+    def download(
+        cls,
+        repo_id: str,
+        local_dir: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> Recipe:
+        """Download a Hub recipe into ``local_dir`` and return it, validated.
+
+        The files are copied as published (through the Hub cache, pinned to the resolved commit, so
+        ``HF_HUB_OFFLINE=1`` works for cached revisions): a recipe of a newer format minor version keeps the
+        keys this version ignores. Recipe files already in ``local_dir`` are replaced; a tensor file left from
+        an earlier download is removed when the new recipe has none. Raises ``RecipeError`` when ``repo_id``
+        resolves to a local path or a built-in recipe instead of a Hub repository.
+
+        Example:
+            >>> recipe = hfpatch.Recipe.download("org/my-recipe", "my_recipe/", revision="v1")
+        """
+        import shutil
+
+        from huggingface_hub import hf_hub_download
+
+        out = Path(local_dir).expanduser()
+        if out.exists() and not out.is_dir():
+            raise RecipeError(f"{os.fspath(local_dir)}: exists and is not a folder")
+        recipe = cls.from_pretrained(repo_id, revision=revision, token=token, cache_dir=cache_dir)
+        source = recipe.source or ""
+        if not source.startswith("hub:"):
+            raise RecipeError(f"{repo_id!r} is not a Hub repo id (it resolved to {source})")
+        commit = source.rsplit("@", 1)[1]
+        out.mkdir(parents=True, exist_ok=True)
+        for name in [RECIPE_FILE] + ([TENSOR_FILE] if recipe.tensors else []):
+            cached = hf_hub_download(repo_id, name, revision=commit, token=token, cache_dir=cache_dir)
+            tmp = out / f".{name}.tmp"
+            shutil.copyfile(cached, tmp)
+            os.replace(tmp, out / name)
+        if not recipe.tensors and (out / TENSOR_FILE).exists():
+            (out / TENSOR_FILE).unlink()  # would contradict the new JSON
+        return recipe
+
 
 def _load_tensor_payload(spec: Any, folder: Path, source: str, path: Path | None = None) -> tuple[dict, dict]:
     """Load and verify the tensor file a recipe declares (sha256 and key list must match)."""
