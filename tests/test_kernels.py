@@ -7,6 +7,7 @@ is checked on the reference path only.
 """
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -410,6 +411,133 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         _probe_op()(torch.zeros(1), backend="triton")
     with pytest.raises(KernelUnavailableError, match="meta"):
         _probe_op()(torch.zeros(1, device="meta"), backend="triton")
+
+
+def test_a_cpu_implementation_that_rejects_the_inputs_is_never_run(monkeypatch):
+    """`rejects`: auto runs the reference and says why; backend="cpu" raises with the same reason."""
+    monkeypatch.delenv(K.ENV_VAR, raising=False)
+
+    def ref(x, *, k=1):
+        return "torch"
+
+    def cpu(x, *, k=1):
+        return "cpu"
+
+    def float32_only(x, *, k=1):
+        return None if x.dtype == torch.float32 else f"{x.dtype}: float32 only"
+
+    op = KernelOp("probe_cpu", ref, None, cpu=K.CpuKernel(cpu, rejects=float32_only))
+    assert op.backends == ("torch", "cpu")
+    assert op(torch.zeros(1)) == "cpu" and op.resolve_backend(torch.zeros(1)) == "cpu"
+    assert op(torch.zeros(1, dtype=torch.float64)) == "torch"
+    assert "does not take these inputs (torch.float64: float32 only)" in op.explain(torch.zeros(1).double())
+    with pytest.raises(KernelUnavailableError, match="probe_cpu: backend 'cpu'.*torch.float64: float32 only"):
+        op(torch.zeros(1, dtype=torch.float64), backend="cpu")
+    with pytest.raises(KernelUnavailableError, match="runs on CPU tensors, not 'meta'"):
+        op(torch.zeros(1, device="meta"), backend="cpu")
+    with pytest.raises(TypeError, match="CpuKernel"):
+        K.register_kernel("test_plain_cpu", reference=ref, triton=None, cpu=cpu)
+    assert "test_plain_cpu" not in K.list_kernels()
+
+
+def _calls_per_op():
+    """Calls of every built-in op on CPU tensors, with the backend ``auto`` must pick for each: the CPU
+    implementation where one exists and takes the inputs (as before dispatch covered every op), the reference
+    for inputs it rejects."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 6, 8, generator=g), torch.randn(2, 2, 20, 8, generator=g), torch.randn(2, 2, 20, 8, generator=g)
+    valid = torch.ones(2, 20, dtype=torch.bool)
+    valid[1, :5] = False
+    index = torch.stack([torch.randperm(20, generator=g)[:7] for _ in range(4)]).view(2, 2, 7)
+    basis = torch.linalg.qr(torch.randn(2, 2, 8, 3, generator=g)).Q
+    projected = (k @ basis).transpose(-1, -2).contiguous()
+    scores = torch.rand(2, 2, 20, generator=g)
+    sparse_cpu = "cpu" if K.sparse_decode_attention.cpu.unavailable() is None else "torch"
+    lowrank_cpu = "cpu" if K.lowrank_sparse_decode.cpu.unavailable() is None else "torch"
+    bf16 = [t.bfloat16() for t in (q, k, v)]
+    return {
+        "group_attention_scores": [((q, k, valid), dict(scale=0.3), "torch")],
+        "logprob_gather": [((torch.randn(3, 11, generator=g), torch.tensor([0, 5, 10])), {}, "torch")],
+        "lowrank_sparse_decode": [
+            ((q, basis, projected, k, v, valid), dict(budget=6, sink=1, window=2), lowrank_cpu),
+            ((q, basis, projected.transpose(-1, -2).contiguous().transpose(-1, -2), k, v, valid),
+             dict(budget=6, sink=1, window=2), "torch"),  # projected not contiguous along S: the reference
+        ],
+        "scored_attention": [((q, k, v, valid), dict(scale=0.3), "cpu"),
+                             ((q.double(), k.double(), v.double(), valid), dict(scale=0.3), "torch")],
+        "select_positions": [((scores, 5), {}, "cpu"), ((scores, 8, valid & (torch.arange(20) < 2), valid), {}, "cpu")],
+        "sparse_decode_attention": [
+            ((q, k, v, index, valid), dict(scale=0.3), sparse_cpu),
+            ((*bf16, index, valid), dict(scale=0.3), "torch"),  # bfloat16: the compiled kernel is float32 only
+            ((q, k, v, index.repeat_interleave(3, 1), valid), dict(scale=0.3), "torch"),  # a set per query head
+        ],
+    }
+
+
+def _spy_on_implementations(monkeypatch, op, calls):
+    """Record which of ``op``'s implementations run, both when dispatch calls them and when any code calls
+    their module-level functions directly (an implementation handing a call on to another one)."""
+
+    def spy(label, function):
+        @functools.wraps(function)
+        def recorded(*args, **kwargs):
+            calls.append(label)
+            return function(*args, **kwargs)
+        return recorded
+
+    def patch_global(function, replacement):
+        module = sys.modules[function.__module__]
+        if getattr(module, function.__name__, None) is function:
+            monkeypatch.setattr(module, function.__name__, replacement)
+
+    for label, attribute in (("torch", "reference"), ("triton", "triton")):
+        function = getattr(op, attribute)
+        if function is not None:
+            monkeypatch.setattr(op, attribute, spy(label, function))
+            patch_global(function, getattr(op, attribute))
+    if op.cpu is not None:
+        function = op.cpu.function
+        monkeypatch.setattr(op.cpu, "function", spy("cpu", function))
+        patch_global(function, op.cpu.function)
+
+
+@pytest.mark.parametrize("source", ["argument", "environment"])
+def test_every_op_runs_the_implementation_it_reports(monkeypatch, source):
+    """For every registered op, every backend name and inputs its fast implementations take or not: the call runs
+    exactly the implementation `choose` reports (a named backend that cannot run raises and runs nothing), and
+    `auto` on CPU picks what ran before every op went through dispatch."""
+    builtin = {name for name in K.list_kernels() if K.get_kernel(name).reference.__module__.startswith("hfpatch.")}
+    cases = _calls_per_op()
+    assert set(cases) == builtin, "add the new op to _calls_per_op"
+    for name, calls_of_op in cases.items():
+        op = K.get_kernel(name)
+        ran = []
+        with monkeypatch.context() as patched:
+            _spy_on_implementations(patched, op, ran)
+            for args, kwargs, auto in calls_of_op:
+                for backend in K.BACKENDS:
+                    if backend == "triton" and op.triton is not None and not K.triton_runs_on_cpu():
+                        continue  # cannot tell "unavailable here" from a wrong refusal without the interpreter
+                    if source == "argument":
+                        patched.delenv(K.ENV_VAR, raising=False)
+                        call = dict(kwargs, backend=backend)
+                    else:
+                        patched.setenv(K.ENV_VAR, backend)
+                        call = dict(kwargs)
+                    ran.clear()
+                    try:
+                        choice = op.choose(*args, **call)
+                    except KernelUnavailableError:
+                        assert backend != "auto" and (backend == "cpu" or op.triton is None), (name, backend)
+                        with pytest.raises(KernelUnavailableError):
+                            op(*args, **call)
+                        assert ran == [], (name, backend, ran)
+                        continue
+                    op(*args, **call)
+                    assert ran == [choice.backend], (name, backend, choice, ran)
+                    assert choice.backend == (auto if backend == "auto" else backend), (name, backend, choice)
+                    assert choice.implementation is {"torch": op.reference, "triton": op.triton,
+                                                     "cpu": op.cpu}[choice.backend]
 
 
 def test_import_and_interpreter_detection_in_fresh_processes():

@@ -99,12 +99,24 @@ def test_on_cuda_the_reference_scores_the_projected_view_with_the_triton_kernel(
                                atol=1e-5, rtol=1e-5)
 
 
-def test_other_dtypes_and_strides_fall_back_to_the_reference():
+@needs_compiled
+def test_other_dtypes_and_strides_run_the_reference_and_say_so(monkeypatch):
+    """bfloat16 or a projected buffer not contiguous along S: auto runs the reference (and reports it),
+    backend="cpu" refuses with the reason instead of running the reference under its name."""
+    monkeypatch.delenv("HFPATCH_KERNELS", raising=False)
     *tensors, valid = inputs(1, 4, 2, 16, 30, 4, pad=(3,))
-    args = [t.to(torch.bfloat16) for t in tensors] + [valid]
-    out, index = lowrank_sparse_decode.cpu(*args, budget=8, sink=1, window=2)
-    ref_out, ref_index = lowrank_sparse_decode_reference(*args, budget=8, sink=1, window=2)
-    assert out.dtype == torch.bfloat16 and torch.equal(index, ref_index) and torch.equal(out, ref_out)
+    query, basis, projected, key, value = tensors
+    strided = projected.transpose(-1, -2).contiguous().transpose(-1, -2)
+    for args, reason in (([t.to(torch.bfloat16) for t in tensors] + [valid], "bfloat16: float32 only"),
+                         ([query, basis, strided, key, value, valid], "not contiguous along its last dimension")):
+        options = dict(budget=8, sink=1, window=2)
+        assert lowrank_sparse_decode.resolve_backend(*args, **options) == "torch"
+        assert reason in lowrank_sparse_decode.explain(*args, **options)
+        with pytest.raises(KernelUnavailableError, match=reason):
+            lowrank_sparse_decode(*args, **options, backend="cpu")
+        out, index = lowrank_sparse_decode(*args, **options)
+        ref_out, ref_index = lowrank_sparse_decode_reference(*args, **options)
+        assert out.dtype == args[0].dtype and torch.equal(index, ref_index) and torch.equal(out, ref_out)
 
 
 def test_shape_errors_name_the_problem():
@@ -127,10 +139,10 @@ def test_dispatch_picks_the_compiled_kernel_and_honours_overrides(monkeypatch):
     assert lowrank_sparse_decode.resolve_backend(*args, budget=8) == "torch"
     with pytest.raises(KernelUnavailableError, match="no Triton implementation"):
         lowrank_sparse_decode(*args, budget=8, backend="triton")
-    # an op without a compiled kernel refuses backend="cpu" by name
-    with pytest.raises(KernelUnavailableError, match="no compiled CPU implementation"):
+    # an op without a CPU implementation refuses backend="cpu" by name
+    with pytest.raises(KernelUnavailableError, match="no CPU implementation"):
         group_attention_scores(args[0], args[3], backend="cpu")
-    with pytest.raises(TypeError, match="Triton implementation, a compiled CPU one, or both"):
+    with pytest.raises(TypeError, match="Triton implementation, a CPU one, or both"):
         register_kernel("test_neither", reference=lambda x: x, triton=None)
 
 

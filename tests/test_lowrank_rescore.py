@@ -1,5 +1,5 @@
 """Recycled Attention's `rescore_rank`: per-step re-selection by low-rank key scores (lowrank_keys), and the
-CPU top-k path of select_positions it relies on."""
+CPU implementation of select_positions (NumPy's introselect) it relies on."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from test_sparse_attention import TOL, batch, deep_model, run
 
 import hfpatch
-from hfpatch.kernels import group_attention_scores, select_positions, sparse_decode_attention
+from hfpatch.kernels import group_attention_scores, select_positions, select_positions_reference, sparse_decode_attention
 from hfpatch.techniques.attention.base import LayerState
 from hfpatch.techniques.attention.lowrank_keys import LowRankKeys, principal_basis
 from hfpatch.techniques.attention.recycled import RecycledAttention
@@ -115,7 +115,9 @@ def test_cpu_top_k_path_equals_torch_topk(shape, budget):
     scores[..., :2] = float("inf")  # forced positions
     scores[..., -1] = float("-inf")  # padding
     expected = torch.topk(scores, min(budget, shape[-1]), dim=-1).indices.sort(-1).values
-    got = select_positions(scores, budget)
+    assert select_positions.resolve_backend(scores, budget) == "cpu"  # what auto runs on CPU: NumPy's introselect
+    got = select_positions(scores, budget, backend="cpu")
     assert got.dtype == torch.int64 and torch.equal(got, expected)
+    assert torch.equal(select_positions_reference(scores, budget), expected)
     strided = scores.transpose(0, 1)  # a non-contiguous view
-    assert torch.equal(select_positions(strided, budget), expected.transpose(0, 1))
+    assert torch.equal(select_positions(strided, budget, backend="cpu"), expected.transpose(0, 1))

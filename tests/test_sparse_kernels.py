@@ -1,5 +1,5 @@
-"""Sparse decode attention and selection-scoring kernels: references against plain formulas, Triton
-(interpreted on CPU, see conftest.py) against the references on awkward shapes."""
+"""Sparse decode attention, attention scores and position selection: references against plain formulas, the
+Triton (interpreted on CPU, see conftest.py) and CPU implementations against the references on awkward shapes."""
 from __future__ import annotations
 
 import pytest
@@ -7,9 +7,13 @@ import torch
 
 import hfpatch.kernels as K
 from hfpatch.kernels import (
+    KernelUnavailableError,
     group_attention_scores,
     group_attention_scores_reference,
+    scored_attention,
+    scored_attention_reference,
     select_positions,
+    select_positions_reference,
     sparse_decode_attention,
     sparse_decode_attention_reference,
 )
@@ -120,14 +124,22 @@ def test_compiled_cpu_kernel_equals_reference(shape):
 
 
 @needs_compiled_cpu
-def test_compiled_cpu_kernel_hands_other_inputs_to_the_reference():
-    q, k, v, index, valid = make(2, 6, 2, 37, 24, 24, 13, torch.bfloat16)
-    torch.testing.assert_close(sparse_decode_attention(q, k, v, index, valid, backend="cpu"),
-                               sparse_decode_attention_reference(q, k, v, index, valid), rtol=0, atol=0)
+def test_compiled_cpu_kernel_refuses_other_inputs_and_auto_runs_the_reference(monkeypatch):
+    """bfloat16, an index set per query head, keys not contiguous along D: backend="cpu" raises with the reason,
+    auto runs the reference and says so."""
+    monkeypatch.delenv(K.ENV_VAR, raising=False)
     q, k, v, index, valid = make(2, 6, 2, 37, 24, 24, 13, torch.float32)
+    bf16 = make(2, 6, 2, 37, 24, 24, 13, torch.bfloat16)
     per_head = index.repeat_interleave(3, 1)  # [B, Hq, N]: one set per query head
-    torch.testing.assert_close(sparse_decode_attention(q, k, v, per_head, valid, backend="cpu"),
-                               sparse_decode_attention_reference(q, k, v, per_head, valid), rtol=0, atol=0)
+    d_strided = k.transpose(-1, -2).contiguous().transpose(-1, -2)
+    for args, reason in ((bf16, "bfloat16: float32 only"), ((q, k, v, per_head, valid), "per query head"),
+                         ((q, d_strided, v, index, valid), "not contiguous along D")):
+        with pytest.raises(KernelUnavailableError, match=reason):
+            sparse_decode_attention(*args, backend="cpu")
+        assert sparse_decode_attention.resolve_backend(*args) == "torch"
+        assert reason in sparse_decode_attention.explain(*args)
+        torch.testing.assert_close(sparse_decode_attention(*args), sparse_decode_attention_reference(*args),
+                                   rtol=0, atol=0)
 
 
 def test_reference_skips_out_of_range_entries_and_padding():
@@ -215,7 +227,8 @@ def test_triton_group_scores_match_reference(shape, dtype):
     torch.testing.assert_close(out, ref, **SCORE_TOL)
 
 
-def test_select_positions_equals_a_straightforward_reference():
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_select_positions_equals_a_straightforward_reference(backend):
     g = torch.Generator().manual_seed(1)
     scores = torch.rand(2, 3, 50, generator=g)
     forced = torch.zeros(2, 50, dtype=torch.bool)
@@ -224,22 +237,101 @@ def test_select_positions_equals_a_straightforward_reference():
     valid[1, :10] = False
     forced[1, :10] = False
     forced[1, [10, 11]] = True
-    got = select_positions(scores, 12, forced, valid)
+    got = select_positions(scores, 12, forced, valid, backend=backend)
     for b in range(2):
         for h in range(3):
             must = set(forced[b].nonzero().flatten().tolist())
             rest = [(float(scores[b, h, i]), i) for i in range(50) if i not in must and valid[b, i]]
             chosen = must | {i for _, i in sorted(rest, reverse=True)[: 12 - len(must)]}
             assert got[b, h].tolist() == sorted(chosen)
-    assert select_positions(scores, 80).shape == (2, 3, 50)  # budget clipped to S
+    assert select_positions(scores, 80, backend=backend).shape == (2, 3, 50)  # budget clipped to S
+
+
+# (scores shape, budget, sinks forced, padded positions of row 0): S = 1, budget 0, budget >= S, non-power-of-two
+# lengths, every position forced, padding, many rows
+SELECT_CASES = [
+    ((1, 1, 1), 1, 0, 0),
+    ((1, 1, 1), 4, 1, 0),
+    ((2, 3, 50), 12, 2, 9),
+    ((3, 2, 7), 7, 1, 0),
+    ((1, 4, 9), 0, 0, 0),
+    ((2, 2, 37), 80, 3, 4),
+    ((4, 1, 300), 5, 4, 100),  # 4 sinks + the current token fill the budget
+    ((2, 1, 8192), 512, 4, 1000),
+]
+
+
+@pytest.mark.parametrize("shape,budget,sink,pad", SELECT_CASES)
+def test_select_positions_cpu_matches_reference(shape, budget, sink, pad):
+    """Scores without ties (random floats), forced positions (sinks + the current token) within the budget: the
+    same set from both; padding only where a row has fewer valid positions than the budget."""
+    b, _, s = shape
+    g = torch.Generator().manual_seed(s + budget)
+    scores = torch.randn(*shape, generator=g)
+    valid = torch.ones(b, s, dtype=torch.bool)
+    valid[0, :pad] = False
+    forced = K.forced_positions(valid, b, s, sink, 0, scores.device) if budget else None
+    for args in ((scores, budget), (scores, budget, forced, valid), (scores.transpose(0, 1).contiguous()
+                                                                      .transpose(0, 1), budget, None, valid)):
+        got = select_positions(*args, backend="cpu")
+        expected = select_positions_reference(*args)
+        assert got.dtype == expected.dtype == torch.int64 and got.shape == expected.shape
+        if budget <= int(valid.sum(-1).min()):
+            assert torch.equal(got, expected)
+        else:  # a row with fewer valid positions than the budget: which padding fills it is unspecified
+            for row in range(b):
+                keep = valid[row]
+                assert torch.equal(got[row].where(keep[got[row]], -1).sort(-1).values,
+                                   expected[row].where(keep[expected[row]], -1).sort(-1).values)
+    other = scores.double().requires_grad_()  # not float32, part of a graph: both rank a float32 copy
+    assert torch.equal(select_positions(other, budget, backend="cpu"), select_positions_reference(other, budget))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_scored_attention_reference_is_dense_attention_and_group_scores(shape):
+    q, k, v, _, valid = make(*shape, torch.float32)
+    out, scores = scored_attention_reference(q, k, v, valid, scale=0.3)
+    torch.testing.assert_close(out, dense(q, k, v, valid, scale=0.3), **TOL[torch.float32])
+    assert torch.equal(scores, group_attention_scores_reference(q, k, valid, scale=0.3))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_scored_attention_cpu_matches_reference(shape):
+    """The one-pass CPU implementation against the two-pass reference; a row with nothing valid gives zeros."""
+    q, k, v, _, valid = make(*shape, torch.float32)
+    if valid is not None:
+        valid[-1] = False
+    out, scores = scored_attention(q, k, v, valid, scale=0.3, backend="cpu")
+    ref_out, ref_scores = scored_attention_reference(q, k, v, valid, scale=0.3)
+    assert out.dtype == torch.float32 and out.shape == ref_out.shape and scores.shape == ref_scores.shape
+    torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
+    torch.testing.assert_close(scores, ref_scores, **SCORE_TOL)
+    if valid is not None:
+        assert out[-1].abs().sum() == 0 and scores[-1].abs().sum() == 0
+
+
+def test_attention_with_scores_is_the_one_pass_implementation_or_none(monkeypatch):
+    monkeypatch.delenv(K.ENV_VAR, raising=False)
+    q, k, v, _, valid = make(2, 6, 2, 37, 24, 24, 13, torch.float32)
+    fused = K.attention_with_scores(q, k, v, valid, 0.3)
+    expected = scored_attention(q, k, v, valid, scale=0.3, backend="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(fused, expected))
+    assert K.attention_with_scores(*make(2, 6, 2, 37, 24, 24, 13, torch.bfloat16)[:3], valid, 0.3) is None
+    monkeypatch.setenv(K.ENV_VAR, "torch")  # every fast implementation off: the caller's two passes
+    assert K.attention_with_scores(q, k, v, valid, 0.3) is None
 
 
 def test_kernels_are_registered_and_dispatch_on_cpu(monkeypatch):
     monkeypatch.delenv(K.ENV_VAR, raising=False)
-    assert {"sparse_decode_attention", "group_attention_scores"} <= set(K.list_kernels())
+    assert {"sparse_decode_attention", "group_attention_scores", "scored_attention",
+            "select_positions"} <= set(K.list_kernels())
     q, k, v, index, valid = make(2, 4, 2, 10, 8, 8, 5, torch.float32)
     built = sparse_decode_attention.cpu.unavailable() is None  # the compiled kernel when it builds here
     assert sparse_decode_attention.resolve_backend(q, k, v, index) == ("cpu" if built else "torch")
-    assert group_attention_scores.resolve_backend(q, k) == "torch"  # no compiled version: the reference
+    assert group_attention_scores.resolve_backend(q, k) == "torch"  # no CPU version: the reference
+    assert select_positions.resolve_backend(torch.rand(2, 2, 10), 4) == "cpu"  # NumPy's introselect
+    assert scored_attention.resolve_backend(q, k, v) == "cpu"
+    with pytest.raises(KernelUnavailableError, match="no Triton implementation"):
+        select_positions(torch.rand(2, 2, 10), 4, backend="triton")
     with pytest.raises(ValueError, match="multiple"):
         sparse_decode_attention(torch.randn(1, 3, 8), k[:1], v[:1], index[:1])

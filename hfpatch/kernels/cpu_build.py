@@ -6,14 +6,13 @@ beside the pure-torch reference (the GPU gets Triton). A source is compiled once
 and torch version (``-O3 -march=native``, OpenMP) into torch's extension directory
 (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) under ``hfpatch/``; later processes
 load the built library in milliseconds. Building needs a C++ compiler and ninja (``pip install ninja``);
-when either is missing or the build fails, the kernel reports why (``unavailable()``), dispatch runs the
-reference instead, and one warning says so.
+when either is missing or the build fails, the kernel reports why (``unavailable()``), one warning says
+so, ``auto`` dispatch runs the reference and ``backend="cpu"`` raises ``KernelUnavailableError``.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
-import inspect
 import logging
 import os
 import platform
@@ -23,6 +22,8 @@ from types import ModuleType
 from typing import Any, Callable
 
 import torch
+
+from .dispatch import CpuKernel
 
 __all__ = ["CompiledKernel", "SOURCE_DIR", "build_directory", "load"]
 
@@ -89,41 +90,41 @@ def load(source: str) -> ModuleType | None:
         except Exception as error:  # noqa: BLE001 - no compiler, no ninja, a compile error: all mean "use torch"
             reason = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
             _failures[source] = reason
-            logger.warning("hfpatch: the CPU kernel %s could not be built (%s); using the pure-torch reference",
+            logger.warning("hfpatch: the CPU kernel %s could not be built (%s); auto dispatch runs the pure-torch "
+                           "reference instead",
                            source, reason)
             return None
 
 
-class CompiledKernel:
-    """A compiled CPU implementation for ``register_kernel(..., cpu=...)``.
+class CompiledKernel(CpuKernel):
+    """A CPU implementation (:class:`~hfpatch.kernels.dispatch.CpuKernel`) that calls a C++ kernel.
 
     ``function`` has the reference's signature and calls ``load(source)``'s entry point; dispatch asks
-    ``unavailable()`` (which builds the source on first use) before choosing it.
+    ``unavailable()`` (which builds the source on first use) and ``rejects(...)`` (the inputs the C++ code
+    does not take, e.g. other dtypes) before choosing it.
 
     Example (how ``lowrank_decode.py`` does it)::
 
         def my_op_cpu(x, *, scale=1.0):
             return load("my_op.cpp").my_op(x, scale)
         my_op = register_kernel("my_op", reference=my_op_reference, triton=None,
-                                cpu=CompiledKernel("my_op.cpp", my_op_cpu))
+                                cpu=CompiledKernel("my_op.cpp", my_op_cpu, rejects=float32_only))
     """
 
-    def __init__(self, source: str, function: Callable[..., Any]):
+    kind = "compiled CPU kernel"
+
+    def __init__(self, source: str, function: Callable[..., Any], *,
+                 rejects: Callable[..., str | None] | None = None):
         if not (SOURCE_DIR / source).is_file():
             raise FileNotFoundError(f"no C++ source {source!r} in {SOURCE_DIR}")
+        super().__init__(function, rejects=rejects)
         self.source = source
-        self.function = function
-        self.__signature__ = inspect.signature(function)
-        functools.update_wrapper(self, function)
 
     def unavailable(self) -> str | None:
         """None when the kernel is built (building it now if needed), else why it cannot run here."""
         if load(self.source) is not None:
             return None
         return f"its C++ source {self.source} did not build: {_failures.get(self.source, 'unknown error')}"
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.function(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f"<hfpatch compiled CPU kernel {self.source}>"

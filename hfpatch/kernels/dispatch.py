@@ -1,19 +1,33 @@
-"""Kernel registry and backend dispatch.
+"""Kernel registry and backend dispatch: the one way an hfpatch kernel op picks what runs.
 
-Every kernel is registered together with a pure-torch reference that has the same signature, plus a
-Triton implementation (GPU), a compiled CPU one (``cpu_build``), or both. The registered op picks, per
-call:
+Every op is registered with a pure-torch reference and one or more faster implementations, all with the
+same signature. Each implementation has a backend name:
+
+- ``"torch"``: the reference; runs on every device.
+- ``"triton"``: a Triton kernel, for CUDA tensors (CPU tensors only under Triton's interpreter, for tests).
+- ``"cpu"``: a :class:`CpuKernel`, for CPU tensors: NumPy or torch code written for the CPU, or a C++ kernel
+  built on first use (``cpu_build.CompiledKernel``). It may take only some inputs (e.g. float32) and says
+  which it rejects and why.
+
+The registered op picks, per call:
 
 1. the ``backend=`` argument of the call, when it is ``"triton"``, ``"cpu"`` or ``"torch"``;
 2. else the ``HFPATCH_KERNELS`` environment variable (``auto`` | ``torch`` | ``triton`` | ``cpu``),
    read at every call so it can be flipped without re-importing;
-3. else (``auto``) Triton for CUDA tensors when triton is installed, the compiled CPU kernel for CPU
-   tensors when the op has one and it builds on this machine, the reference otherwise.
+3. else (``auto``) Triton for CUDA tensors when the op has it and triton is installed, the CPU
+   implementation for CPU tensors when the op has one that can run here (built) and takes these inputs,
+   the reference otherwise.
 
-An explicit per-call backend wins over the environment variable: code that asks for one backend by
-name (a test comparing both, a benchmark) must get it or an error, never the other one silently.
-Library code calls with the default ``backend="auto"``, so ``HFPATCH_KERNELS=torch`` turns every
-Triton and compiled CPU kernel of hfpatch off at once.
+A named backend (from the argument or the environment variable) runs that implementation or raises
+:class:`KernelUnavailableError` saying why; it never runs another one. Code that asks for one backend by
+name (a test comparing them, a benchmark) gets it or an error. An explicit per-call backend wins over the
+environment variable. Library code calls with the default ``backend="auto"``, so ``HFPATCH_KERNELS=torch``
+turns every Triton and CPU implementation of hfpatch off at once.
+
+What runs is what is reported: a call runs the implementation of the :class:`Choice` that
+``op.choose(...)`` returns for the same arguments (``resolve_backend`` and ``explain`` give its backend
+and reason), and no implementation hands a call on to another implementation of its op. (A reference may
+call other ops, e.g. ``lowrank_sparse_decode``'s reference composes three; each of those dispatches itself.)
 
 Triton is imported only when a Triton implementation actually runs.
 """
@@ -22,7 +36,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -31,6 +45,8 @@ from .interpret import TRITON_INSTALL_HINT, triton_available, triton_cpu_reason
 
 __all__ = [
     "BACKENDS",
+    "Choice",
+    "CpuKernel",
     "ENV_VAR",
     "KernelOp",
     "KernelUnavailableError",
@@ -48,13 +64,57 @@ _TRITON_DEVICES = ("cuda",)
 
 
 class KernelUnavailableError(RuntimeError):
-    """Raised when ``backend="triton"`` (or ``"cpu"``) is requested but that kernel cannot run."""
+    """Raised when ``backend="triton"`` (or ``"cpu"``) is requested but that implementation cannot run."""
 
 
 @dataclass(frozen=True)
-class _Choice:
-    backend: str  # "triton", "cpu" or "torch"
+class Choice:
+    """What a call runs: the backend (``"triton"``, ``"cpu"`` or ``"torch"``), why, and the implementation."""
+
+    backend: str
     reason: str
+    implementation: Callable[..., Any] = field(repr=False, compare=False)
+
+
+class CpuKernel:
+    """A CPU implementation for ``register_kernel(..., cpu=...)``.
+
+    ``function`` has the reference's signature and runs on CPU tensors. ``rejects`` (optional, the same
+    signature) returns why these inputs are not for it (``"bfloat16 tensors: float32 only"``) or None; then
+    ``auto`` runs the reference and ``backend="cpu"`` raises. ``function`` never hands a call on to the
+    reference itself. ``cpu_build.CompiledKernel`` is the variant whose function calls a C++ kernel built on
+    first use (:meth:`unavailable` says when it cannot be built).
+
+    Example (how ``selection.py`` does it)::
+
+        def my_op_cpu(x, *, k=1): ...                  # NumPy over x.numpy()
+        my_op = register_kernel("my_op", reference=my_op_reference, triton=None,
+                                cpu=CpuKernel(my_op_cpu, rejects=lambda x, *, k=1:
+                                              None if x.dtype == torch.float32 else "float32 only"))
+    """
+
+    #: How dispatch's reasons name this kind of implementation.
+    kind = "CPU implementation"
+
+    def __init__(self, function: Callable[..., Any], *, rejects: Callable[..., str | None] | None = None):
+        self.function = function
+        self._rejects = rejects
+        self.__signature__ = inspect.signature(function)
+        functools.update_wrapper(self, function)
+
+    def unavailable(self) -> str | None:
+        """None when the implementation can run on this machine, else why not."""
+        return None
+
+    def rejects(self, *args: Any, **kwargs: Any) -> str | None:
+        """Why it does not take these arguments (dtype, layout...), or None when it does."""
+        return None if self._rejects is None else self._rejects(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.function(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<hfpatch CPU implementation {self.function.__name__}>"
 
 
 def _env_backend() -> str:
@@ -73,8 +133,10 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return None
 
 
-def _triton_blocker(device: torch.device | None) -> str | None:
-    """Why Triton cannot run on tensors of this device, or None when it can."""
+def _triton_blocker(op: "KernelOp", device: torch.device | None) -> str | None:
+    """Why the op's Triton implementation cannot run on tensors of this device, or None when it can."""
+    if op.triton is None:
+        return "this kernel has no Triton implementation"
     if not triton_available():
         return f"triton is not installed ({TRITON_INSTALL_HINT})"
     if device is None:
@@ -86,16 +148,18 @@ def _triton_blocker(device: torch.device | None) -> str | None:
     return f"Triton has no backend for {device.type!r} tensors"
 
 
-def _cpu_blocker(op: "KernelOp", device: torch.device | None) -> str | None:
-    """Why the op's compiled CPU kernel cannot run on tensors of this device, or None when it can."""
+def _cpu_blocker(op: "KernelOp", device: torch.device | None, args: tuple, kwargs: dict) -> str | None:
+    """Why the op's CPU implementation cannot run this call, or None when it can."""
     if op.cpu is None:
-        return "this kernel has no compiled CPU implementation"
+        return "this kernel has no CPU implementation"
     if device is None or device.type != "cpu":
-        return f"the compiled kernel runs on CPU tensors, not {getattr(device, 'type', 'no tensor')!r}"
-    return op.cpu.unavailable()
+        return f"the {op.cpu.kind} runs on CPU tensors, not {getattr(device, 'type', 'no tensor')!r}"
+    return op.cpu.unavailable() or op.cpu.rejects(*args, **kwargs)
 
 
-def _choose(op: "KernelOp", device: torch.device | None, backend: str) -> _Choice:
+def _choose(op: "KernelOp", device: torch.device | None, backend: str, args: tuple = (),
+            kwargs: dict | None = None) -> Choice:
+    kwargs = {} if kwargs is None else kwargs
     name = op.name
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
@@ -104,39 +168,38 @@ def _choose(op: "KernelOp", device: torch.device | None, backend: str) -> _Choic
         backend = _env_backend()
         source = f"{ENV_VAR} environment variable"
     if backend == "torch":
-        return _Choice("torch", f"requested by the {source}")
+        return Choice("torch", f"requested by the {source}", op.reference)
     where = "tensors" if device is None else f"{device.type} tensors"
-    if backend == "triton":
-        blocker = "this kernel has no Triton implementation" if op.triton is None else _triton_blocker(device)
+    if backend in ("triton", "cpu"):
+        if backend == "triton":
+            blocker, implementation = _triton_blocker(op, device), op.triton
+        else:
+            blocker, implementation = _cpu_blocker(op, device, args, kwargs), op.cpu
         if blocker is not None:
             raise KernelUnavailableError(
-                f"{name}: backend 'triton' (from the {source}) cannot run on {where}: {blocker}. "
+                f"{name}: backend {backend!r} (from the {source}) cannot run on {where}: {blocker}. "
                 f"Use backend='auto' or 'torch' for the pure-torch reference."
             )
-        return _Choice("triton", f"requested by the {source}")
-    if backend == "cpu":
-        blocker = _cpu_blocker(op, device)
-        if blocker is not None:
-            raise KernelUnavailableError(
-                f"{name}: backend 'cpu' (from the {source}) cannot run on {where}: {blocker}. "
-                f"Use backend='auto' or 'torch' for the pure-torch reference."
-            )
-        return _Choice("cpu", f"requested by the {source}")
+        return Choice(backend, f"requested by the {source}", implementation)
     # auto: Triton only where it is compiled for the device. The CPU interpreter is for tests,
     # far slower than the reference, so "auto" never picks it.
     if op.triton is not None and device is not None and device.type in _TRITON_DEVICES and triton_available():
-        return _Choice("triton", f"auto: {device.type} tensor and triton installed")
+        return Choice("triton", f"auto: {device.type} tensor and triton installed", op.triton)
     if op.cpu is not None and device is not None and device.type == "cpu":
         blocker = op.cpu.unavailable()
-        if blocker is None:
-            return _Choice("cpu", "auto: cpu tensor and the compiled CPU kernel built")
-        return _Choice("torch", f"auto: the compiled CPU kernel is unavailable ({blocker})")
+        if blocker is not None:
+            return Choice("torch", f"auto: the {op.cpu.kind} is unavailable ({blocker})", op.reference)
+        rejected = op.cpu.rejects(*args, **kwargs)
+        if rejected is not None:
+            return Choice("torch", f"auto: the {op.cpu.kind} does not take these inputs ({rejected})",
+                          op.reference)
+        return Choice("cpu", f"auto: cpu tensor and the {op.cpu.kind} takes these inputs", op.cpu)
     if device is None or device.type not in _TRITON_DEVICES:
         where = "no tensor" if device is None else f"{device.type} tensor"
-        return _Choice("torch", f"auto: {where}")
+        return Choice("torch", f"auto: {where}", op.reference)
     if op.triton is None:
-        return _Choice("torch", "auto: no Triton implementation")
-    return _Choice("torch", "auto: triton not installed")
+        return Choice("torch", "auto: no Triton implementation", op.reference)
+    return Choice("torch", "auto: triton not installed", op.reference)
 
 
 def _same_signature(a: Callable, b: Callable) -> bool:
@@ -151,7 +214,8 @@ class KernelOp:
     """A registered kernel: call it like its reference, plus ``backend=``.
 
     Attributes ``reference``, ``triton`` and ``cpu`` are the implementations (call them directly to
-    bypass dispatch; ``triton`` or ``cpu`` may be None); ``name`` is the registry key.
+    bypass dispatch; ``triton`` or ``cpu`` may be None), ``backends`` the names of those it has, ``name``
+    the registry key.
 
     Example:
         >>> import torch
@@ -161,10 +225,12 @@ class KernelOp:
         torch.Size([2])
         >>> logprob_gather.resolve_backend(logits, index)
         'torch'
+        >>> logprob_gather.backends
+        ('torch', 'triton')
     """
 
     def __init__(self, name: str, reference: Callable, triton: Callable | None, description: str = "",
-                 cpu: Callable | None = None):
+                 cpu: CpuKernel | None = None):
         self.name = name
         self.reference = reference
         self.triton = triton
@@ -180,26 +246,33 @@ class KernelOp:
         params = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD] + [extra] + var_kw
         self.__signature__ = ref_sig.replace(parameters=params)
 
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """The backends this op has an implementation for: ``"torch"`` first, then ``"triton"``, ``"cpu"``."""
+        return ("torch",) + tuple(name for name, impl in (("triton", self.triton), ("cpu", self.cpu))
+                                  if impl is not None)
+
+    def choose(self, *args: Any, backend: str = "auto", **kwargs: Any) -> Choice:
+        """The :class:`Choice` a call with these arguments makes: backend, reason and the implementation that
+        runs. Raises the same errors as the call itself (e.g. ``backend="triton"`` on a CPU tensor without the
+        interpreter)."""
+        device = getattr(_first_tensor(args, kwargs), "device", None)
+        return _choose(self, device, backend, args, kwargs)
+
     def resolve_backend(self, *args: Any, backend: str = "auto", **kwargs: Any) -> str:
         """Which backend a call with these arguments would use: ``"triton"``, ``"cpu"`` or ``"torch"``.
 
-        Raises the same errors as the call itself (e.g. ``backend="triton"`` on a CPU tensor
-        without the interpreter). Useful to record in stats what actually ran.
+        Raises the same errors as the call itself. Useful to record in stats what actually ran.
         """
-        device = getattr(_first_tensor(args, kwargs), "device", None)
-        return _choose(self, device, backend).backend
+        return self.choose(*args, backend=backend, **kwargs).backend
 
     def explain(self, *args: Any, backend: str = "auto", **kwargs: Any) -> str:
         """Like :meth:`resolve_backend`, with the reason: ``"torch (auto: cpu tensor)"``."""
-        device = getattr(_first_tensor(args, kwargs), "device", None)
-        choice = _choose(self, device, backend)
+        choice = self.choose(*args, backend=backend, **kwargs)
         return f"{choice.backend} ({choice.reason})"
 
     def __call__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> Any:
-        device = getattr(_first_tensor(args, kwargs), "device", None)
-        choice = _choose(self, device, backend)
-        impl = {"triton": self.triton, "cpu": self.cpu}.get(choice.backend) or self.reference
-        return impl(*args, **kwargs)
+        return self.choose(*args, backend=backend, **kwargs).implementation(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f"<hfpatch kernel {self.name!r}>"
@@ -210,15 +283,15 @@ _REGISTRY: dict[str, KernelOp] = {}
 
 def register_kernel(
     name: str, *, reference: Callable, triton: Callable | None, description: str = "", replace: bool = False,
-    cpu: Callable | None = None,
+    cpu: CpuKernel | None = None,
 ) -> KernelOp:
-    """Register a Triton implementation (and/or a compiled CPU one) beside its pure-torch reference and
-    return the op.
+    """Register a Triton implementation and/or a CPU one beside the pure-torch reference; return the op.
 
     All callables must have the same signature (checked here), must not take a ``backend``
     parameter (the op adds it), and the Triton one must import triton itself, lazily, so that
-    importing hfpatch never imports triton. A ``cpu`` implementation is a ``cpu_build.CompiledKernel``
-    (it builds its C++ source on first use and says when it cannot).
+    importing hfpatch never imports triton. A ``cpu`` implementation is a :class:`CpuKernel`
+    (or a ``cpu_build.CompiledKernel``, which builds its C++ source on first use and says when it cannot).
+    No implementation may call another implementation of the same op: dispatch reports what runs.
 
     Example (how ``logprob_gather.py`` does it)::
 
@@ -233,8 +306,10 @@ def register_kernel(
     if "backend" in inspect.signature(reference).parameters:
         raise TypeError(f"kernel {name!r}: 'backend' is reserved for dispatch; rename the parameter")
     if triton is None and cpu is None:
-        raise TypeError(f"kernel {name!r}: give a Triton implementation, a compiled CPU one, or both")
-    for label, impl in (("Triton", triton), ("compiled CPU", cpu)):
+        raise TypeError(f"kernel {name!r}: give a Triton implementation, a CPU one, or both")
+    if cpu is not None and not isinstance(cpu, CpuKernel):
+        raise TypeError(f"kernel {name!r}: cpu= takes a CpuKernel (or a cpu_build.CompiledKernel), got {cpu!r}")
+    for label, impl in (("Triton", triton), ("CPU", cpu)):
         if impl is not None and not _same_signature(reference, impl):
             raise TypeError(
                 f"kernel {name!r}: the {label} implementation's signature {inspect.signature(impl)} "

@@ -7,10 +7,11 @@ directions; ``projected`` = the cache already multiplied by it), keep the top ``
 head with the first ``sink`` valid positions and the last ``window`` forced in, and return the exact
 attention over them (``sparse_decode_attention``) plus the chosen positions.
 
-The reference composes the dispatched ops (so a CUDA call runs their Triton kernels). On CPU a fused
-C++ kernel (``csrc/sparse_decode.cpp``, built on first use by ``cpu_build``) does all of it in one
-call: on the README's 2-core CPU the composition is ~30 small ops per layer and step whose dispatch and
-extra passes over memory cost more than the arithmetic.
+The reference composes the dispatched ops ``group_attention_scores``, ``select_positions`` and
+``sparse_decode_attention`` (so a CUDA call runs their Triton kernels). On CPU a fused C++ kernel
+(``csrc/sparse_decode.cpp``, built on first use by ``cpu_build``; float32) does all of it in one call: on
+a 2-core CPU the composition is ~30 small ops per layer and step whose dispatch and extra passes
+over memory cost more than the arithmetic.
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ import torch
 
 from .cpu_build import CompiledKernel, load
 from .dispatch import register_kernel
+from .scored_attention import group_attention_scores
+from .selection import select_positions, with_forced_first
 from .sparse_decode import sparse_decode_attention
-from .topk_select import group_attention_scores, select_positions, with_forced_first
 
 __all__ = ["lowrank_sparse_decode", "lowrank_sparse_decode_reference"]
 
@@ -115,18 +117,40 @@ def lowrank_sparse_decode_cpu(
     window: int = 1,
     fresh: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused C++ kernel (float32; other dtypes and non-unit last strides go to the reference)."""
+    """The fused C++ kernel: float32 CPU tensors, ``projected``, ``key`` and ``value`` with unit last stride
+    (``_cpu_rejects`` says which inputs it does not take)."""
     _check(query, basis, projected, key, value, valid, fresh)
-    tensors = (query, basis, projected, key, value)
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors) or any(
-            t.stride(-1) != 1 for t in (projected, key, value)):
-        return lowrank_sparse_decode_reference(query, basis, projected, key, value, valid, budget=budget,
-                                               scale=scale, sink=sink, window=window, fresh=fresh)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     return load(_SOURCE).lowrank_sparse_decode(
         query.contiguous(), basis.contiguous(), projected, key, value,
         None if valid is None else valid.bool().contiguous(), float(scale), int(budget), int(sink), int(window),
         int(fresh))
+
+
+def _cpu_rejects(
+    query: torch.Tensor,
+    basis: torch.Tensor,
+    projected: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    *,
+    budget: int,
+    scale: float | None = None,
+    sink: int = 0,
+    window: int = 1,
+    fresh: int = 0,
+) -> str | None:
+    """Why the fused kernel does not take these inputs (the reference does), or None. Malformed inputs pass: the
+    kernel's argument check raises the same error as the reference's."""
+    for name, t in (("query", query), ("basis", basis), ("projected", projected), ("key", key), ("value", value)):
+        if t.dtype != torch.float32:
+            return f"{name} is {t.dtype}: float32 only"
+        if t.device.type != "cpu":
+            return f"{name} is on {t.device.type}"
+    if any(t.stride(-1) != 1 for t in (projected, key, value)):
+        return "projected, key or value not contiguous along its last dimension"
+    return None
 
 
 _SOURCE = "sparse_decode.cpp"  # beside the plain sparse attention it shares its attention code with
@@ -135,5 +159,5 @@ lowrank_sparse_decode = register_kernel(
     "lowrank_sparse_decode",
     reference=lowrank_sparse_decode_reference,
     triton=None,  # on CUDA the reference's own steps run as Triton kernels
-    cpu=CompiledKernel(_SOURCE, lowrank_sparse_decode_cpu),
+    cpu=CompiledKernel(_SOURCE, lowrank_sparse_decode_cpu, rejects=_cpu_rejects),
 )

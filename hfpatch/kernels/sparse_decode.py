@@ -16,11 +16,11 @@ positions whose ``valid[b, pos]`` is False (left padding; the Triton wrapper fol
 index set with one small gather). A row with nothing to attend gives zeros.
 
 On CPU a compiled kernel (``csrc/sparse_decode.cpp``, float32, one index set per KV head) reads the listed
-rows in place with prefetching, instead of the reference's gathers, masks and sdpa call.
+rows in place with prefetching, instead of the reference's gathers, masks and sdpa call; for other inputs
+(bfloat16, an index set per query head) ``auto`` dispatch runs the reference and says so.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -28,6 +28,7 @@ import torch
 from .cpu_build import CompiledKernel, load
 from .dispatch import register_kernel
 from .interpret import exact_float32_dots
+from .launch import target_programs
 
 __all__ = ["sparse_decode_attention", "sparse_decode_attention_cpu", "sparse_decode_attention_reference",
            "sparse_decode_attention_triton"]
@@ -232,23 +233,10 @@ def _kernels():
     return _COMPILED
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count_of(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _sm_count(device: torch.device) -> int:
-    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def _num_splits(bh: int, n: int, block_n: int, device: torch.device) -> int:
     """Enough (batch x head x split) programs to fill the GPU, each with at least one block of positions."""
     blocks = max(1, math.ceil(n / block_n))
-    if device.type == "cuda":
-        target = 2 * _sm_count(device)
-    else:
-        target = 4
-    return max(1, min(blocks, math.ceil(target / max(bh, 1)), 256))
+    return max(1, min(blocks, math.ceil(target_programs(device) / max(bh, 1)), 256))
 
 
 def merge_partials(o: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
@@ -317,14 +305,35 @@ def sparse_decode_attention_cpu(
     *,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """The compiled CPU kernel (float32, ``index`` [B, Hkv, N]; other inputs go to the reference)."""
+    """The compiled CPU kernel: float32 CPU tensors, one index set per KV head (``index`` [B, Hkv, N]), keys
+    and values with unit stride along D (``_cpu_rejects`` says which inputs it does not take)."""
     _check(query, key, value, index, valid)
-    if (any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (query, key, value))
-            or index.shape[1] != key.shape[1] or key.stride(-1) != 1 or value.stride(-1) != 1):
-        return sparse_decode_attention_reference(query, key, value, index, valid, scale=scale)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     return load(_CPU_SOURCE).sparse_decode_attention(
         query.contiguous(), key, value, index, None if valid is None else valid.bool(), float(scale))
+
+
+def _cpu_rejects(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    index: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+) -> str | None:
+    """Why the compiled kernel does not take these inputs (the reference does), or None. Malformed inputs pass:
+    the kernel's argument check raises the same error as the reference's."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dtype != torch.float32:
+            return f"{name} is {t.dtype}: float32 only"
+        if t.device.type != "cpu":
+            return f"{name} is on {t.device.type}"
+    if index.dim() == 3 and key.dim() == 4 and index.shape[1] != key.shape[1]:
+        return "an index set per query head: one per KV head only"
+    if key.stride(-1) != 1 or value.stride(-1) != 1:
+        return "keys or values not contiguous along D"
+    return None
 
 
 _CPU_SOURCE = "sparse_decode.cpp"
@@ -333,5 +342,5 @@ sparse_decode_attention = register_kernel(
     "sparse_decode_attention",
     reference=sparse_decode_attention_reference,
     triton=sparse_decode_attention_triton,
-    cpu=CompiledKernel(_CPU_SOURCE, sparse_decode_attention_cpu),
+    cpu=CompiledKernel(_CPU_SOURCE, sparse_decode_attention_cpu, rejects=_cpu_rejects),
 )

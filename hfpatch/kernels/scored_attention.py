@@ -1,53 +1,66 @@
-"""Selection scoring for sparse decode attention: q·Kᵀ, softmax, per-KV-group reduction, then top-K.
+"""Attention scores for choosing positions: what one decode step's softmax gives each cached position.
 
-``group_attention_scores(query, key, valid)`` gives, for one decode step, the attention probability of
-every cached position summed over the query heads that share each KV head: ``[B, Hkv, S]`` float32.
-That is the score Recycled Attention and TidalDecode rank positions by. ``select_positions`` turns such
-scores into a sorted index set of a fixed size, with forced positions (sinks, recent window) always in
-and padding never in.
+Ops (registered in ``dispatch``):
 
-The Triton kernel reads K in place, once per pass (two passes: per-head log-sum-exp, then the
-group-summed probabilities), for all query heads of a group at once; nothing of size ``[B, Hq, S]`` is
-written. The top-K itself runs as ``torch.topk`` over the ``[B, Hkv, S]`` scores, 4 bytes per KV-head
-position, which is 1/(2·D) of the key traffic for bf16 keys.
+``group_attention_scores(query, key, valid, scale=)``: the attention probability of every cached position
+summed over the query heads that share each KV head, ``[B, Hkv, S]`` float32; the score Recycled Attention,
+TidalDecode and ``lowrank_sparse_decode`` rank positions by (``selection.select_positions`` keeps the best).
+
+- reference (torch): float32 softmax of the grouped logits, summed per group;
+- triton: reads K in place, once per pass (two passes: per-head log-sum-exp, then the group-summed
+  probabilities), for all query heads of a group at once; nothing of size ``[B, Hq, S]`` is written.
+
+``scored_attention(query, key, value, valid, scale=)``: a selecting decode step's full attention
+``[B, Hq, Dv]`` and its ``group_attention_scores`` ``[B, Hkv, S]`` together.
+
+- reference (torch): two passes over the keys, sdpa for the output and the scores' reference;
+- cpu: one pass over the keys, for float32 CPU tensors: the grouped softmax that the scores' reference
+  computes (the same function) gives the scores, and times the values the output; on CPU this beats reading
+  the whole key cache twice.
+
+``attention_with_scores(query, key, value, valid, scale)`` (a helper, not an op) is ``scored_attention``
+where an implementation does it in one pass, and None elsewhere: there the caller's own two passes (sdpa, then
+``group_attention_scores``, Triton on CUDA) are the better pair.
 """
 from __future__ import annotations
 
 import math
 
-import numpy
-
 import torch
 
-from .dispatch import register_kernel
+from .dispatch import CpuKernel, register_kernel
 from .interpret import exact_float32_dots
-from .sparse_decode import _sm_count
+from .launch import target_programs
 
 __all__ = [
     "attention_with_scores",
-    "forced_positions",
     "group_attention_scores",
     "group_attention_scores_reference",
     "group_attention_scores_triton",
-    "select_positions",
-    "with_forced_first",
+    "scored_attention",
+    "scored_attention_cpu",
+    "scored_attention_reference",
 ]
 
+# Bound by _kernels(); the interpreter patches tl through the kernel function's globals.
 triton = None
 tl = None
 
 
-def _check(query, key, valid):
+def _check(query, key, valid, value=None, name="group_attention_scores"):
     if query.dim() != 3 or key.dim() != 4:
         raise ValueError(
-            f"group_attention_scores: expected query [B, Hq, D] and key [B, Hkv, S, D], got "
+            f"{name}: expected query [B, Hq, D] and key [B, Hkv, S, D], got "
             f"{tuple(query.shape)} and {tuple(key.shape)}"
         )
     b, hq, d = query.shape
     if key.shape[0] != b or key.shape[-1] != d or hq % key.shape[1]:
-        raise ValueError(f"group_attention_scores: query {tuple(query.shape)} does not fit key {tuple(key.shape)}")
+        raise ValueError(f"{name}: query {tuple(query.shape)} does not fit key {tuple(key.shape)}")
     if valid is not None and tuple(valid.shape) != (b, key.shape[2]):
-        raise ValueError(f"group_attention_scores: valid must be [B, S], got {tuple(valid.shape)}")
+        raise ValueError(f"{name}: valid must be [B, S], got {tuple(valid.shape)}")
+    if value is not None and (value.dim() != 4 or tuple(value.shape[:3]) != tuple(key.shape[:3])):
+        raise ValueError(f"{name}: value must be [B, Hkv, S, Dv] like key {tuple(key.shape)}, "
+                         f"got {tuple(value.shape)}")
 
 
 def group_attention_scores_reference(
@@ -90,17 +103,9 @@ def _group_probabilities(query: torch.Tensor, key: torch.Tensor, valid: torch.Te
     return torch.softmax(logits, dim=-1).nan_to_num(0.0)
 
 
-def attention_with_scores(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor | None,
-                          scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Full attention of one decode step ``[B, Hq, Dv]`` and ``group_attention_scores`` ``[B, Hkv, S]`` from
-    one pass over the keys, for a selecting step that needs both: sdpa plus a separate scoring pass read the
-    whole key cache twice. float32 CPU tensors only (None otherwise: there sdpa and the Triton scoring kernel
-    are the better pair)."""
-    if query.device.type != "cpu" or any(t.dtype != torch.float32 for t in (query, key, value)):
-        return None
-    _check(query, key, valid)
-    probs = _group_probabilities(query, key, valid, scale)
-    return (probs @ value).reshape(query.shape[0], query.shape[1], value.shape[-1]), probs.sum(dim=2)
+# ---------------------------------------------------------------------------------------------
+# Triton group scores (plain functions here; jit-compiled by _kernels())
+# ---------------------------------------------------------------------------------------------
 
 
 def _lse_kernel(
@@ -219,11 +224,7 @@ def group_attention_scores_triton(
     if b == 0 or s == 0:
         return out
     block_s = 64 if s >= 64 else 16
-    if query.device.type == "cuda":
-        target = 2 * _sm_count(query.device)
-    else:
-        target = 4
-    splits = max(1, min(math.ceil(s / block_s), math.ceil(target / (b * hkv))))
+    splits = max(1, min(math.ceil(s / block_s), math.ceil(target_programs(query.device) / (b * hkv))))
     split = math.ceil(math.ceil(s / splits) / block_s) * block_s
     splits = math.ceil(s / split)
     m = torch.empty(b, hq, splits, device=query.device, dtype=torch.float32)
@@ -253,74 +254,101 @@ group_attention_scores = register_kernel(
 )
 
 
-def select_positions(
-    scores: torch.Tensor,
-    budget: int,
-    forced: torch.Tensor | None = None,
-    valid: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The ``budget`` best positions per row of ``scores`` [B, H, S], sorted ascending: ``[B, H, budget]``.
+# ---------------------------------------------------------------------------------------------
+# scored attention: the full attention of a selecting step and its group scores
+# ---------------------------------------------------------------------------------------------
 
-    Positions where ``forced`` [B, S] is True come first (sinks, recent window, the current token);
-    positions where ``valid`` [B, S] is False come last (padding; attention masks them anyway when a row
-    has fewer valid positions than ``budget``). Which of several tied positions is kept is unspecified
-    (``torch.topk``). ``budget`` is clipped to S.
+
+def scored_attention_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full attention of one decode step and its :func:`group_attention_scores`, in two passes over the keys.
+
+    ``query`` [B, Hq, D], ``key``/``value`` [B, Hkv, S, D|Dv], ``valid`` optional [B, S] bool (False =
+    padding). Returns ``(out [B, Hq, Dv] in query.dtype, scores [B, Hkv, S] float32)``; a row with every
+    position padding attends to nothing (zeros).
 
     Example:
         >>> import torch
-        >>> from hfpatch.kernels import select_positions
-        >>> s = torch.tensor([[[0.1, 0.5, 0.2, 0.9, 0.0]]])
-        >>> select_positions(s, 2)
-        tensor([[[1, 3]]])
-        >>> forced = torch.tensor([[True, False, False, False, True]])
-        >>> select_positions(s, 3, forced)
-        tensor([[[0, 3, 4]]])
+        >>> from hfpatch.kernels import scored_attention
+        >>> out, scores = scored_attention(torch.randn(1, 4, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8))
+        >>> out.shape, scores.shape
+        (torch.Size([1, 4, 8]), torch.Size([1, 2, 5]))
     """
-    s = scores.float()
-    if forced is not None:
-        s = s.masked_fill(forced[:, None, :], float("inf"))
-    if valid is not None:
-        s = s.masked_fill(~valid.bool()[:, None, :], float("-inf"))
-    k = min(int(budget), s.shape[-1])
-    if s.device.type == "cpu" and 0 < k < s.shape[-1]:
-        return _select_on_cpu(s, k)
-    return torch.topk(s, k, dim=-1, sorted=False).indices.sort(dim=-1).values
+    _check(query, key, valid, value, name="scored_attention")
+    b, hq, d = query.shape
+    hkv = key.shape[1]
+    scale = d ** -0.5 if scale is None else scale
+    # the G query heads of a KV group as G query rows over that head's keys: GQA without expanding the cache
+    q = query.reshape(b, hkv, hq // hkv, d).float()
+    mask = None if valid is None else valid.bool()[:, None, None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(q, key.float(), value.float(), attn_mask=mask,
+                                                           scale=scale)
+    if mask is not None:
+        out = out.nan_to_num(0.0)  # all-padding rows -> zeros
+    scores = group_attention_scores_reference(query, key, valid, scale=scale)
+    return out.reshape(b, hq, value.shape[-1]).to(query.dtype), scores
 
 
-def _select_on_cpu(s: torch.Tensor, k: int) -> torch.Tensor:
-    """``select_positions``' top-k on CPU with NumPy's introselect: ATen's CPU topk copies every row into a
-    vector of (value, index) pairs first, which cost 2-3x more per decode step at 8k positions once the
-    model's weights had flushed the caches (0.25 vs 0.09 ms per [3, 8192] call, measured)."""
-    length = s.shape[-1]
-    rows = s.detach().reshape(-1, length).numpy()
-    top = numpy.argpartition(rows, length - k, axis=-1)[:, length - k:]
-    top.sort(axis=-1)
-    return torch.from_numpy(top).reshape(*s.shape[:-1], k)
+def scored_attention_cpu(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`scored_attention_reference` in one pass over the keys (float32 CPU tensors): the grouped
+    probabilities are computed once and give both the output and the scores."""
+    _check(query, key, valid, value, name="scored_attention")
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    probs = _group_probabilities(query, key, valid, scale)
+    return (probs @ value).reshape(query.shape[0], query.shape[1], value.shape[-1]), probs.sum(dim=2)
 
 
-def forced_positions(valid: torch.Tensor | None, batch: int, length: int, sink: int, window: int,
-                     device: torch.device) -> torch.Tensor:
-    """``[B, S]`` bool: the first ``sink`` valid positions of each row, the last ``window`` positions and the
-    current token (position S-1)."""
-    positions = torch.arange(length, device=device)
-    forced = (positions >= length - max(window, 1)).expand(batch, length)
-    if sink > 0:
-        if valid is None:
-            forced = forced | (positions < sink)
-        else:
-            rank = valid.long().cumsum(-1)  # 1-based rank of each valid position in its row
-            forced = forced | (valid & (rank <= sink))
-    return forced
+def _cpu_rejects(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+) -> str | None:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dtype != torch.float32:
+            return f"{name} is {t.dtype}: float32 only"
+    return None
 
 
-def with_forced_first(scores: torch.Tensor, valid: torch.Tensor | None, sink: int, window: int) -> torch.Tensor:
-    """A float copy of ``scores`` [B, H, S] with the ``forced_positions`` set to +inf, so a top-k keeps them."""
-    length = scores.shape[-1]
-    if valid is not None:
-        forced = forced_positions(valid, scores.shape[0], length, sink, window, scores.device)
-        return scores.float().masked_fill(forced[:, None, :], float("inf"))
-    # without padding they are two slices: cheaper than building and applying a [B, S] mask per decode step
-    out = scores.float().clone()
-    out[..., :sink] = float("inf")
-    out[..., length - max(window, 1):] = float("inf")
-    return out
+scored_attention = register_kernel(
+    "scored_attention",
+    reference=scored_attention_reference,
+    triton=None,  # on CUDA, sdpa and the Triton scoring kernel (the reference's two passes) are the better pair
+    cpu=CpuKernel(scored_attention_cpu, rejects=_cpu_rejects),
+)
+
+
+def attention_with_scores(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor | None,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``scored_attention(query, key, value, valid, scale=scale)`` where dispatch picks an implementation that
+    does it in one pass over the keys (today the CPU one: float32 CPU tensors), else None: the caller then
+    runs its own two passes (sdpa and ``group_attention_scores``), which is what the reference would do.
+
+    Example:
+        >>> import torch
+        >>> from hfpatch.kernels import attention_with_scores
+        >>> q, k, v = torch.randn(1, 4, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+        >>> [t.shape for t in attention_with_scores(q, k, v, None, 0.3)]   # float32 on CPU: one pass
+        [torch.Size([1, 4, 8]), torch.Size([1, 2, 5])]
+        >>> attention_with_scores(q.double(), k.double(), v.double(), None, 0.3) is None
+        True
+    """
+    choice = scored_attention.choose(query, key, value, valid, scale=scale)
+    if choice.backend == "torch":
+        return None
+    return choice.implementation(query, key, value, valid, scale=scale)
