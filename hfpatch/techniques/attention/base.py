@@ -49,8 +49,8 @@ def window_param(default: int = 32):
 def kv_cache_param(default: str = "growable"):
     return param(default, choices=("growable", "dynamic"),
                  help="cache that generate() builds when the caller passes none: 'growable' appends in place "
-                      "(hfpatch.cache; transformers' DynamicCache copies the whole cache every step: 1.16x slower "
-                      "decoding at 8k on the README's CPU), 'dynamic' leaves transformers' DynamicCache")
+                      "(hfpatch.cache; transformers' DynamicCache copies the whole cache every step: 1.10x slower "
+                      "decoding at 8k, docs/results/sparse-attention.md), 'dynamic' leaves transformers' DynamicCache")
 
 
 @dataclasses.dataclass

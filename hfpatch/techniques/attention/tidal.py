@@ -34,7 +34,7 @@ class TidalDecodeParams:
         None, help="layers that attend fully and select positions for the layers after them (None = the paper's "
                    "choice: [full_layers, round(13/32 * num_layers)]); model-specific: a selection layer should come "
                    "at or just before the layers whose heads retrieve (for SmolLM2-135M [2, 7, 12, 17, 20], see "
-                   "the README)")
+                   "docs/results/sparse-attention.md)")
 
 
 @register

@@ -1,7 +1,7 @@
 """Linear layers through oneDNN with weights packed once: the CPU matrix kernel that short token batches need.
 
 On CPU, PyTorch runs `nn.Linear` through MKL's GEMM, which handles a batch of a few tokens badly: on the
-2-core machine of the README a SmolLM2-135M forward of 2 tokens (400 cached) took 1.7x the time of one
+2-core machine of docs/results/speculative.md a SmolLM2-135M forward of 2 tokens (400 cached) took 1.7x the time of one
 token, 8 tokens 1.6x, and the 49k-row `lm_head` alone took 7.4 ms for one token. oneDNN's inner-product
 primitive on weights reordered once into its blocked layout stays memory-bound up to a dozen tokens: the
 same forwards took 25.9 ms (1 token), 32.3 ms (8) and 37.8 ms (16) instead of 41.6, 65.2 and 80.2. That is

@@ -2,7 +2,7 @@
 
 Verifying a tree costs one forward whose time grows with the number of nodes: almost nothing per node on a
 GPU, while on a small CPU a forward of two tokens already costs well over one (SmolLM2-135M on the 2-core
-machine of the README: about 1.6x, because matrix-matrix kernels replace matrix-vector ones) and each
+machine of docs/results/speculative.md: about 1.6x, because matrix-matrix kernels replace matrix-vector ones) and each
 further node a few percent more. A fixed tree is therefore either too small for the GPU or too large for
 the CPU, and on the CPU drafting at all only pays when the drafts are likely to be accepted. With this technique in a recipe, the drafters fill a
 large candidate tree, each node carrying an estimate of the probability that it is accepted (learned online
@@ -51,7 +51,7 @@ class TreeSizePolicy:
     The measured cost model keeps a running mean of the engine's step time for every tree size it has run.
     Sizes not timed yet take the prior's shape (1 + first_draft_cost [n > 0] + initial_node_cost * n),
     scaled to the nearest timed sizes. A table rather than a line, because CPU matrix kernels are not linear
-    in the batch: on the 2-core machine of the README three tokens took longer than four.
+    in the batch: on the 2-core machine of docs/results/speculative.md three tokens took longer than four.
     """
 
     #: timings of one size needed before they replace the prior there

@@ -5,7 +5,7 @@ output its logit lands near theirs, while its true log-probability is a sum of o
 piece: every extra piece should cost more. The model's final hidden states h have a direction u with
 h . u ~ 1 at every position (a ridge least-squares fit), so adding `bias * (pieces - 1) * u` to a new
 output row shifts its logit by about `bias` per extra piece while moving the row very little. u is fitted
-on text the model samples itself, so no calibration corpus is needed (README, "Tokenizer transplant":
+on text the model samples itself, so no calibration corpus is needed (docs/results/transplant.md:
 SmolLM2 -> GPT-2, held out, bias -3 removed 43% / 29% of mean-init's excess bits per byte on prose / code).
 """
 from __future__ import annotations

@@ -63,7 +63,7 @@ class TransplantParams:
         None, help="donor-free: add length_bias * (old pieces - 1) * u to each initialised output row, u being a "
                    "direction with h . u ~ 1 over the model's final hidden states (fitted on text the model "
                    "samples itself, seeded), i.e. a logit offset of length_bias per extra piece; -3 measured best "
-                   "(README); None = off")
+                   "(docs/results/transplant.md); None = off")
     progress: bool = param(True, help="show a progress bar while initialising rows")
 
 
