@@ -5,7 +5,7 @@
 import sys
 
 import hfpatch
-from hfpatch import assets
+from hfpatch.apps import assets
 
 out_dir = sys.argv[1] if len(sys.argv) > 1 else "warm_recipe"
 model, tok = assets.load_smollm2()

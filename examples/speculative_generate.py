@@ -7,7 +7,7 @@ import os
 import torch
 
 import hfpatch
-from hfpatch import assets
+from hfpatch.apps import assets
 
 max_new_tokens = int(os.environ.get("MAX_NEW_TOKENS", "64"))
 model, tok = assets.load_smollm2()

@@ -1,6 +1,6 @@
 """``python -m hfpatch``: the same as the ``hfpatch`` command."""
 import sys
 
-from .cli import main
+from .apps.cli import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-"""Tests for hfpatch.assets: the offline real model, tokenizers and text corpora."""
+"""Tests for hfpatch.apps.assets: the offline real model, tokenizers and text corpora."""
 import importlib.util
 import os
 import threading
@@ -7,11 +7,11 @@ import time
 import pytest
 import torch
 
-from hfpatch import assets
-from hfpatch.assets import AssetError, AssetMissingError
+from hfpatch.apps import assets
+from hfpatch.apps.assets import AssetError, AssetMissingError
 
-# Loads through the default cache, so the one-time conversion is shared with every later session.
-smollm2 = pytest.fixture(scope="session")(assets.smollm2_fixture_factory())
+# The `smollm2` fixture (tests/conftest.py) loads through the default cache, so the one-time conversion is
+# shared with every later session.
 
 
 def _chat_inputs(tok, text):

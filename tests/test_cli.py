@@ -1,4 +1,4 @@
-"""Smoke tests of the `hfpatch` command line, run in-process through `hfpatch.cli.main` (and once through
+"""Smoke tests of the `hfpatch` command line, run in-process through `hfpatch.apps.cli.main` (and once through
 `python -m hfpatch`). `run` uses a tiny random Llama with a word-level tokenizer built here, never a real model."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from tiny_models import tiny_model
 
 import hfpatch
-from hfpatch import cli
+from hfpatch.apps import cli
 from hfpatch import recipe as recipe_module
 from hfpatch.recipe import RECIPE_FILE, TENSOR_FILE, Recipe
 
@@ -129,8 +129,39 @@ COMMANDS = list(_all_commands(cli.build_parser()))
 
 def test_the_documented_commands_exist():
     for command in [("techniques",), ("recipes",), ("recipe", "show"), ("recipe", "validate"), ("recipe", "push"),
-                    ("recipe", "pull"), ("run",)]:
+                    ("recipe", "pull"), ("run",), ("bench",), ("bench", "long-context"), ("demo",), ("transplant",)]:
         assert command in COMMANDS
+
+
+def test_bench_and_bench_long_context_help(capsys):
+    code, out, err = run_cli(capsys, "bench", "--help")
+    assert code == 0 and not err
+    assert out.startswith("usage: hfpatch bench") and "long-context" in out and "--per-category" in out
+    code, out, err = run_cli(capsys, "bench", "long-context", "--help")
+    assert code == 0 and not err
+    assert out.startswith("usage: hfpatch bench long-context") and "longctx.json" in out
+    assert "--per-category" not in out  # the speculative bench's options are not the long-context bench's
+
+
+def test_bench_long_context_keeps_options_given_before_it():
+    parser = cli.build_parser()
+    args = parser.parse_args(["bench", "--threads", "2", "long-context", "--recipe", "quest"])
+    assert (args.threads, args.recipe, args.out, args.model, args.dtype) == (2, ["quest"], "bench_out", None, "float32")
+    assert args.handler is parser.parse_args(["bench", "long-context"]).handler
+    assert args.handler is not parser.parse_args(["bench"]).handler
+
+
+def test_help_lines_are_one_line_without_measurements():
+    """Each option's and command's help is short: numbers measured on some machine belong in docs/results."""
+    for command in COMMANDS:
+        parser = cli.build_parser()
+        for name in command:
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            parser = sub.choices[name]
+        for action in parser._actions:
+            text = action.help or ""
+            assert len(text) <= 120, (command, action.dest, text)
+            assert "measured" not in text and "README" not in text and "x faster" not in text, (command, text)
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[" ".join(c) or "hfpatch" for c in COMMANDS])
@@ -443,7 +474,7 @@ def test_run_reports_bad_model_folders_and_recipes(capsys, tmp_path, tiny_dir):
 
 
 def test_run_defaults_to_the_bundled_model(capsys, monkeypatch, tiny_dir):
-    import hfpatch.assets as assets
+    from hfpatch.apps import assets
 
     calls = []
     monkeypatch.setattr(assets, "smollm2_dir", lambda **kw: calls.append(kw) or tiny_dir)

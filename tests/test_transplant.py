@@ -333,7 +333,7 @@ def test_donor_mode_with_a_linear_donor(toks, tmp_path):
 
 
 def test_cli_transplant_refuses_to_overwrite_without_force(toks, tmp_path, capsys):
-    from hfpatch.cli import main
+    from hfpatch.apps.cli import main
 
     src = tmp_path / "model"
     _model("llama", len(toks["old"][1])).save_pretrained(src)

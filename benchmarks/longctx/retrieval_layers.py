@@ -1,7 +1,7 @@
 """Which layers retrieve the needle, and which layers' own selection would keep it: the analysis behind
 TidalDecode's `selection_layers` for a model.
 
-For each needle trial (`bench_longctx.needle_prompts`; use a seed other than the held-out one) the model
+For each needle trial (`hfpatch.apps.bench.longctx.needle_prompts`; use a seed other than the held-out one) the model
 answers with full (eager) attention; at each of the first answer steps, per layer:
 - need: the largest attention mass any head of the layer puts on the passcode's tokens;
 - cover: the fraction of the passcode's tokens inside that layer's own top-`budget` positions ranked as
@@ -16,7 +16,9 @@ import argparse
 
 import torch
 
-from hfpatch import assets, bench_longctx, compat
+from hfpatch import compat
+from hfpatch.apps import assets
+from hfpatch.apps.bench import longctx
 
 
 def main() -> None:
@@ -36,7 +38,7 @@ def main() -> None:
     layers = model.config.num_hidden_layers
     need, cover = torch.zeros(layers), torch.zeros(layers)
     steps = hits = 0
-    for ids, code, start, needle in bench_longctx.needle_prompts(tok, args.length, args.trials, args.seed):
+    for ids, code, start, needle in longctx.needle_prompts(tok, args.length, args.trials, args.seed):
         digits = {t for text in (" " + code, code) for t in tok(text, add_special_tokens=False).input_ids}
         span = torch.tensor([start + i for i, t in enumerate(needle) if t in digits])
         with torch.no_grad():

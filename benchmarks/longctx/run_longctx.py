@@ -1,6 +1,6 @@
 """Long-context quality and speed of the sparse decode attention recipes on SmolLM2-135M (CPU script).
 
-The measurements live in ``hfpatch.bench_longctx`` (also behind ``hfpatch bench --long-context``); this
+The measurements live in ``hfpatch.apps.bench.longctx`` (also behind ``hfpatch bench long-context``); this
 script exposes every size knob for the README's runs and writes the raw JSON:
 
     python benchmarks/longctx/run_longctx.py --niah 1024 2048 --ppl 4096 --speed 4096 --out longctx.json
@@ -17,11 +17,12 @@ import sys
 
 import torch
 
-from hfpatch import assets, bench_longctx
+from hfpatch.apps import assets
+from hfpatch.apps.bench import longctx
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__ + "\n" + bench_longctx.__doc__,
+    ap = argparse.ArgumentParser(description=__doc__ + "\n" + longctx.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--niah", type=int, nargs="*", default=[1024, 2048])
     ap.add_argument("--trials", type=int, default=10)
@@ -35,7 +36,7 @@ def main():
     ap.add_argument("--speed-budget", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--budgets", type=int, nargs="*", default=[128, 256, 512, 1024])
-    ap.add_argument("--methods", nargs="*", default=list(bench_longctx.METHODS))
+    ap.add_argument("--methods", nargs="*", default=list(longctx.METHODS))
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--base-recipe", default=None,
                     help="recipe applied to the model under every method (e.g. onednn-linear)")
@@ -50,13 +51,13 @@ def main():
 
         hfpatch.patch(model, args.base_recipe)
         name += f" + {args.base_recipe} under every method"
-    result = bench_longctx.run(
+    result = longctx.run(
         model.eval(), tok, niah_lengths=args.niah, trials=args.trials, ppl_lengths=args.ppl, ppl_docs=args.ppl_docs,
         ppl_tail=args.ppl_tail, ppl_source=args.ppl_source, budgets=args.budgets, speed_lengths=args.speed,
         speed_new=args.speed_new, speed_budget=args.speed_budget, rounds=args.rounds, methods=args.methods,
         model_name=name, seed=args.seed,
         progress=lambda line: print(line, file=sys.stderr, flush=True))
-    print(bench_longctx.format_report(result))
+    print(longctx.format_report(result))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

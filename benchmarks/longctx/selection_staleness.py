@@ -18,6 +18,7 @@ Tune on `--source code` (the README's held-out perplexity documents are prose).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import sys
@@ -25,7 +26,9 @@ import sys
 import torch
 
 import hfpatch
-from hfpatch import assets, bench_longctx, compat
+from hfpatch import compat
+from hfpatch.apps import assets
+from hfpatch.apps.bench import longctx
 from hfpatch.kernels import group_attention_scores
 
 
@@ -97,12 +100,12 @@ def main():
     model.eval()
     kwarg = compat.cache_kwarg(model)
     nll: dict[str, list[float]] = {}
-    for n, doc in enumerate(bench_longctx.documents(tok, args.length, args.docs, args.source)):
+    for n, doc in enumerate(longctx.documents(tok, args.length, args.docs, args.source)):
         ids = torch.tensor([doc[:args.length]])
         prefix = args.length - args.tail
-        cache, _ = bench_longctx._prefill(model, ids[:, :prefix])
+        cache, _ = longctx.prefill(model, ids[:, :prefix])
         for spec in ["full", *args.variants]:
-            handle = bench_longctx._Nothing() if spec == "full" else patched(model, spec, args.budget)
+            handle = contextlib.nullcontext() if spec == "full" else patched(model, spec, args.budget)
             c, losses = copy.deepcopy(cache), nll.setdefault(spec, [])
             with handle, torch.no_grad():
                 for i in range(prefix, args.length - 1):

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bpb  # noqa: E402
 
 import hfpatch  # noqa: E402
-from hfpatch import assets  # noqa: E402
+from hfpatch.apps import assets  # noqa: E402
 from hfpatch.techniques.tokenizer.alignment import canonical_vocab  # noqa: E402
 from hfpatch.techniques.tokenizer.length_bias import ridge_direction  # noqa: E402
 from hfpatch.techniques.tokenizer.tokenadapt import pad_pieces  # noqa: E402

@@ -1,7 +1,7 @@
 """Bits per byte of SmolLM2-135M after a tokenizer transplant, per domain, vs SmolLM2 with its own tokenizer.
 
 Each held-out document (prose: Python documentation topics; code: standard-library sources; both from
-hfpatch.assets) is scored on its own: its tokens (no special tokens) follow one fixed start vector, the
+hfpatch.apps.assets) is scored on its own: its tokens (no special tokens) follow one fixed start vector, the
 original model's <|endoftext|> embedding, fed as inputs_embeds for every variant so that all start alike.
 bits = sum of -log2 p(token); bytes = UTF-8 bytes of the document. Report: total bits / total bytes per
 domain, and the ratio to the original model.
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 import hfpatch
-from hfpatch import assets
+from hfpatch.apps import assets
 
 HERE = Path(__file__).resolve().parent
 PAIRS = ("gpt2", "mistral", "gemma")

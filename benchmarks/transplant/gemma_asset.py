@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def gemma3_dir() -> Path:
-    from hfpatch.assets import cache_dir, convert_gguf_model
+    from hfpatch.apps.assets import cache_dir, convert_gguf_model
 
     target = cache_dir() / "gemma3-270m"
     if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():

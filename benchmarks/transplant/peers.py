@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE))
 
 from bpb import PAIRS, baseline, documents, machine, pair_sources, run_measured, score_folder  # noqa: E402
 
-from hfpatch import assets  # noqa: E402
+from hfpatch.apps import assets  # noqa: E402
 
 DONOR_FREE_MERGEKIT = ("subword", "mean", "zero", "randn")
 

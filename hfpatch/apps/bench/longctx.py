@@ -1,7 +1,7 @@
-"""Long-context benchmark of the sparse decode attention recipes (``hfpatch bench --long-context``).
+"""Long-context benchmark of the sparse decode attention recipes (``hfpatch bench long-context``).
 
 Three measurements, every method side by side in one process, on text from disk (Python documentation
-prose and standard-library source, see ``hfpatch.assets``):
+prose and standard-library source, see ``hfpatch.apps.assets``):
 
 * needle-in-a-haystack: a 7-digit passcode sentence inside prose at evenly spread depths, the question at
   the end; greedy decode; a trial counts when every digit is right. The prompt's prefill is shared (it is
@@ -13,12 +13,14 @@ prose and standard-library source, see ``hfpatch.assets``):
   (a logits processor notes the time of each step, so the prefill is not counted), methods interleaved
   (order rotated per round), a warm-up round on a short prompt discarded, median of the measured rounds.
   The KV cache is reported as its own factor: full attention with transformers' ``DynamicCache`` (which
-  concatenates the whole cache every step), full attention with hfpatch's in-place cache
-  (``hfpatch.cache``) and each sparse recipe with the in-place cache (the recipes install it), so the gain
-  from the cache and the gain from sparsity are separate columns.
+  concatenates the whole cache every step), full attention with hfpatch's growable cache
+  (``hfpatch.cache``, preallocated and written in place) and each sparse recipe with the growable cache
+  (``kv_cache="growable"``, the recipes install it), so the gain from the cache and the gain from sparsity
+  are separate columns.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -26,12 +28,16 @@ import os
 import random
 import re
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from transformers import LogitsProcessorList
 
-from . import assets, compat
-from . import cache as hfcache
+import hfpatch
+from hfpatch import cache, compat
+from hfpatch.apps import assets
+from hfpatch.apps.bench.common import describe_machine, machine_line
 
 METHODS = ("recycled-attention", "recycled-attention-rescored", "tidal-decode", "quest", "sink-window")
 NEEDLE = "The secret passcode for the archive is {code}. Remember this passcode."
@@ -43,8 +49,6 @@ DEFAULTS = dict(niah_lengths=(1024, 2048), trials=5, ppl_lengths=(4096,), ppl_do
 
 def machine() -> str:
     """One line naming the CPU, cores, torch threads and library versions (the speculative bench's line)."""
-    from .bench import describe_machine, machine_line
-
     return machine_line(describe_machine("cpu"))
 
 
@@ -82,37 +86,28 @@ def _key(label, params):
     return f"{label}@{params.get('budget', 'all')}"
 
 
-def _prefill(model, ids):
+def prefill(model, ids):
+    """(cache, last-position logits) of one full-attention forward over ``ids``."""
     with torch.no_grad():
         res = model(input_ids=ids, use_cache=True)
     return compat.output_cache(res), res.logits[:, -1]
 
 
-def _greedy_from_cache(model, cache, first_token, steps):
+def _greedy_from_cache(model, kv, first_token, steps):
     """Greedy decode `steps` tokens after a prefill: feed `first_token`, then each argmax."""
     out, token = [int(first_token)], first_token.view(1, 1)
     kwarg = compat.cache_kwarg(model)
     with torch.no_grad():
         for _ in range(steps):
-            res = model(input_ids=token, use_cache=True, **{kwarg: cache})
-            cache = compat.output_cache(res)
+            res = model(input_ids=token, use_cache=True, **{kwarg: kv})
+            kv = compat.output_cache(res)
             token = res.logits[:, -1].argmax(-1, keepdim=True)
             out.append(int(token))
     return out
 
 
 def _patched(model, recipe, params):
-    import hfpatch
-
-    return hfpatch.patch(model, recipe, **params) if recipe else _Nothing()
-
-
-class _Nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    return hfpatch.patch(model, recipe, **params) if recipe else contextlib.nullcontext()
 
 
 def needle_prompts(tok, length, trials, seed=0):
@@ -134,11 +129,11 @@ def niah(model, tok, length, trials, budgets, methods=METHODS, seed=0, progress=
     """``{"method@budget": "hits/trials"}`` for needle retrieval at ``length`` tokens."""
     hits: dict[str, int] = {}
     for trial, (ids, code, _, _) in enumerate(needle_prompts(tok, length, trials, seed)):
-        cache, logits = _prefill(model, ids.to(model.device))
+        kv, logits = prefill(model, ids.to(model.device))
         first = logits.argmax(-1)
         for label, recipe, params in _configs(methods, budgets, length):
             with _patched(model, recipe, params):
-                out = _greedy_from_cache(model, copy.deepcopy(cache), first, 10)
+                out = _greedy_from_cache(model, copy.deepcopy(kv), first, 10)
             key = _key(label, params)
             hits[key] = hits.get(key, 0) + int(code in tok.decode(out).replace(" ", ""))
         if progress:
@@ -164,9 +159,9 @@ def perplexity(model, length, tail, budgets, docs, methods=METHODS, progress=Non
     for n, doc in enumerate(docs):
         ids = torch.tensor([doc[:length]], device=model.device)
         prefix = length - tail
-        cache, _ = _prefill(model, ids[:, :prefix])
+        kv, _ = prefill(model, ids[:, :prefix])
         for label, recipe, params in _configs(methods, budgets, length):
-            c = copy.deepcopy(cache)
+            c = copy.deepcopy(kv)
             losses = nll.setdefault(_key(label, params), [])
             with _patched(model, recipe, params), torch.no_grad():
                 for i in range(prefix, length - 1):
@@ -200,16 +195,14 @@ class _StepClock:
 
 def speed(model, doc, length, new, budget, rounds, methods=METHODS, progress=None):
     """ms per decode token through ``model.generate`` and speed-ups vs full attention with transformers'
-    DynamicCache (``vs_full_dynamic``) and vs full attention with the in-place cache (``vs_full_growable``).
+    DynamicCache (``vs_full_dynamic``) and vs full attention with the growable cache (``vs_full_growable``).
 
     Decode steps are timed inside one generate call per method and round (``_StepClock``), so the prefill
     is not counted; a first round on a 256-token prompt warms every method up and is discarded."""
-    from transformers import LogitsProcessorList
-
     kwarg = compat.cache_kwarg(model)
-    # (label, recipe, its extra parameters, whether the call brings hfpatch's in-place cache itself)
-    runs = [("full, DynamicCache", None, {}, False), ("full, in-place cache", None, {}, True)]
-    runs += [(f"{m}, in-place cache", *parse_method(m), False) for m in methods]
+    # (label, recipe, its extra parameters, whether the call brings hfpatch's growable cache itself)
+    runs = [("full, DynamicCache", None, {}, False), ("full, growable cache", None, {}, True)]
+    runs += [(f"{m}, growable cache", *parse_method(m), False) for m in methods]
     times: dict[str, list[float]] = {label: [] for label, *_ in runs}
     loads = [load_average()]
     for r in range(rounds + 1):
@@ -218,18 +211,18 @@ def speed(model, doc, length, new, budget, rounds, methods=METHODS, progress=Non
         order = runs[r % len(runs):] + runs[:r % len(runs)]
         for label, recipe, params, own_cache in order:
             clock = _StepClock()
-            cache = {kwarg: hfcache.growable_cache(model.config, n + new)} if own_cache else {}
-            sparse = {"kv_cache": "growable", **params, "budget": budget}  # the recipes' in-place cache
+            given = {kwarg: cache.growable_cache(model.config, n + new)} if own_cache else {}
+            sparse = {"kv_cache": "growable", **params, "budget": budget}  # the recipes' growable cache
             with _patched(model, recipe, sparse):
                 model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                               logits_processor=LogitsProcessorList([clock]), **cache)
+                               logits_processor=LogitsProcessorList([clock]), **given)
             if r:  # round 0 is the warm-up
                 times[label].append(clock.per_token())
         loads.append(load_average())
         if progress:
             progress(f"speed {length}: round {r}/{rounds}")
     median = {k: max(sorted(v)[len(v) // 2], 1e-9) for k, v in times.items()}
-    base, own = median["full, DynamicCache"], median["full, in-place cache"]
+    base, own = median["full, DynamicCache"], median["full, growable cache"]
     return {"load_average_1/5/15": loads,
             "methods": {k: {"ms_per_token": round(1000 * v, 1), "vs_full_dynamic": round(base / v, 2),
                             "vs_full_growable": round(own / v, 2)} for k, v in median.items()}}
@@ -286,11 +279,20 @@ def format_report(result: dict[str, Any]) -> str:
     if rows:
         lines += [header, rule, *rows, ""]
     for length, data in result["speed"].items():
-        lines.append(f"decode speed at {length} tokens (ms/token; speed-up vs full+DynamicCache, vs full+in-place "
+        lines.append(f"decode speed at {length} tokens (ms/token; speed-up vs full+DynamicCache, vs full+growable "
                      f"cache); load average before/after rounds: {', '.join(data['load_average_1/5/15'])}")
-        lines.append("| method | ms/token | vs full, DynamicCache | vs full, in-place cache |")
+        lines.append("| method | ms/token | vs full, DynamicCache | vs full, growable cache |")
         lines.append("| --- | --- | --- | --- |")
         for label, c in data["methods"].items():
             lines.append(f"| {label} | {c['ms_per_token']} | {c['vs_full_dynamic']}x | {c['vs_full_growable']}x |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def save_report(result: dict[str, Any], out_dir: str | os.PathLike) -> Path:
+    """Write ``longctx.json`` (every number of :func:`run`) into ``out_dir``; returns its path."""
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "longctx.json"
+    path.write_text(json.dumps(result, indent=1))
+    return path

@@ -5,11 +5,12 @@ lookup decoding (``prompt_lookup_num_tokens``), and each recipe. For every promp
 time, new tokens, the mean number of tokens accepted per target forward (MAT, the hardware-independent
 figure) and whether the output is token-identical to plain decoding.
 
-    >>> from hfpatch import assets, bench
+    >>> from hfpatch.apps import assets
+    >>> from hfpatch.apps.bench import speculative
     >>> model, tok = assets.load_smollm2()
-    >>> result = bench.run_bench(model, tok, max_new_tokens=64, per_category=1)
-    >>> print(bench.format_report(result))
-    >>> bench.save_report(result, "bench_out")       # bench.json (+ bench.png with matplotlib)
+    >>> result = speculative.run_bench(model, tok, max_new_tokens=64, per_category=1)
+    >>> print(speculative.format_report(result))
+    >>> speculative.save_report(result, "bench_out")     # bench.json (+ bench.png with matplotlib)
 
 Fairness rules the runner follows (DESIGN.md §7): every method is warmed up once on a prompt outside the
 measured set and that run is discarded; the order of methods rotates from prompt to prompt so that slow
@@ -24,7 +25,6 @@ import copy
 import dataclasses
 import json
 import os
-import platform
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -33,7 +33,17 @@ from typing import Any
 
 import torch
 
-from .errors import HfpatchError
+from hfpatch.apps import assets
+from hfpatch.apps.bench.common import (
+    describe_machine,
+    encode_prompt,
+    format_table,
+    machine_line,
+    torch_threads,
+    usable_cores,
+)
+from hfpatch.errors import HfpatchError
+from hfpatch.patcher import patch
 
 __all__ = [
     "CATEGORIES",
@@ -43,8 +53,6 @@ __all__ = [
     "default_prompts",
     "warmup_prompt",
     "load_prompts",
-    "encode_prompt",
-    "describe_machine",
     "run_bench",
     "summarize",
     "format_report",
@@ -153,8 +161,6 @@ def default_prompts(per_category: int = 3, *, categories: Sequence[str] = CATEGO
         >>> [p.category for p in default_prompts(1)]
         ['rewrite', 'summarize', 'code', 'qa', 'chat']
     """
-    from . import assets
-
     if per_category < 1:
         raise ValueError(f"per_category must be >= 1, got {per_category}")
     unknown = [c for c in categories if c not in CATEGORIES]
@@ -184,8 +190,6 @@ def default_prompts(per_category: int = 3, *, categories: Sequence[str] = CATEGO
 
 
 def _prose_documents(n: int) -> list[str]:
-    from . import assets
-
     try:
         return assets.prose_documents(n, min_chars=800)
     except ValueError as exc:
@@ -198,8 +202,6 @@ def warmup_prompt(passage_chars: int = 1200) -> BenchPrompt:
 
     It is a rewrite request, so it exercises the drafters the way the measured prompts do.
     """
-    from . import assets
-
     docs = assets.prose_documents(1, min_chars=800)  # the first qualifying topic, which default_prompts skips
     title, _ = _split_topic(docs[0])
     prompt = _prose_prompt("rewrite", docs[0], passage_chars, f"pydoc_data.topics: {title}")
@@ -238,77 +240,6 @@ def load_prompts(path: str | os.PathLike) -> list[BenchPrompt]:
     else:
         prompts = [BenchPrompt("custom", line, chat=True, source=f"{path.name}:{number}") for number, line in lines]
     return prompts
-
-
-def encode_prompt(tokenizer, prompt: BenchPrompt, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """``generate`` inputs for one prompt: through the chat template when ``prompt.chat`` and the tokenizer
-    has one, else the raw text."""
-    if prompt.chat and getattr(tokenizer, "chat_template", None):
-        encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt.text}], add_generation_prompt=True,
-                                                return_tensors="pt", return_dict=True)
-    else:
-        encoded = tokenizer(prompt.text, return_tensors="pt")
-    return {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
-
-
-# --------------------------------------------------------------------------------------------------
-# machine
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def describe_machine(device: torch.device | str = "cpu") -> dict[str, Any]:
-    """What the numbers were measured on: CPU model, cores, torch threads, GPU, library versions, load."""
-    import transformers
-
-    from . import __version__
-
-    device = torch.device(device)
-    info: dict[str, Any] = {
-        "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
-        "usable_cores": _usable_cores(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "hfpatch": __version__,
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        pass
-    return info
-
-
-def machine_line(machine: dict[str, Any]) -> str:
-    """`describe_machine`'s dict as one line for reports."""
-    parts = [machine["cpu"], f"{machine['usable_cores']}/{machine['cores']} cores",
-             f"torch threads {machine['torch_threads']}"]
-    if "gpu" in machine:
-        parts.insert(0, machine["gpu"])
-    parts.append(f"torch {machine['torch']}, transformers {machine['transformers']}, hfpatch {machine['hfpatch']}")
-    return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -378,8 +309,6 @@ class SpeculativeBench:
     def __init__(self, model: torch.nn.Module, tokenizer, recipes: Sequence[Any] = DEFAULT_RECIPES, *,
                  max_new_tokens: int = 128, prompt_lookup: bool = True, prompt_lookup_num_tokens: int = 10,
                  keep_text: bool = True):
-        from .patcher import patch
-
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.tokenizer = tokenizer
@@ -459,7 +388,7 @@ class SpeculativeBench:
 
     def warm_up(self, prompt: BenchPrompt) -> None:
         """Run every method once on ``prompt`` and discard the result (first-call allocations, lazy init)."""
-        inputs = encode_prompt(self.tokenizer, prompt, self.device)
+        inputs = encode_prompt(self.tokenizer, prompt.text, chat=prompt.chat, device=self.device)
         for method in self.methods:
             self._generate(method, inputs)
 
@@ -470,7 +399,7 @@ class SpeculativeBench:
         Records come back in the base method order; ``identical`` compares each output with plain decoding.
         ``on_method`` is called with each method's label just before it runs (for progress displays).
         """
-        inputs = encode_prompt(self.tokenizer, prompt, self.device)
+        inputs = encode_prompt(self.tokenizer, prompt.text, chat=prompt.chat, device=self.device)
         shift = index % len(self.methods)
         order = self.methods[shift:] + self.methods[:shift]
         raw: dict[str, dict[str, Any]] = {}
@@ -560,9 +489,7 @@ def run_bench(
     if any(p.text == warmup.text for p in prompts):
         raise ValueError("the warm-up prompt is one of the measured prompts; drafters would have seen it")
     say = progress or (lambda line: None)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads or _usable_cores())
-    try:
+    with torch_threads(threads or usable_cores()):
         device = next(model.parameters()).device
         machine = describe_machine(device)
         started = time.time()
@@ -583,8 +510,6 @@ def run_bench(
             machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
         except (AttributeError, OSError):
             pass
-    finally:
-        torch.set_num_threads(previous_threads)
     result = {
         "machine": machine,
         "config": {
@@ -658,7 +583,7 @@ def kernel_baselines(recipes: dict[str, dict[str, Any]]) -> dict[str, str]:
 
 
 def _fused_label(result: dict[str, Any]) -> str | None:
-    """The recipe combining several drafters (the issue's 'fused recipe'), preferring recycling+lookup."""
+    """The recipe combining several drafters (the fused recipe), preferring recycling+lookup."""
     recipes = result["config"]["recipes"]
     fused = [label for label, info in recipes.items() if len(info["techniques"]) > 1]
     if "recycling+lookup" in fused:
@@ -669,7 +594,7 @@ def _fused_label(result: dict[str, Any]) -> str | None:
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
     """Per method, overall and per category: speed-up vs plain decoding (sum of its times / sum of the
     method's), tokens/s, MAT (new tokens / target forwards), identical outputs, fallbacks, and the ratios to
-    transformers' prompt lookup; plus the fused recipe's figures against the issue's targets."""
+    transformers' prompt lookup; plus the fused recipe's headline figures."""
     runs = result["runs"]
     labels = result["config"]["methods"]
     categories = list(dict.fromkeys(r["category"] for r in runs))
@@ -699,8 +624,6 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             "mat_vs_prompt_lookup": row.get("mat_vs_prompt_lookup"),
             "speedup_vs_prompt_lookup": row.get("speedup_vs_prompt_lookup"),
             "identical": f"{row['identical']}/{row['prompts']}",
-            # The issue's targets (SmolLM2-135M, greedy, >= 96 new tokens, CPU).
-            "targets": {"mat_vs_prompt_lookup": 1.3, "speedup": 1.5, "speedup_vs_prompt_lookup": 1.0},
         }
     return summary
 
@@ -709,22 +632,8 @@ def _fmt(value: Any, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
-def _table(headers: list[str], rows: list[list[str] | None]) -> str:
-    """Aligned columns, numbers right-aligned; a None row is a blank separator line."""
-    widths = [max(len(str(r[i])) for r in [headers, *rows] if r is not None) for i in range(len(headers))]
-    right = [False, False] + [True] * (len(headers) - 2)
-    out = []
-    for row in [headers, ["-" * w for w in widths], *rows]:
-        if row is None:
-            out.append("")
-            continue
-        cells = [str(c).rjust(w) if r else str(c).ljust(w) for c, w, r in zip(row, widths, right)]
-        out.append("  ".join(cells).rstrip())
-    return "\n".join(out)
-
-
 def format_report(result: dict[str, Any]) -> str:
-    """The plain-text report: setup, machine, one table (overall, then per category), fused-recipe targets."""
+    """The plain-text report: setup, machine, one table (overall, then per category), the fused recipe's line."""
     config, summary, machine = result["config"], result["summary"], result["machine"]
     has_pld = PROMPT_LOOKUP in config["methods"]
     lines = [
@@ -762,7 +671,7 @@ def format_report(result: dict[str, Any]) -> str:
                 cells += [_fmt(row.get("mat_vs_prompt_lookup"), ".2f", "x"),
                           _fmt(row.get("speedup_vs_prompt_lookup"), ".2f", "x")]
             rows.append(cells)
-    lines.append(_table(headers, rows))
+    lines.append(format_table(headers, rows, right_from=2))
     lines.append("")
     lines.append(f"speed-up = sum of {VANILLA} seconds / sum of the method's seconds over the same prompts; "
                  "MAT = new tokens / target forwards (prefill included; vanilla = 1.00); "
@@ -770,17 +679,11 @@ def format_report(result: dict[str, Any]) -> str:
                  f"{config['prompt_lookup_num_tokens']}).")
     fused = summary.get("fused")
     if fused is not None:
-        targets = fused["targets"]
+        def ratio(key: str, text: str) -> str:
+            return f"{text} {_fmt(fused.get(key), '.2f', 'x')}"
 
-        def check(key: str, text: str) -> str:
-            value = fused.get(key)
-            if value is None:
-                return f"{text} -"
-            verdict = "meets" if value >= targets[key] else "misses"
-            return f"{text} {value:.2f}x ({verdict} target >= {targets[key]:.1f}x)"
-
-        parts = [check("mat_vs_prompt_lookup", "MAT vs PLD"), check("speedup", "speed-up vs vanilla"),
-                 check("speedup_vs_prompt_lookup", "speed vs PLD")] if has_pld else [check("speedup", "speed-up")]
+        parts = [ratio("mat_vs_prompt_lookup", "MAT vs PLD"), ratio("speedup", "speed-up vs vanilla"),
+                 ratio("speedup_vs_prompt_lookup", "speed vs PLD")] if has_pld else [ratio("speedup", "speed-up")]
         lines.append(f"fused recipe {fused['recipe']!r}: " + "; ".join(parts) + f"; identical {fused['identical']}")
     for label in config["methods"]:
         row = summary["methods"][label]["all"]

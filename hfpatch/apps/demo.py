@@ -5,7 +5,7 @@ runs a few short prompts (summarize, code continuation, rewrite, question answer
 each prompt it prints the generated text, whether the patched output is token-identical to the plain one,
 the mean tokens accepted per forward (MAT) and the wall-clock speed-up.
 
-    >>> from hfpatch.demo import run_demo
+    >>> from hfpatch.apps.demo import run_demo
     >>> result = run_demo()
 """
 from __future__ import annotations
@@ -16,7 +16,9 @@ from typing import Any, TextIO
 
 import torch
 
-from .bench import VANILLA, SpeculativeBench, default_prompts, warmup_prompt
+from hfpatch.apps import assets
+from hfpatch.apps.bench.common import torch_threads, usable_cores
+from hfpatch.apps.bench.speculative import VANILLA, SpeculativeBench, default_prompts, warmup_prompt
 
 DEMO_RECIPE = "recycling+lookup"
 DEMO_CATEGORIES = ("summarize", "code", "rewrite", "qa")
@@ -50,25 +52,19 @@ def run_demo(
         model, tokenizer: the model to show (default: the bundled SmolLM2-135M-Instruct, converted on first use).
         recipe: the recipe to apply (default: the fused ``recycling+lookup``).
         max_new_tokens: greedy tokens per prompt; 64-96 keeps the demo near a minute on 2 CPU cores.
-        categories: which kinds of prompt to run, one prompt each (see ``hfpatch.bench.CATEGORIES``).
+        categories: which kinds of prompt to run, one prompt each (see ``hfpatch.apps.bench.speculative.CATEGORIES``).
         threads: ``torch.set_num_threads`` (default: every usable core); restored afterwards.
         passage_chars: length of the passages quoted in the prompts (shorter prompts, quicker demo).
         out: where to print (default: stdout).
     """
-    from .bench import _usable_cores
-
     out = out or sys.stdout
 
     def say(text: str = "", end: str = "\n") -> None:
         print(text, end=end, file=out, flush=True)
 
     started = time.perf_counter()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads or _usable_cores())
-    try:
+    with torch_threads(threads or usable_cores()):
         if model is None:
-            from . import assets
-
             say("hfpatch demo: lossless speculative generate on SmolLM2-135M-Instruct")
             say("loading the bundled model (the first run converts it once, ~25 s) ...")
             model, tokenizer = assets.load_smollm2(progress=True)
@@ -119,8 +115,6 @@ def run_demo(
             "threads": torch.get_num_threads(),
             "wall_s": time.perf_counter() - started,
         }
-    finally:
-        torch.set_num_threads(previous_threads)
     say(f"\noverall: {summary['identical']}/{summary['prompts']} outputs token-identical, "
         f"{summary['mat']:.2f} tokens per forward instead of 1, "
         f"{summary['speedup']:.2f}x faster ({plain_s:.1f} s -> {fast_s:.1f} s) "

@@ -1,0 +1,112 @@
+"""``hfpatch bench`` (speculative recipes against plain greedy and transformers' prompt lookup) and
+``hfpatch bench long-context`` (sparse attention recipes against full attention)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hfpatch.apps.bench import longctx, speculative
+from hfpatch.apps.bench.common import torch_threads
+from hfpatch.apps.cli.common import CommandError, add_command, add_model_arguments, load_local_model, positive
+from hfpatch.errors import HfpatchError
+
+PROMPTS_NOTE = ("--prompts FILE: JSON lines {\"category\": \"summarize\", \"prompt\": \"...\"} (optional \"chat\": "
+                "false for raw text), or plain text with one prompt per line. Prompts go through the chat template "
+                "when the tokenizer has one, except categories that mention code.")
+
+
+def register(subparsers) -> None:
+    parser = add_command(
+        subparsers, "bench", handler=_cmd_bench,
+        help="measure speculative recipes against plain greedy and transformers' prompt lookup",
+        description="Benchmark lossless speculative recipes in one process: plain greedy generate, transformers' "
+                    "own prompt lookup (prompt_lookup_num_tokens=10) and each recipe run on every prompt, "
+                    "interleaved (method order rotated per prompt) after a discarded warm-up on another prompt. "
+                    "Prints speed-up vs plain greedy, tokens per target forward (MAT) and how many outputs are "
+                    "token-identical, overall and per prompt category, with the machine named; writes "
+                    "bench.json, bench.txt and bench.png (needs matplotlib) to --out. Each recipe runs on its own "
+                    "copy of the model. The default prompts are built from text on disk (Python documentation "
+                    "and standard-library source) plus short chat requests. 'hfpatch bench long-context' "
+                    "measures the sparse attention recipes instead.",
+        examples=["hfpatch bench", "hfpatch bench --max-new-tokens 96 --per-category 5 --out results/",
+                  "hfpatch bench --recipe recycling+lookup --recipe my_recipe.json --prompts prompts.jsonl",
+                  "hfpatch bench --model ./gemma-3-270m --threads 2", "hfpatch bench long-context --help"],
+        notes=PROMPTS_NOTE,
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--recipe", action="append", metavar="R",
+                        help="recipe to measure, repeatable (default: token-recycling, ngram-lookup, recycling+lookup)")
+    parser.add_argument("--prompts", metavar="FILE", help="prompt file instead of the built-in prompt set")
+    parser.add_argument("--max-new-tokens", type=positive, default=128, metavar="N",
+                        help="greedy tokens per generate call (default: 128)")
+    parser.add_argument("--per-category", type=positive, metavar="N",
+                        help="prompts per category of the built-in set (default: 3)")
+    parser.add_argument("--threads", type=positive, metavar="N",
+                        help="torch CPU threads (default: every usable core; 1 is steadier on a busy machine)")
+    parser.add_argument("--out", default="bench_out", metavar="DIR",
+                        help="folder for bench.json, bench.txt and bench.png (default: ./bench_out)")
+    parser.add_argument("--long-context", action="store_true",
+                        help="the older spelling of 'hfpatch bench long-context'")
+
+    sub = parser.add_subparsers(dest="bench_command", metavar="{long-context}")
+    # argument_default=SUPPRESS: options not given here keep the values (and defaults) of the bench parser, so
+    # they may also come before the subcommand name.
+    long_context = add_command(
+        sub, "long-context", handler=_cmd_long_context, argument_default=argparse.SUPPRESS,
+        help="measure the sparse attention recipes against full attention on long inputs",
+        description="Run the sparse attention recipes (or --recipe ones) side by side with full attention: needle "
+                    "retrieval (1k/2k tokens), perplexity of the last tokens (4k) and decode speed (4k), with the "
+                    "KV cache's share of the speed-up shown apart. Writes longctx.json to --out. Takes minutes.",
+        examples=["hfpatch bench long-context", "hfpatch bench long-context --recipe quest --recipe sink-window",
+                  "hfpatch bench long-context --recipe 'tidal-decode:selection_layers=[2,12]' --threads 2"],
+    )
+    add_model_arguments(long_context, defaults=False)
+    long_context.add_argument("--recipe", action="append", metavar="R",
+                              help="recipe to measure, 'NAME' or 'NAME:param=value,...', repeatable "
+                                   "(default: the five sparse attention recipes)")
+    long_context.add_argument("--threads", type=positive, metavar="N", help="torch CPU threads (default: torch's)")
+    long_context.add_argument("--out", metavar="DIR", help="folder for longctx.json (default: ./bench_out)")
+
+
+def _model_name(model: str | None, folder) -> str:
+    return "SmolLM2-135M-Instruct (bundled)" if model is None else Path(folder).name
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.long_context:
+        print("hfpatch: note: 'hfpatch bench long-context' is the new spelling of 'hfpatch bench --long-context'",
+              file=sys.stderr)
+        return _cmd_long_context(args)
+    if args.prompts and args.per_category is not None:
+        raise CommandError("--per-category applies to the built-in prompt set, not to --prompts")
+    prompts = speculative.load_prompts(args.prompts) if args.prompts else None
+    model, tokenizer, folder = load_local_model(args.model, dtype=args.dtype, device=args.device)
+    try:
+        result = speculative.run_bench(
+            model, tokenizer, recipes=args.recipe or speculative.DEFAULT_RECIPES, prompts=prompts,
+            per_category=args.per_category or 3, max_new_tokens=args.max_new_tokens, threads=args.threads,
+            model_name=_model_name(args.model, folder), progress=_progress)
+    except ValueError as exc:
+        if isinstance(exc, HfpatchError):
+            raise
+        raise CommandError(str(exc)) from exc
+    print(speculative.format_report(result))
+    written = speculative.save_report(result, args.out)
+    print(f"[hfpatch] wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    return 0
+
+
+def _cmd_long_context(args: argparse.Namespace) -> int:
+    with torch_threads(args.threads):
+        model, tokenizer, folder = load_local_model(args.model, dtype=args.dtype, device=args.device)
+        result = longctx.run(model, tokenizer, methods=tuple(args.recipe or longctx.METHODS),
+                             model_name=_model_name(args.model, folder), progress=_progress)
+    print(longctx.format_report(result))
+    path = longctx.save_report(result, args.out)
+    print(f"[hfpatch] wrote {path}", file=sys.stderr)
+    return 0
