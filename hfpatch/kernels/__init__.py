@@ -12,7 +12,7 @@ tensors):
 - ``sparse_decode_attention``: attention over an index set of the cache; torch, triton, cpu (compiled C++)
 
 Modules: ``logprob_gather``, ``sparse_decode`` and ``lowrank_decode`` hold the ops of those names,
-``scored_attention`` the attention scores used to choose positions (``group_attention_scores``,
+``attention_scores`` the attention scores used to choose positions (``group_attention_scores``,
 ``scored_attention``), ``selection`` the choice itself (``select_positions``); ``dispatch`` is the registry,
 ``cpu_build`` builds the C++ sources of ``csrc/``, ``interpret`` says whether Triton can run here and
 ``launch`` sizes Triton grids. Helpers that are not ops (one torch implementation): ``forced_positions``,
@@ -54,7 +54,7 @@ from .cpu_build import CompiledKernel
 from .launch import sm_count
 from .logprob_gather import logprob_gather, logprob_gather_reference, logprob_gather_triton
 from .sparse_decode import sparse_decode_attention, sparse_decode_attention_reference, sparse_decode_attention_triton
-from .scored_attention import (
+from .attention_scores import (
     attention_with_scores,
     group_attention_scores,
     group_attention_scores_reference,

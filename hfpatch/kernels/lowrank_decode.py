@@ -19,7 +19,7 @@ import torch
 
 from .cpu_build import CompiledKernel, load
 from .dispatch import register_kernel
-from .scored_attention import group_attention_scores
+from .attention_scores import group_attention_scores
 from .selection import select_positions, with_forced_first
 from .sparse_decode import sparse_decode_attention
 

@@ -21,6 +21,7 @@ rows in place with prefetching, instead of the reference's gathers, masks and sd
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -218,19 +219,13 @@ def _sparse_decode_kernel(
     tl.store(o_ptr + row[:, None] * DV + dv[None, :], acc, mask=gmask[:, None] & (dv[None, :] < DV))
 
 
-_COMPILED = None
-
-
+@functools.lru_cache(maxsize=None)
 def _kernels():
-    global triton, tl, _COMPILED
-    if _COMPILED is None:
-        import triton as _triton
-        import triton.language as _tl
+    global triton, tl
+    import triton  # noqa: F811 - binds the module global the kernels read
+    import triton.language as tl  # noqa: F811
 
-        triton, tl = _triton, _tl
-        globals()["triton"], globals()["tl"] = _triton, _tl
-        _COMPILED = _triton.jit(_sparse_decode_kernel)
-    return _COMPILED
+    return triton.jit(_sparse_decode_kernel)
 
 
 def _num_splits(bh: int, n: int, block_n: int, device: torch.device) -> int:

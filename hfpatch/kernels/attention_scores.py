@@ -24,6 +24,7 @@ where an implementation does it in one pass, and None elsewhere: there the calle
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -192,18 +193,13 @@ def _score_kernel(
     tl.store(out_ptr + pid_bh * S + pos, tl.sum(p, 0), mask=pos < S)
 
 
-_COMPILED = None
-
-
+@functools.lru_cache(maxsize=None)
 def _kernels():
-    global triton, tl, _COMPILED
-    if _COMPILED is None:
-        import triton as _triton
-        import triton.language as _tl
+    global triton, tl
+    import triton  # noqa: F811 - binds the module global the kernels read
+    import triton.language as tl  # noqa: F811
 
-        globals()["triton"], globals()["tl"] = _triton, _tl
-        _COMPILED = (_triton.jit(_lse_kernel), _triton.jit(_score_kernel))
-    return _COMPILED
+    return triton.jit(_lse_kernel), triton.jit(_score_kernel)
 
 
 def group_attention_scores_triton(
