@@ -85,12 +85,13 @@ class CpuKernel:
     reference itself. ``cpu_build.CompiledKernel`` is the variant whose function calls a C++ kernel built on
     first use (:meth:`unavailable` says when it cannot be built).
 
-    Example (how ``selection.py`` does it)::
+    Example (as ``selection.py`` and ``attention_scores.py`` do it)::
 
-        def my_op_cpu(x, *, k=1): ...                  # NumPy over x.numpy()
+        def my_op_cpu(x, *, k=1): ...                  # NumPy over x.numpy(), or torch ops for the CPU
+        def my_op_cpu_rejects(x, *, k=1):
+            return None if x.dtype == torch.float32 else f"{x.dtype}: float32 only"
         my_op = register_kernel("my_op", reference=my_op_reference, triton=None,
-                                cpu=CpuKernel(my_op_cpu, rejects=lambda x, *, k=1:
-                                              None if x.dtype == torch.float32 else "float32 only"))
+                                cpu=CpuKernel(my_op_cpu, rejects=my_op_cpu_rejects))
     """
 
     #: How dispatch's reasons name this kind of implementation.
