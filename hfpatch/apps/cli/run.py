@@ -57,6 +57,20 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
+def _generate(model, handle, inputs: dict[str, Any], kwargs: dict[str, Any], seed: int):
+    """(new token ids, seconds, the patch's stats or None) of one generate call; the patch comes off after it."""
+    try:
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            output = model.generate(**inputs, **kwargs)
+        seconds = time.perf_counter() - start
+        return output[0, inputs["input_ids"].shape[1]:], seconds, handle.stats if handle is not None else None
+    finally:
+        if handle is not None:
+            handle.unpatch()
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     if (args.revision or args.overrides) and not args.recipe:
         raise CommandError("--revision and --set need --recipe")
@@ -68,17 +82,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise CommandError("--chat: this tokenizer has no chat template; drop --chat to use the raw prompt")
     inputs = encode_prompt(tokenizer, prompt, chat=args.chat, device=model.device)
     handle = hfpatch.patch(model, args.recipe, revision=args.revision, **overrides) if args.recipe else None
-    try:
-        torch.manual_seed(args.seed)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            output = model.generate(**inputs, **kwargs)
-        seconds = time.perf_counter() - start
-        stats = handle.stats if handle is not None else None
-    finally:
-        if handle is not None:
-            handle.unpatch()
-    new_tokens = output[0, inputs["input_ids"].shape[1]:]
+    new_tokens, seconds, stats = _generate(model, handle, inputs, kwargs, args.seed)
     print(tokenizer.decode(new_tokens, skip_special_tokens=True))
     if handle is not None:
         print(f"\n# hfpatch stats (recipe {handle.recipe.name!r}):\n{dumps(stats)}")
