@@ -183,3 +183,37 @@ def decoder_only_generate_output(*, sequences, scores, logits, cache):
     names = {f.name for f in dataclasses.fields(GenerateDecoderOnlyOutput)}
     cache_field = "cache" if "cache" in names else "past_key_values"
     return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, logits=logits, **{cache_field: cache})
+
+
+def forward_accepts(model, name: str) -> bool:
+    """Whether the model class's `forward` takes the keyword `name` (e.g. `logits_to_keep`)."""
+    return name in _forward_parameters(type(model))
+
+
+#: `generation_mode` values of one-token-per-step decoding (argmax, or one sample from the processed scores);
+#: they are the values of transformers' internal `GenerationMode.GREEDY_SEARCH` / `.SAMPLE`
+GREEDY_SEARCH = "greedy_search"
+SAMPLE = "sample"
+
+
+def generation_mode(generation_config) -> str:
+    """The decoding strategy transformers picks for this config, as the value of its internal
+    `GenerationMode` enum ("greedy_search", "sample", "beam_search", "assisted_generation", ...).
+
+    A string rather than the enum, so callers compare against `GREEDY_SEARCH` / `SAMPLE` and never import
+    `transformers.generation.configuration_utils` themselves.
+    """
+    return generation_config.get_generation_mode().value
+
+
+def sample_loop(model):
+    """transformers' own greedy/sampling decoding loop, bound to `model`.
+
+    A `custom_generate` loop that finds, once transformers has prepared the call (logits processors,
+    stopping criteria, cache), that it cannot serve the request exactly has no public way back: `generate`
+    has already been entered. The loop transformers would have run itself is the private
+    `GenerationMixin._sample`; it takes `(input_ids, logits_processor=, stopping_criteria=,
+    generation_config=, synced_gpus=, streamer=, **model_kwargs)`. It is taken from the model's class, not
+    the instance, so an instance-level patch (such as hfpatch's own `generate` wrapper) cannot intercept it.
+    """
+    return type(model)._sample.__get__(model, type(model))

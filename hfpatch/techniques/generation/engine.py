@@ -13,14 +13,14 @@ the stats.
 from __future__ import annotations
 
 import copy
-import inspect
-import time
+import dataclasses
 from typing import Any
 
 import torch
-from transformers.generation.configuration_utils import GenerationMode
 
 from ... import compat
+from .emit import Emitter, accept_path
+from .step_stats import StepStats, Stopwatch
 from .tree import DraftTree
 
 _MODEL_KWARGS_SERVED = frozenset({"attention_mask", "position_ids", "cache", "past_key_values", "use_cache",
@@ -50,6 +50,20 @@ class Drafter:
         return {}
 
 
+@dataclasses.dataclass
+class _Call:
+    """The state of one served generate call, shared by the steps of the loop."""
+
+    out: Emitter
+    cache: Any
+    max_length: int
+    #: dtype of the additive tree mask (the model's float dtype)
+    mask_dtype: torch.dtype
+    #: top tokens per tree node the drafters' `update` wants (0: none)
+    topk_wanted: int
+    stats: StepStats
+
+
 class SpeculativeEngine:
     """Verification loop + bookkeeping for one patched model."""
 
@@ -59,8 +73,7 @@ class SpeculativeEngine:
         #: cuts each drafted tree to the part worth verifying (`adaptive_tree`); None verifies all of it
         self.tree_policy = None
         self.last_stats: dict[str, Any] = {}
-        forward_params = inspect.signature(type(model).forward).parameters
-        self._logits_to_keep = "logits_to_keep" in forward_params
+        self._logits_to_keep = compat.forward_accepts(model, "logits_to_keep")
         self._cache_kwarg = compat.cache_kwarg(model)
 
     def add_drafter(self, drafter: Drafter, max_nodes: int) -> None:
@@ -108,7 +121,7 @@ class SpeculativeEngine:
         """Instance-level replacement of `model.generate` (see `primitives.wrap_generate`)."""
         problem = self._request_problem(args, kwargs)
         if problem is not None:
-            self.last_stats = {"fallback": problem}
+            self.last_stats = StepStats.fallback(problem)
             return original(*args, **kwargs)
         streamer = kwargs.pop("streamer", None)
 
@@ -121,9 +134,9 @@ class SpeculativeEngine:
 
     # ----- the loop ---------------------------------------------------------------------------------
     def _loop_problem(self, input_ids, generation_config, model_kwargs) -> str | None:
-        mode = generation_config.get_generation_mode()
-        if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
-            return f"generation mode {mode.value} is not greedy or sampling"
+        mode = compat.generation_mode(generation_config)
+        if mode not in (compat.GREEDY_SEARCH, compat.SAMPLE):
+            return f"generation mode {mode} is not greedy or sampling"
         if generation_config.output_attentions or generation_config.output_hidden_states:
             return "output_attentions / output_hidden_states are not produced by tree verification"
         mask = model_kwargs.get("attention_mask")
@@ -144,143 +157,117 @@ class SpeculativeEngine:
             return "generation restarting from a pre-filled cache"
         return None
 
+    def _loop(self, model, input_ids, logits_processor, stopping_criteria, generation_config, streamer,
+              model_kwargs):
+        """The `custom_generate` loop: prefill, then draft -> verify -> accept steps until a stop."""
+        problem = self._loop_problem(input_ids, generation_config, model_kwargs)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        if problem is not None:
+            self.last_stats = StepStats.fallback(problem)
+            return compat.sample_loop(model)(input_ids, logits_processor=logits_processor,
+                                             stopping_criteria=stopping_criteria,
+                                             generation_config=generation_config, streamer=streamer,
+                                             **model_kwargs)
+        out = Emitter(input_ids, logits_processor, stopping_criteria, generation_config, streamer)
+        call = self._start_call(out, generation_config, model_kwargs[self._cache_kwarg])
+        done = self._prefill(call)
+        while not done:
+            done = self._step(call)
+        return self._finish(call)
+
+    def _start_call(self, out: Emitter, generation_config, cache) -> _Call:
+        """Tell the drafters and the tree policy that a call begins; the call's clock starts last."""
+        for drafter, _ in self.drafters:
+            drafter.start(list(out.context))
+        if self.tree_policy is not None:
+            self.tree_policy.start_call()
+        dtype = self.model.dtype
+        return _Call(out=out, cache=cache, max_length=generation_config.max_length,
+                     mask_dtype=dtype if dtype.is_floating_point else torch.float32,
+                     topk_wanted=max((d.topk_wanted for d, _ in self.drafters), default=0),
+                     stats=StepStats())
+
     def _forward(self, input_ids, position_ids, attention_mask, cache, keep_all_logits: bool):
         kwargs = {self._cache_kwarg: cache, "use_cache": True}
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = 0 if keep_all_logits else 1
         return self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, **kwargs)
 
-    def _loop(self, model, input_ids, logits_processor, stopping_criteria, generation_config, streamer,
-              model_kwargs):
-        problem = self._loop_problem(input_ids, generation_config, model_kwargs)
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
-        if problem is not None:
-            self.last_stats = {"fallback": problem}
-            return type(model)._sample(model, input_ids, logits_processor=logits_processor,
-                                       stopping_criteria=stopping_criteria, generation_config=generation_config,
-                                       streamer=streamer, **model_kwargs)
-        do_sample = generation_config.do_sample
-        want_scores = generation_config.return_dict_in_generate and generation_config.output_scores
-        want_logits = generation_config.return_dict_in_generate and generation_config.output_logits
-        scores_out: list[torch.Tensor] = []
-        logits_out: list[torch.Tensor] = []
-        cache = model_kwargs[self._cache_kwarg]
-        device = input_ids.device
-        prompt_length = input_ids.shape[1]
-        max_length = generation_config.max_length
-        mask_dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.float32
-        topk_wanted = max((d.topk_wanted for d, _ in self.drafters), default=0)
-        context = input_ids[0].tolist()
+    def _prefill(self, call: _Call) -> bool:
+        """One forward over the prompt, emitting the first new token; True when generation must stop."""
+        input_ids = call.out.input_ids
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        output = self._forward(input_ids, positions, None, call.cache, keep_all_logits=False)
+        call.stats.forwards += 1
+        raw = output.logits[:, -1].to(dtype=torch.float32, copy=True)
+        del output
+        return call.out.next_token(raw)[1]
+
+    def _step(self, call: _Call) -> bool:
+        """Draft a tree, verify it in one forward, accept its longest right path + one bonus token, keep
+        that path in the cache, let the drafters learn. True when generation must stop."""
+        watch = Stopwatch()
+        tree = self._draft(call)
+        draft_s = watch.lap()
+        root_position = call.out.length - 1
+        node_logits = self._verify(call, tree, root_position)
+        accepted, done = accept_path(call.out, tree, node_logits)
+        self._keep_path(call, root_position, accepted)
+        verify_s = watch.lap()
+        self._update_drafters(call, tree, node_logits, accepted)
+        draft_s += watch.lap()
+        if self.tree_policy is not None:
+            self.tree_policy.observe(tree.num_drafted, watch.total(), len(accepted))
+        call.stats.add_step(tree.num_drafted, len(accepted), draft_s, verify_s)
+        return done
+
+    def _draft(self, call: _Call) -> DraftTree:
+        """The tree to verify: each drafter adds paths within its node budget, then the policy cuts it.
+
+        The root is the last token; depth stays below the tokens left before max_length (the bonus token
+        takes the last one), so nothing is drafted when one token is left.
+        """
+        context = call.out.context
+        remaining = call.max_length - call.out.length
+        pool = self.candidate_nodes
+        tree = DraftTree(context[-1], max_nodes=pool, max_depth=max(remaining - 1, 0))
+        if remaining > 1:
+            for drafter, budget in self.drafters:
+                tree.max_nodes = min(pool, tree.num_drafted + budget)
+                drafter.draft(tree, context)
+        if self.tree_policy is not None:
+            tree = self.tree_policy.cut(tree)
+        return tree
+
+    def _verify(self, call: _Call, tree: DraftTree, root_position: int) -> torch.Tensor:
+        """One forward over every node of `tree` (tree mask, positions by depth): raw fp32 logits [nodes, vocab]."""
+        device = call.out.input_ids.device
+        mask = tree.attention_mask(root_position, call.mask_dtype, device) if tree.num_drafted else None
+        output = self._forward(tree.input_ids(device), tree.position_ids(root_position, device), mask, call.cache,
+                               keep_all_logits=True)
+        call.stats.forwards += 1
+        node_logits = output.logits[0].to(dtype=torch.float32)
+        del output
+        return node_logits
+
+    @staticmethod
+    def _keep_path(call: _Call, root_position: int, accepted: list[int]) -> None:
+        """Compact the cache to the prefix, the root and the accepted nodes (the bonus token is not cached)."""
+        path = torch.tensor(accepted, dtype=torch.long) + root_position
+        compat.keep_cache_positions(call.cache, torch.cat([torch.arange(root_position + 1), path]))
+
+    def _update_drafters(self, call: _Call, tree: DraftTree, node_logits: torch.Tensor, accepted: list[int]) -> None:
+        """Show every drafter the verified tree, the target's top tokens per node and the accepted path."""
+        k = call.topk_wanted
+        topk = node_logits.topk(k, dim=-1).indices.cpu() if k else None
         for drafter, _ in self.drafters:
-            drafter.start(list(context))
+            drafter.update(tree, topk, accepted, call.out.context)
 
-        policy = self.tree_policy
-        if policy is not None:
-            policy.start_call()
-        stats = {"forwards": 0, "draft_time_s": 0.0, "verify_time_s": 0.0, "tree_nodes": 0, "steps": 0,
-                 "accepted_drafts": 0}
-
-        def emit(token: int, scores: torch.Tensor, raw: torch.Tensor) -> bool:
-            """Append one token exactly as plain decoding would; True when generation must stop."""
-            nonlocal input_ids
-            input_ids = torch.cat([input_ids, input_ids.new_tensor([[token]])], dim=-1)
-            context.append(token)
-            if want_scores:
-                scores_out.append(scores)
-            if want_logits:
-                logits_out.append(raw)
-            if streamer is not None:
-                streamer.put(input_ids.new_tensor([token]).cpu())
-            return bool(stopping_criteria(input_ids, tuple(scores_out) if want_scores else None).any())
-
-        def choose(raw_logits: torch.Tensor) -> tuple[int, torch.Tensor]:
-            scores = logits_processor(input_ids, raw_logits)
-            if do_sample:
-                token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
-            else:
-                token = torch.argmax(scores, dim=-1)
-            return int(token), scores
-
-        start = time.perf_counter()
-        positions = torch.arange(prompt_length, device=device)[None]
-        out = self._forward(input_ids, positions, None, cache, keep_all_logits=False)
-        stats["forwards"] += 1
-        raw = out.logits[:, -1].to(dtype=torch.float32, copy=True)
-        del out
-        token, scores = choose(raw)
-        done = emit(token, scores, raw)
-
-        while not done:
-            root_position = input_ids.shape[1] - 1
-            remaining = max_length - input_ids.shape[1]
-            t0 = time.perf_counter()
-            pool = self.candidate_nodes
-            tree = DraftTree(context[-1], max_nodes=pool, max_depth=max(remaining - 1, 0))
-            if remaining > 1:
-                for drafter, budget in self.drafters:
-                    tree.max_nodes = min(pool, tree.num_drafted + budget)
-                    drafter.draft(tree, context)
-            if policy is not None:
-                tree = policy.cut(tree)
-            t1 = time.perf_counter()
-            mask = tree.attention_mask(root_position, mask_dtype, device) if tree.num_drafted else None
-            out = self._forward(tree.input_ids(device), tree.position_ids(root_position, device), mask, cache,
-                                keep_all_logits=True)
-            stats["forwards"] += 1
-            node_logits = out.logits[0].to(dtype=torch.float32)
-            del out
-            accepted: list[int] = []
-            node = 0
-            while True:
-                raw = node_logits[node : node + 1].clone()
-                token, scores = choose(raw)
-                done = emit(token, scores, raw)
-                child = tree.children[node].get(token)
-                if done or child is None:
-                    break
-                accepted.append(child)
-                node = child
-            keep = torch.cat([torch.arange(root_position + 1), torch.tensor(accepted, dtype=torch.long) + root_position])
-            compat.keep_cache_positions(cache, keep)
-            t2 = time.perf_counter()
-            topk = node_logits.topk(topk_wanted, dim=-1).indices.cpu() if topk_wanted else None
-            for drafter, _ in self.drafters:
-                drafter.update(tree, topk, accepted, context)
-            t3 = time.perf_counter()
-            if policy is not None:
-                policy.observe(tree.num_drafted, t3 - t0, len(accepted))
-            stats["draft_time_s"] += (t1 - t0) + (t3 - t2)
-            stats["verify_time_s"] += t2 - t1
-            stats["tree_nodes"] += tree.num_drafted
-            stats["steps"] += 1
-            stats["accepted_drafts"] += len(accepted)
-
+    def _finish(self, call: _Call):
+        """End the call: drafters see the whole sequence, the streamer ends, `last_stats` is set."""
         for drafter, _ in self.drafters:
-            drafter.finish(list(context), prompt_length)
-        if streamer is not None:
-            streamer.end()
-        new_tokens = input_ids.shape[1] - prompt_length
-        steps = max(stats["steps"], 1)
-        self.last_stats = {
-            "fallback": None,
-            "forwards": stats["forwards"],
-            "new_tokens": new_tokens,
-            "mean_accepted_tokens_per_forward": new_tokens / stats["forwards"],
-            "mean_tree_nodes": stats["tree_nodes"] / steps,
-            "mean_accepted_drafts_per_step": stats["accepted_drafts"] / steps,
-            "draft_time_s": stats["draft_time_s"],
-            "verify_time_s": stats["verify_time_s"],
-            "total_time_s": time.perf_counter() - start,
-            "drafters": {d.name: d.stats() for d, _ in self.drafters},
-        }
-        if policy is not None:
-            self.last_stats["tree_policy"] = policy.stats()
-        if generation_config.return_dict_in_generate:
-            return compat.decoder_only_generate_output(
-                sequences=input_ids,
-                scores=tuple(scores_out) if want_scores else None,
-                logits=tuple(logits_out) if want_logits else None,
-                cache=cache,
-            )
-        return input_ids
+            drafter.finish(list(call.out.context), call.out.prompt_length)
+        call.out.close()
+        self.last_stats = call.stats.as_dict(call.out.new_tokens, self.drafters, self.tree_policy)
+        return call.out.result(call.cache)
