@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from .dispatch import CpuKernel, register_kernel
+from .dispatch import CpuKernel, float32_cpu_problem, register_kernel
 from .interpret import exact_float32_dots
 from .launch import target_programs
 
@@ -315,10 +315,7 @@ def _cpu_rejects(
     *,
     scale: float | None = None,
 ) -> str | None:
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if t.dtype != torch.float32:
-            return f"{name} is {t.dtype}: float32 only"
-    return None
+    return float32_cpu_problem(query=query, key=key, value=value)
 
 
 scored_attention = register_kernel(

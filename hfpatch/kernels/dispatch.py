@@ -76,6 +76,16 @@ class Choice:
     implementation: Callable[..., Any] = field(repr=False, compare=False)
 
 
+def float32_cpu_problem(**tensors: torch.Tensor) -> str | None:
+    """Why these named tensors are not all float32 CPU tensors (what the CPU implementations take), or None."""
+    for name, tensor in tensors.items():
+        if tensor.dtype != torch.float32:
+            return f"{name} is {tensor.dtype}: float32 only"
+        if tensor.device.type != "cpu":
+            return f"{name} is on {tensor.device.type}"
+    return None
+
+
 class CpuKernel:
     """A CPU implementation for ``register_kernel(..., cpu=...)``.
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .cpu_build import CompiledKernel, load
-from .dispatch import register_kernel
+from .dispatch import float32_cpu_problem, register_kernel
 from .attention_scores import group_attention_scores
 from .selection import select_positions, with_forced_first
 from .sparse_decode import sparse_decode_attention
@@ -143,11 +143,9 @@ def _cpu_rejects(
 ) -> str | None:
     """Why the fused kernel does not take these inputs (the reference does), or None. Malformed inputs pass: the
     kernel's argument check raises the same error as the reference's."""
-    for name, t in (("query", query), ("basis", basis), ("projected", projected), ("key", key), ("value", value)):
-        if t.dtype != torch.float32:
-            return f"{name} is {t.dtype}: float32 only"
-        if t.device.type != "cpu":
-            return f"{name} is on {t.device.type}"
+    problem = float32_cpu_problem(query=query, basis=basis, projected=projected, key=key, value=value)
+    if problem:
+        return problem
     if any(t.stride(-1) != 1 for t in (projected, key, value)):
         return "projected, key or value not contiguous along its last dimension"
     return None

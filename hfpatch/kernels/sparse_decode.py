@@ -27,7 +27,7 @@ import math
 import torch
 
 from .cpu_build import CompiledKernel, load
-from .dispatch import register_kernel
+from .dispatch import float32_cpu_problem, register_kernel
 from .interpret import exact_float32_dots
 from .launch import target_programs
 
@@ -319,11 +319,9 @@ def _cpu_rejects(
 ) -> str | None:
     """Why the compiled kernel does not take these inputs (the reference does), or None. Malformed inputs pass:
     the kernel's argument check raises the same error as the reference's."""
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if t.dtype != torch.float32:
-            return f"{name} is {t.dtype}: float32 only"
-        if t.device.type != "cpu":
-            return f"{name} is on {t.device.type}"
+    problem = float32_cpu_problem(query=query, key=key, value=value)
+    if problem:
+        return problem
     if index.dim() == 3 and key.dim() == 4 and index.shape[1] != key.shape[1]:
         return "an index set per query head: one per KV head only"
     if key.stride(-1) != 1 or value.stride(-1) != 1:
