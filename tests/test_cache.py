@@ -1,4 +1,4 @@
-"""hfpatch.cache: the in-place (growable) KV cache equals transformers' DynamicCache in every use, and the
+"""hfpatch.cache: the growable KV cache (appends in place) equals transformers' DynamicCache in every use, and the
 sparse attention techniques install it through generate (reversibly, per instance)."""
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def test_sparse_recipes_generate_through_the_growable_cache_and_unpatch(recipe):
         with hfpatch.patch(model, recipe, budget=4096, kv_cache="dynamic") as handle:  # transformers' cache
             gen(model, ids, mask)
             assert handle.stats[handle.techniques[0].name]["kv_cache"] is None and len(seen) == 1
-        with hfpatch.patch(model, recipe, budget=4096) as handle:  # the default is the in-place cache
+        with hfpatch.patch(model, recipe, budget=4096) as handle:  # the default is the growable cache
             gen(model, ids, mask)
             assert handle.stats[handle.techniques[0].name]["kv_cache"] == "growable" and len(seen) == 2
         gen(model, ids, mask)

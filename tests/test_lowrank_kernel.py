@@ -23,7 +23,7 @@ needs_compiled = pytest.mark.skipif(lowrank_sparse_decode.cpu.unavailable() is n
 
 
 def inputs(b, hq, hkv, d, s, rank, *, pad=(), capacity=0, seed=0, dv=None, fresh=0):
-    """A step over a cache that may be a view of a longer buffer (like hfpatch's in-place cache), with the
+    """A step over a cache that may be a view of a longer buffer (like hfpatch's growable cache), with the
     projected keys a view of a longer buffer too (its last `fresh` positions not projected yet: NaN), and
     left padding of `pad[i]` positions in row i."""
     g = torch.Generator().manual_seed(seed)

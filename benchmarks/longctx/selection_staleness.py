@@ -1,6 +1,6 @@
 """How stale may a sparse decode step's position set be? Perplexity of the last tokens of long documents
 when each decode step attends to `budget` positions chosen in different ways (analysis behind
-`recycled_attention`'s `rescore_rank`; README, "Per-step re-selection").
+`recycled_attention`'s `rescore_rank`; docs/results/sparse-attention.md).
 
 Variants (all with 4 sinks + a 32-token window inside the budget, like the recipes):
   exact-every:N   the exact top-`budget` positions of the current query's attention probabilities (summed per
@@ -13,7 +13,7 @@ Variants (all with 4 sinks + a 32-token window inside the budget, like the recip
     python benchmarks/longctx/selection_staleness.py --length 8192 --source code \
         exact-every:1 exact-every:2 exact-every:4 exact-every:8 stale-rerank:2048 rescore:8 rescore:16 paper
 
-Tune on `--source code` (the README's held-out perplexity documents are prose).
+Tune on `--source code` (the held-out perplexity documents of docs/results/sparse-attention.md are prose).
 """
 from __future__ import annotations
 

@@ -124,5 +124,5 @@ def run_demo(
     say("next: 'hfpatch bench' measures every recipe against transformers' prompt lookup on more prompts.")
     if recipe == DEMO_RECIPE and next(model.parameters()).device.type == "cpu":
         say("on a CPU, 'hfpatch demo --recipe recycling+lookup-cpu' runs the same speculation on packed oneDNN "
-            "linear kernels (equal to the default ones up to float rounding), 2.6x faster than plain in the README.")
+            "linear kernels (equal to the default ones up to float rounding), 2.60x faster than plain (docs/results/speculative.md).")
     return {"summary": summary, "prompts": records}

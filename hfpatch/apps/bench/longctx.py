@@ -42,7 +42,7 @@ from hfpatch.apps.bench.common import describe_machine, machine_line
 METHODS = ("recycled-attention", "recycled-attention-rescored", "tidal-decode", "quest", "sink-window")
 NEEDLE = "The secret passcode for the archive is {code}. Remember this passcode."
 QUESTION = "\n\nQuestion: What is the secret passcode for the archive?\nAnswer: The secret passcode for the archive is"
-#: A few minutes on a 2-core CPU with SmolLM2-135M; the README's numbers use the larger settings it lists.
+#: A few minutes on a 2-core CPU with SmolLM2-135M; docs/results/sparse-attention.md lists the settings behind its numbers.
 DEFAULTS = dict(niah_lengths=(1024, 2048), trials=5, ppl_lengths=(4096,), ppl_docs=1, ppl_tail=32,
                 budgets=(256, 512), speed_lengths=(4096,), speed_new=16, speed_budget=512, rounds=1)
 
