@@ -18,6 +18,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent / "hfpatch"
 # Lower numbers sit lower in the house. A module may import its own layer or any layer below it.
 LAYERS = [
     ("hfpatch.errors", 0),
+    ("hfpatch.files", 0),  # atomic outputs; imports only errors
     ("hfpatch.compat", 1),
     ("hfpatch.primitives", 2),
     ("hfpatch.arch", 2),

@@ -34,7 +34,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -42,6 +41,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+
+from hfpatch import files
 
 __all__ = [
     "AssetError",
@@ -226,15 +227,7 @@ def _read_json(path: Path) -> dict:
 
 def _atomic_write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    files.atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,31 +290,16 @@ def _build_lock(target: Path, what: str, progress: bool) -> Iterator[None]:
             lock.release()
 
 
-def _discard(folder: Path) -> None:
-    # Rename first so that no reader ever sees a half-deleted folder under the real name.
-    trash = folder.with_name(f".{folder.name}.trash-{os.getpid()}-{time.monotonic_ns()}")
-    os.rename(folder, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 def _clean_stale_temps(target: Path, max_age_s: float = 3600.0) -> None:
     # Left behind by killed builders; a build takes seconds, so an hour-old one is certainly dead.
     now = time.time()
-    for pattern in (f".{target.name}.tmp-*", f".{target.name}.trash-*"):
+    # (".trash-*": the name an older hfpatch gave a folder on its way out)
+    for tag in (files.TEMP_TAG, files.ASIDE_TAG, "trash-"):
+        pattern = f".{target.name}.{tag}*"
         for p in target.parent.glob(pattern):
             with contextlib.suppress(OSError):
                 if now - p.stat().st_mtime > max_age_s:
                     shutil.rmtree(p, ignore_errors=True)
-
-
-def _make_readable(folder: Path) -> None:
-    # mkdtemp creates 0700 and safetensors writes 0600; a cache shared through $HFPATCH_CACHE should
-    # get the permissions the user's umask asks for, as if the files were created normally.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for p in folder.rglob("*"):
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _build_once(
@@ -334,9 +312,10 @@ def _build_once(
 ) -> Path:
     """Return ``target``, first building it with ``build(tmp_dir)`` unless a complete copy exists.
 
-    The build happens in a temporary folder next to ``target`` (same filesystem) and is renamed into
-    place as a whole, so readers only ever see complete folders. When two processes race, the rename
-    of the second fails, and it uses the winner's folder.
+    The build happens in a temporary folder next to ``target`` (``hfpatch.files.atomic_folder``) and is
+    renamed into place as a whole, so readers only ever see complete folders, with the permissions the
+    user's umask asks for (a cache shared through $HFPATCH_CACHE stays readable). When two processes
+    race, the rename of the second fails, and it uses the winner's folder.
     """
     if _is_complete(target):
         return target
@@ -347,22 +326,16 @@ def _build_once(
         if target.exists():
             # Incomplete: edited by hand, or from an older builder format. Rebuild it.
             _report(f"replacing outdated or incomplete {target}", progress)
-            _discard(target)
+            files.remove_folder(target)
         _clean_stale_temps(target)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
         try:
-            build(tmp)
-            _atomic_write_json(tmp / MANIFEST, {**manifest, "format": _FORMAT, "created": time.time()})
-            _make_readable(tmp)
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                if not _is_complete(target):
-                    raise
-                logger.info("another process built %s first; using its copy", target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            with files.atomic_folder(target) as tmp:
+                build(tmp)
+                _atomic_write_json(tmp / MANIFEST, {**manifest, "format": _FORMAT, "created": time.time()})
+        except files.OutputError:
+            if not _is_complete(target):
+                raise
+            logger.info("another process built %s first; using its copy", target)
     return target
 
 
