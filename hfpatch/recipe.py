@@ -251,21 +251,18 @@ class Recipe:
         """Write `hfpatch_recipe.json` (and `hfpatch_recipe.safetensors` when there are tensors) to a folder."""
         from safetensors.torch import save_file
 
+        from .files import atomic_write, atomic_write_text
+
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         data = self.to_dict()
         if self.tensors:
-            tensor_path = directory / TENSOR_FILE
-            tmp = tensor_path.with_name(f".{TENSOR_FILE}.tmp")
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}, str(tmp),
-                      metadata=dict(self.tensor_metadata))
-            os.replace(tmp, tensor_path)
+            # Tensors first, the JSON that names their sha256 last: an interrupted save is caught on loading.
+            tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
+            tensor_path = atomic_write(directory / TENSOR_FILE, lambda tmp: save_file(
+                tensors, str(tmp), metadata=dict(self.tensor_metadata)))
             data["tensors"] = {"file": TENSOR_FILE, "sha256": _sha256(tensor_path), "keys": sorted(self.tensors)}
-        json_path = directory / RECIPE_FILE
-        tmp = json_path.with_name(f".{RECIPE_FILE}.tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, json_path)
-        return json_path
+        return atomic_write_text(directory / RECIPE_FILE, json.dumps(data, indent=2) + "\n")
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, *, source: str | None = None) -> Recipe:
@@ -379,6 +376,8 @@ class Recipe:
 
         from huggingface_hub import hf_hub_download
 
+        from .files import atomic_write
+
         out = Path(local_dir).expanduser()
         if out.exists() and not out.is_dir():
             raise RecipeError(f"{os.fspath(local_dir)}: exists and is not a folder")
@@ -388,11 +387,10 @@ class Recipe:
             raise RecipeError(f"{repo_id!r} is not a Hub repo id (it resolved to {source})")
         commit = source.rsplit("@", 1)[1]
         out.mkdir(parents=True, exist_ok=True)
-        for name in [RECIPE_FILE] + ([TENSOR_FILE] if recipe.tensors else []):
+        # Tensors first, the JSON that names their sha256 last: an interrupted pull is caught on loading.
+        for name in ([TENSOR_FILE] if recipe.tensors else []) + [RECIPE_FILE]:
             cached = hf_hub_download(repo_id, name, revision=commit, token=token, cache_dir=cache_dir)
-            tmp = out / f".{name}.tmp"
-            shutil.copyfile(cached, tmp)
-            os.replace(tmp, out / name)
+            atomic_write(out / name, lambda tmp, cached=cached: shutil.copyfile(cached, tmp))
         if not recipe.tensors and (out / TENSOR_FILE).exists():
             (out / TENSOR_FILE).unlink()  # would contradict the new JSON
         return recipe
