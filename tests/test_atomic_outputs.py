@@ -118,6 +118,25 @@ def test_atomic_folder_refuses_before_the_block_runs(tmp_path):
     assert _tree(full) == {"keep": hashlib.sha256(b"x").hexdigest()} and _leftovers(tmp_path) == []
 
 
+def test_an_interrupt_during_the_swap_waits_until_the_new_folder_is_in_place(tmp_path, monkeypatch):
+    """Ctrl-C between "old folder moved aside" and "new folder moved in" would otherwise lose both."""
+    target = tmp_path / "out"
+    with files.atomic_folder(target) as tmp:
+        (tmp / "a.txt").write_text("old")
+    rename = os.rename
+
+    def interrupted_rename(src, dst):
+        rename(src, dst)
+        if Path(src) == target:  # the old folder has just been moved aside
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(os, "rename", interrupted_rename)
+    with pytest.raises(KeyboardInterrupt), files.atomic_folder(target, force=True) as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert (target / "a.txt").read_text() == "new" and os.listdir(tmp_path) == ["out"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_remove_folder(tmp_path):
     (tmp_path / "gone" / "sub").mkdir(parents=True)
     files.remove_folder(tmp_path / "gone")
@@ -308,8 +327,7 @@ def test_interrupted_transplant_leaves_out_as_it_was(inputs, tmp_path, signum, o
             proc.kill()
     assert proc.returncode == (130 if signum == signal.SIGINT else 128 + signum), err
     assert "Traceback" not in err
-    assert err.strip() == ("hfpatch: interrupted" if signum == signal.SIGINT else
-                           "hfpatch: terminated; --out left as it was"), err
+    assert err.strip() == ("hfpatch: interrupted" if signum == signal.SIGINT else "hfpatch: terminated"), err
     if old_output:
         assert _tree(out) == before
     else:

@@ -86,7 +86,7 @@ def _terminate_as_exit() -> Iterator[None]:
         return
 
     def terminate(signum, frame):
-        print("hfpatch: terminated; --out left as it was", file=sys.stderr, flush=True)
+        print("hfpatch: terminated", file=sys.stderr, flush=True)
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, terminate)
