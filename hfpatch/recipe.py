@@ -248,7 +248,12 @@ class Recipe:
         )
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write `hfpatch_recipe.json` (and `hfpatch_recipe.safetensors` when there are tensors) to a folder."""
+        """Write `hfpatch_recipe.json` (and `hfpatch_recipe.safetensors` when there are tensors) to a folder.
+
+        Each file is written under an unpredictable temporary name beside it and renamed over the old one
+        (`hfpatch.files.atomic_write`): a reader sees the old file or the new one, never a part, and a link
+        planted in the folder cannot redirect the write.
+        """
         from safetensors.torch import save_file
 
         from .files import atomic_write, atomic_write_text
