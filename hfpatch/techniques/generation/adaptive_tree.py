@@ -45,8 +45,23 @@ class AdaptiveTreeParams:
                                      ge=0.0)
 
 
+@dataclasses.dataclass
+class PolicyCall:
+    """One generate call's tree-size bookkeeping (concurrent calls each have their own)."""
+
+    steps: int = 0
+    candidate_nodes: int = 0
+    kept_nodes: int = 0
+    #: acceptance the last `cut` predicted for its kept nodes, compared by the next `observe`
+    last_prediction: float = 0.0
+
+
 class TreeSizePolicy:
     """Chooses how much of a ranked candidate tree to verify, from a cost per tree size.
+
+    The timings and the calibration are shared by every generate call of the patch (the engine calls the
+    policy under one lock); the per-call counters live in the `PolicyCall` that `start_call` returns and
+    the engine passes back. Called without one (a single caller, as in the tests), the policy uses its own.
 
     The measured cost model keeps a running mean of the engine's step time for every tree size it has run.
     Sizes not timed yet take the prior's shape (1 + first_draft_cost [n > 0] + initial_node_cost * n),
@@ -75,11 +90,9 @@ class TreeSizePolicy:
         # on question answering); their ratio rescales the estimates when sizing the tree.
         self._accepted = 0.0
         self._predicted = 0.0
-        self._last_prediction = 0.0
         self._decisions = 0
-        self.kept_nodes = 0
-        self.candidate_nodes = 0
-        self.steps = 0
+        #: the per-call state used when a caller passes none
+        self._solo = PolicyCall()
 
     def _shape(self, n: int, per_node: float) -> float:
         return 1.0 + (self.first_draft_cost if n else 0.0) + per_node * n
@@ -107,9 +120,9 @@ class TreeSizePolicy:
             costs.append(r * prior[n])
         return costs
 
-    def start_call(self) -> None:
-        """A generate call begins: per-call counters restart (the timings carry over)."""
-        self.kept_nodes = self.candidate_nodes = self.steps = 0
+    def start_call(self) -> PolicyCall:
+        """A generate call begins: its counters start at zero (the timings carry over)."""
+        return PolicyCall()
 
     #: the calibration starts at 1 as if this many drafts had been predicted and accepted; as recent
     #: predictions fade after steps without drafts it drifts back there, so drafting is tried again
@@ -121,17 +134,19 @@ class TreeSizePolicy:
         prior = self.calibration_prior
         return min((self._accepted + prior) / (self._predicted + prior), 1.0)
 
-    def observe(self, nodes: int, seconds: float, accepted: int) -> None:
+    def observe(self, nodes: int, seconds: float, accepted: int, call: PolicyCall | None = None) -> None:
         """One verification step: its tree size, its time and how many drafted tokens it accepted."""
+        call = self._solo if call is None else call
         count = self.timings[nodes] = self.timings.get(nodes, 0) + 1
         mean = self.mean_seconds.get(nodes, seconds)
         self.mean_seconds[nodes] = mean + max(1.0 / count, self.rate) * (seconds - mean)
         keep = 1.0 - self.rate
         self._accepted = keep * self._accepted + accepted
-        self._predicted = keep * self._predicted + self._last_prediction
+        self._predicted = keep * self._predicted + call.last_prediction
 
-    def cut(self, tree: DraftTree) -> DraftTree:
+    def cut(self, tree: DraftTree, call: PolicyCall | None = None) -> DraftTree:
         """The most probable nodes of `tree`, as many as maximise expected tokens per unit of time."""
+        call = self._solo if call is None else call
         ranked = tree.ranked_nodes()[: self.max_nodes]
         costs = self.step_costs(len(ranked))
         scale = self.calibration
@@ -145,21 +160,23 @@ class TreeSizePolicy:
         if (self.fixed_cost is None and self.timings.get(0, 0) < self.min_timings
                 and self._decisions % self.plain_step_every == 0):
             best_n = 0
-        self._last_prediction = sum(prob for _, prob in ranked[:best_n])
-        self.steps += 1
-        self.candidate_nodes += tree.num_drafted
-        self.kept_nodes += best_n
+        call.last_prediction = sum(prob for _, prob in ranked[:best_n])
+        call.steps += 1
+        call.candidate_nodes += tree.num_drafted
+        call.kept_nodes += best_n
         if best_n == tree.num_drafted:
             return tree
         return tree.select(node for node, _ in ranked[:best_n])
 
-    def stats(self) -> dict[str, Any]:
-        steps = max(self.steps, 1)
+    def stats(self, call: PolicyCall | None = None) -> dict[str, Any]:
+        """Shared cost model and calibration, and `call`'s mean tree sizes (the policy's own when None)."""
+        call = self._solo if call is None else call
+        steps = max(call.steps, 1)
         costs = self.step_costs(16)
         return {"relative_step_cost": {n: round(costs[n] / costs[0], 3) for n in (1, 2, 4, 8, 16)},
                 "calibration": round(self.calibration, 3),
                 "timed_sizes": len(self.timings),
-                "mean_candidate_nodes": self.candidate_nodes / steps, "mean_kept_nodes": self.kept_nodes / steps}
+                "mean_candidate_nodes": call.candidate_nodes / steps, "mean_kept_nodes": call.kept_nodes / steps}
 
 
 @register

@@ -12,8 +12,10 @@ the stats.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import threading
 from typing import Any
 
 import torch
@@ -28,26 +30,44 @@ _MODEL_KWARGS_SERVED = frozenset({"attention_mask", "position_ids", "cache", "pa
 
 
 class Drafter:
-    """Proposes candidate continuations. One instance lives as long as its patch (state persists across calls)."""
+    """Proposes candidate continuations. One instance lives as long as its patch (state persists across calls).
+
+    Several generate calls may run at once (threads calling `generate` on one model), and their steps
+    interleave. So a drafter keeps two kinds of state apart:
+
+    - what belongs to one call (its n-gram index, the candidates of its last step) lives in the object
+      `start` returns; the engine keeps it in that call's state and passes it back as the last argument of
+      `draft`, `update` and `finish` (a drafter whose `start` returns None keeps none and is called without it);
+    - what is learned across calls (a recycling table, acceptance estimates, earlier outputs) lives on the
+      drafter. The engine never calls into one drafter from two threads at once (it holds a lock per
+      drafter around every call into it, never around a model forward), so that state stays consistent.
+    """
 
     name = "drafter"
     #: how many top tokens per tree node `update` wants (0: none)
     topk_wanted = 0
 
-    def start(self, prompt: list[int]) -> None:
-        """A new generate call begins with this prompt."""
+    def start(self, prompt: list[int]) -> Any:
+        """A new generate call begins with this prompt; returns that call's drafting state (or None)."""
+        return None
 
-    def draft(self, tree: DraftTree, context: list[int]) -> None:
+    def draft(self, tree: DraftTree, context: list[int], *state: Any) -> None:
         """Add candidate paths to `tree` (its root is `context[-1]`), staying within `tree.max_nodes`."""
 
-    def update(self, tree: DraftTree, topk: torch.Tensor | None, accepted: list[int], context: list[int]) -> None:
+    def update(self, tree: DraftTree, topk: torch.Tensor | None, accepted: list[int], context: list[int],
+               *state: Any) -> None:
         """After verification: `topk` [nodes, k] of the target at each node, `accepted` node indices."""
 
-    def finish(self, sequence: list[int], prompt_length: int) -> None:
+    def finish(self, sequence: list[int], prompt_length: int, *state: Any) -> None:
         """The generate call ended with `sequence` (prompt included)."""
 
     def stats(self) -> dict[str, Any]:
         return {}
+
+
+def _with_state(method, *args: Any, state: Any = None):
+    """Call a drafter or tree-policy method, passing the call's state only when its `start` returned one."""
+    return method(*args) if state is None else method(*args, state)
 
 
 @dataclasses.dataclass
@@ -62,22 +82,57 @@ class _Call:
     #: top tokens per tree node the drafters' `update` wants (0: none)
     topk_wanted: int
     stats: StepStats
+    #: per drafter (in the engine's order): the state its `start` returned for this call
+    drafter_states: list[Any] = dataclasses.field(default_factory=list)
+    #: the state the tree policy's `start_call` returned for this call
+    policy_state: Any = None
 
 
 class SpeculativeEngine:
-    """Verification loop + bookkeeping for one patched model."""
+    """Verification loop + bookkeeping for one patched model.
+
+    Thread safety: any number of threads may call the patched `generate` at once. Everything one call
+    changes as it runs (sequence, cache, tree, statistics, each drafter's and the tree policy's per-call
+    state) lives in that call's `_Call`; the state shared by calls (drafter tables and estimates, the tree
+    policy's timings) is only touched under one lock per drafter and one for the tree policy, taken around
+    the drafting bookkeeping and never around a model forward. Each call's output is what it would be alone.
+    `last_stats` (what `handle.stats` shows) are those of the call that ended last.
+    """
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.drafters: list[tuple[Drafter, int]] = []  # (drafter, node budget)
         #: cuts each drafted tree to the part worth verifying (`adaptive_tree`); None verifies all of it
         self.tree_policy = None
+        #: statistics of the generate call that ended last (served or fallen back); with concurrent calls,
+        #: whichever finished last. Replaced as a whole, never updated in place, so a reader sees one call's.
         self.last_stats: dict[str, Any] = {}
         self._logits_to_keep = compat.forward_accepts(model, "logits_to_keep")
         self._cache_kwarg = compat.cache_kwarg(model)
+        self._new_locks()
+
+    def _new_locks(self) -> None:
+        self._drafter_locks = [threading.Lock() for _ in self.drafters]
+        self._policy_lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Locks cannot be copied or pickled; a copy of the engine gets fresh ones (see `__setstate__`).
+        state = dict(self.__dict__)
+        state.pop("_drafter_locks", None)
+        state.pop("_policy_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._new_locks()
 
     def add_drafter(self, drafter: Drafter, max_nodes: int) -> None:
         self.drafters.append((drafter, max_nodes))
+        self._drafter_locks.append(threading.Lock())
+
+    def exclusive(self, drafter: Drafter):
+        """The lock that keeps running generate calls out of `drafter` (for resetting or exporting its state)."""
+        return next(lock for (d, _), lock in zip(self.drafters, self._drafter_locks) if d is drafter)
 
     @property
     def candidate_nodes(self) -> int:
@@ -177,16 +232,27 @@ class SpeculativeEngine:
         return self._finish(call)
 
     def _start_call(self, out: Emitter, generation_config, cache) -> _Call:
-        """Tell the drafters and the tree policy that a call begins; the call's clock starts last."""
-        for drafter, _ in self.drafters:
-            drafter.start(list(out.context))
+        """Tell the drafters and the tree policy that a call begins, keeping the per-call state each returns
+        in the new call's state; the call's clock starts last."""
+        states = []
+        for (drafter, _), lock in zip(self.drafters, self._drafter_locks):
+            with lock:
+                states.append(drafter.start(list(out.context)))
+        policy_state = None
         if self.tree_policy is not None:
-            self.tree_policy.start_call()
+            with self._policy_lock:
+                policy_state = self.tree_policy.start_call()
         dtype = self.model.dtype
         return _Call(out=out, cache=cache, max_length=generation_config.max_length,
                      mask_dtype=dtype if dtype.is_floating_point else torch.float32,
                      topk_wanted=max((d.topk_wanted for d, _ in self.drafters), default=0),
-                     stats=StepStats())
+                     stats=StepStats(), drafter_states=states, policy_state=policy_state)
+
+    def _drafters_with_state(self, call: _Call):
+        """(drafter, node budget, its lock, its state in `call`) for every drafter, in order."""
+        states = call.drafter_states or [None] * len(self.drafters)
+        return [(d, budget, lock, state)
+                for (d, budget), lock, state in zip(self.drafters, self._drafter_locks, states)]
 
     def _forward(self, input_ids, position_ids, attention_mask, cache, keep_all_logits: bool):
         kwargs = {self._cache_kwarg: cache, "use_cache": True}
@@ -218,7 +284,9 @@ class SpeculativeEngine:
         self._update_drafters(call, tree, node_logits, accepted)
         draft_s += watch.lap()
         if self.tree_policy is not None:
-            self.tree_policy.observe(tree.num_drafted, watch.total(), len(accepted))
+            with self._policy_lock:
+                _with_state(self.tree_policy.observe, tree.num_drafted, watch.total(), len(accepted),
+                            state=call.policy_state)
         call.stats.add_step(tree.num_drafted, len(accepted), draft_s, verify_s)
         return done
 
@@ -233,11 +301,13 @@ class SpeculativeEngine:
         pool = self.candidate_nodes
         tree = DraftTree(context[-1], max_nodes=pool, max_depth=max(remaining - 1, 0))
         if remaining > 1:
-            for drafter, budget in self.drafters:
+            for drafter, budget, lock, state in self._drafters_with_state(call):
                 tree.max_nodes = min(pool, tree.num_drafted + budget)
-                drafter.draft(tree, context)
+                with lock:
+                    _with_state(drafter.draft, tree, context, state=state)
         if self.tree_policy is not None:
-            tree = self.tree_policy.cut(tree)
+            with self._policy_lock:
+                tree = _with_state(self.tree_policy.cut, tree, state=call.policy_state)
         return tree
 
     def _verify(self, call: _Call, tree: DraftTree, root_position: int) -> torch.Tensor:
@@ -261,13 +331,22 @@ class SpeculativeEngine:
         """Show every drafter the verified tree, the target's top tokens per node and the accepted path."""
         k = call.topk_wanted
         topk = node_logits.topk(k, dim=-1).indices.cpu() if k else None
-        for drafter, _ in self.drafters:
-            drafter.update(tree, topk, accepted, call.out.context)
+        for drafter, _, lock, state in self._drafters_with_state(call):
+            with lock:
+                _with_state(drafter.update, tree, topk, accepted, call.out.context, state=state)
 
     def _finish(self, call: _Call):
         """End the call: drafters see the whole sequence, the streamer ends, `last_stats` is set."""
-        for drafter, _ in self.drafters:
-            drafter.finish(list(call.out.context), call.out.prompt_length)
+        for drafter, _, lock, state in self._drafters_with_state(call):
+            with lock:
+                _with_state(drafter.finish, list(call.out.context), call.out.prompt_length, state=state)
         call.out.close()
-        self.last_stats = call.stats.as_dict(call.out.new_tokens, self.drafters, self.tree_policy)
+        # The shared parts of the stats (drafter tables, policy timings) are read under their locks, taken
+        # in the engine's fixed order (drafters, then the policy), the only place more than one is held.
+        with contextlib.ExitStack() as held:
+            for lock in self._drafter_locks:
+                held.enter_context(lock)
+            held.enter_context(self._policy_lock)
+            stats = call.stats.as_dict(call.out.new_tokens, self.drafters, self.tree_policy, call.policy_state)
+        self.last_stats = stats
         return call.out.result(call.cache)

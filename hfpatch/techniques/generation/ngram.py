@@ -60,36 +60,49 @@ class NgramParams:
             raise ValueError(f"min_ngram ({self.min_ngram}) must be <= max_ngram ({self.max_ngram})")
 
 
+@dataclasses.dataclass
+class NgramCall:
+    """One generate call's n-gram drafting state (concurrent calls each have their own)."""
+
+    #: n-grams of this call's prompt and output so far
+    current: NgramIndex
+    #: what the last `draft` proposed, scored by the next `update`
+    candidates: Candidates = dataclasses.field(default_factory=Candidates)
+    #: the last step's best branch had its first token right
+    last_step_right: bool = False
+
+
 class NgramDrafter(Drafter):
+    """Drafts from n-gram matches. Per call (`NgramCall`): the request's own index and last candidates;
+    shared by calls: the memory of earlier outputs, acceptance estimates and the hit counters."""
+
     name = "ngram_lookup"
 
     def __init__(self, params: NgramParams):
         self.params = params
         self.memory = NgramIndex(params.max_ngram)
-        self.current = NgramIndex(params.max_ngram)
         self.hits = 0
         self.lookups = 0
         # Class of a candidate: (matched suffix length, found in this request or in earlier outputs, branch
         # rank, position in the branch, last step's best branch was right). A longer match in the request
         # itself and a top-ranked branch predict the continuation better, and copying comes in stretches.
         self.acceptance = AcceptanceEstimates(prior=0.4)
-        self._candidates = Candidates()
-        self._last_step_right = False  # the last step's best branch had its first token right
 
-    def start(self, prompt: list[int]) -> None:
-        self.current = NgramIndex(self.params.max_ngram)
-        self.current.extend(prompt)
+    def start(self, prompt: list[int]) -> NgramCall:
+        call = NgramCall(NgramIndex(self.params.max_ngram))
+        call.current.extend(prompt)
+        return call
 
-    def draft(self, tree: DraftTree, context: list[int]) -> None:
+    def draft(self, tree: DraftTree, context: list[int], call: NgramCall) -> None:
         p = self.params
-        self.current.extend(context[len(self.current.tokens) :])
+        call.current.extend(context[len(call.current.tokens) :])
         self.lookups += 1
-        self._candidates = record = Candidates(root_context_length=len(context))
+        call.candidates = record = Candidates(root_context_length=len(context))
         # (class prefix: matched suffix length and whether it came from this request, continuation)
         candidates: list[tuple[tuple[int, bool], list[int]]] = []
         for n in range(min(p.max_ngram, len(context)), p.min_ngram - 1, -1):
             key = tuple(context[-n:])
-            candidates += [((n, True), c) for c in self.current.continuations(key, p.draft_length, p.branches)]
+            candidates += [((n, True), c) for c in call.current.continuations(key, p.draft_length, p.branches)]
             candidates += [((n, False), c) for c in self.memory.continuations(key, p.draft_length, p.branches)]
             if len(candidates) >= p.branches:
                 break
@@ -104,17 +117,17 @@ class NgramDrafter(Drafter):
         for rank, (origin, branch) in enumerate(candidates[: p.branches]):
             node, parent, prob = 0, -1, 1.0
             for position, token in enumerate(branch, 1):
-                cls = (*origin, rank, position, self._last_step_right)
+                cls = (*origin, rank, position, call.last_step_right)
                 parent = record.add(token, parent, cls)
                 prob *= self.acceptance.estimate(cls)
                 node = None if node is None else tree.add_child(node, token, prob, self.name)
 
-    def update(self, tree: DraftTree, topk, accepted: list[int], context: list[int]) -> None:
-        record = self._candidates
+    def update(self, tree: DraftTree, topk, accepted: list[int], context: list[int], call: NgramCall) -> None:
+        record = call.candidates
         self.acceptance.learn(record, context)
-        self._last_step_right = bool(record.tokens) and record.tokens[0] == context[record.root_context_length]
+        call.last_step_right = bool(record.tokens) and record.tokens[0] == context[record.root_context_length]
 
-    def finish(self, sequence: list[int], prompt_length: int) -> None:
+    def finish(self, sequence: list[int], prompt_length: int, call: NgramCall) -> None:
         limit = self.params.memory_tokens
         if limit == 0:
             return

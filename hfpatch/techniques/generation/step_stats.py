@@ -50,8 +50,13 @@ class StepStats:
         self.draft_time_s += draft_s
         self.verify_time_s += verify_s
 
-    def as_dict(self, new_tokens: int, drafters, tree_policy=None) -> dict[str, Any]:
-        """The statistics of the finished call; `drafters` are the engine's (drafter, budget) pairs."""
+    def as_dict(self, new_tokens: int, drafters, tree_policy=None, policy_state=None) -> dict[str, Any]:
+        """The statistics of the finished call; `drafters` are the engine's (drafter, budget) pairs.
+
+        The counters above are this call's own; what drafters and the tree policy report about what they
+        learned (tables, estimates, timings) is shared by every call of the patch, as it stands now.
+        `policy_state`: the tree policy's state for this call (its per-call counters), when it keeps one.
+        """
         steps = max(self.steps, 1)
         stats = {
             "fallback": None,
@@ -66,7 +71,7 @@ class StepStats:
             "drafters": {drafter.name: drafter.stats() for drafter, _ in drafters},
         }
         if tree_policy is not None:
-            stats["tree_policy"] = tree_policy.stats()
+            stats["tree_policy"] = tree_policy.stats() if policy_state is None else tree_policy.stats(policy_state)
         return stats
 
     @staticmethod

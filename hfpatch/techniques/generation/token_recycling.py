@@ -17,7 +17,7 @@ import torch
 
 from ...errors import RecipeError
 from ...catalogue import register
-from ...technique import param
+from ...technique import TensorSpec, param
 from .acceptance import AcceptanceEstimates, Candidates
 from .base import DrafterTechnique
 from .engine import Drafter
@@ -75,11 +75,20 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
+# Most nodes a template may have. The engine verifies the whole tree in one forward whose attention mask is
+# nodes x (context + nodes) per layer, and builds the tree node by node in Python each step, so the cost grows
+# faster than linearly (a 4,680-node template took 2.1 s and 665 MiB for 12 tokens of a 32-dim model); the
+# paper's tree has 80 nodes, the speculative engine's adaptive tree stops at 1024 (`max_tree_nodes`), and so
+# does this.
+MAX_TEMPLATE_NODES = 1024
+
+
 @dataclasses.dataclass
 class TokenRecyclingParams:
     k: int = param(8, help="successors kept per token (the table is [vocab, k])", ge=1, le=64)
     template: str | list[list[int]] = param(
-        "cpu-14", help=f"tree template: one of {sorted(TEMPLATES)} or a list of rank paths like [[0], [1], [0, 0]]")
+        "cpu-14", help=f"tree template: one of {sorted(TEMPLATES)} or a list of rank paths like [[0], [1], [0, 0]] "
+                       f"(at most {MAX_TEMPLATE_NODES} nodes)", max_items=MAX_TEMPLATE_NODES)
     reset_each_call: bool = param(False, help="clear the table at every generate call (cold start, as an ablation)")
 
     def __post_init__(self):
@@ -94,7 +103,17 @@ class TokenRecyclingParams:
         return TEMPLATES[self.template] if isinstance(self.template, str) else [list(p) for p in self.template]
 
 
+@dataclasses.dataclass
+class RecyclingCall:
+    """One generate call's recycling state: what its last `draft` proposed, scored by the next `update`."""
+
+    candidates: Candidates = dataclasses.field(default_factory=Candidates)
+
+
 class RecyclingDrafter(Drafter):
+    """Drafts from the recycled top-k table. Shared by every call of the patch (the engine serialises calls
+    into the drafter): the table and the acceptance estimates; per call (`RecyclingCall`): the candidates."""
+
     name = "token_recycling"
 
     def __init__(self, vocab_size: int, k: int, template: list[list[int]], table: torch.Tensor | None = None,
@@ -110,21 +129,21 @@ class RecyclingDrafter(Drafter):
         # this rank is the target's next token differs by rank and by depth, which the template encodes.
         self.acceptance = AcceptanceEstimates(
             {i: _RANK_PRIOR[min(rank, len(_RANK_PRIOR) - 1)] for i, (_, rank) in enumerate(self.template)})
-        self._candidates = Candidates()
 
     def reset(self) -> None:
         self.table.fill_(-1)
         self.acceptance.reset()
 
-    def start(self, prompt: list[int]) -> None:
+    def start(self, prompt: list[int]) -> RecyclingCall:
         if self.reset_each_call:
             self.reset()
+        return RecyclingCall()
 
-    def draft(self, tree: DraftTree, context: list[int]) -> None:
+    def draft(self, tree: DraftTree, context: list[int], call: RecyclingCall) -> None:
         # Per template index: the candidate's token, its index in the candidate list, its tree node (None when
         # the tree is full) and its path probability estimate. Candidates are recorded even when they do not
         # fit the tree, so their acceptance is still learned.
-        candidates = self._candidates = Candidates(root_context_length=len(context))
+        candidates = call.candidates = Candidates(root_context_length=len(context))
         tokens, cand_index, nodes, probs = [context[-1]], [-1], [0], [1.0]
         rows: dict[int, list[int]] = {}
         for i, (parent_index, rank) in enumerate(self.template):
@@ -147,8 +166,9 @@ class RecyclingDrafter(Drafter):
             parent = nodes[parent_index]
             nodes.append(None if parent is None else tree.add_child(parent, token, prob, self.name))
 
-    def update(self, tree: DraftTree, topk: torch.Tensor | None, accepted: list[int], context: list[int]) -> None:
-        self.acceptance.learn(self._candidates, context)
+    def update(self, tree: DraftTree, topk: torch.Tensor | None, accepted: list[int], context: list[int],
+               call: RecyclingCall) -> None:
+        self.acceptance.learn(call.candidates, context)
         # One row per distinct token; a node on the accepted path (real context) wins over a speculative one.
         source_of: dict[int, int] = {}
         for node, token in enumerate(tree.tokens):
@@ -179,6 +199,51 @@ class TokenRecycling(DrafterTechnique):
     name = "token_recycling"
     summary = "Token Recycling: tree drafts from a table of the model's own recent top-k successors (lossless)"
     Params = TokenRecyclingParams
+    # Token ids only: a float or bool table would be truncated into other ids, so it is refused instead.
+    tensor_specs = {"table": TensorSpec(dtypes=("int32", "int64"), ndim=2, max_shape=(1 << 20, 64),
+                                        help="a [vocab, k] table of token ids, -1 for an empty slot")}
+    #: What was checked about a loaded table's tokenizer (reported in handle.stats); None without a table.
+    table_tokenizer: str | None = None
+
+    def load_tensors(self, tensors: dict[str, Any], metadata: dict[str, str], *, tokenizer=None) -> None:
+        """Check a recipe's warm table (integer ids, [vocab, k] with this k, ids in range, the metadata it
+        records) and, when the model's tokenizer is given, its tokenizer fingerprint."""
+        super().load_tensors(tensors, metadata)
+        table = self.tensors.get("table")
+        if table is None:
+            return
+        where = "token_recycling: the recipe's table"
+        self.check_tensor("table", str(table.dtype).removeprefix("torch."), tuple(table.shape), where)
+        if table.shape[1] != self.params.k:
+            raise RecipeError(f"{where} has {table.shape[1]} successors per token, but k={self.params.k}; set k to "
+                              f"{table.shape[1]} or use a table warmed with k={self.params.k}")
+        for key, size in (("vocab_size", table.shape[0]), ("k", table.shape[1])):
+            if key in metadata and metadata[key] != str(size):
+                raise RecipeError(f"{where} has shape {tuple(table.shape)}, but its metadata says {key}="
+                                  f"{metadata[key]!r}; the payload is inconsistent")
+        if table.numel() and (int(table.min()) < -1 or int(table.max()) >= table.shape[0]):
+            raise RecipeError(f"{where} holds token ids outside [-1, {table.shape[0]}) (-1 marks an empty slot)")
+        stored = metadata.get("tokenizer_fingerprint")
+        if stored is None:
+            self.table_tokenizer = ("not checked: the table records no tokenizer fingerprint (it was saved with "
+                                    "handle.to_recipe() without a tokenizer)")
+        elif tokenizer is None:
+            self.table_tokenizer = (f"not checked: the table was warmed with tokenizer {stored}; pass "
+                                    "model_tokenizer= to hfpatch.patch to check it")
+        else:
+            actual = tokenizer_fingerprint(tokenizer)
+            if actual != stored:
+                raise RecipeError(
+                    f"{where} was warmed with another tokenizer (fingerprint {stored}; model_tokenizer has {actual}): "
+                    "its rows would hold another vocabulary's ids. Warm a table with this tokenizer, or use the "
+                    "recipe without its table")
+            self.table_tokenizer = f"matched: the table was warmed with this tokenizer ({stored})"
+
+    def stats(self) -> dict[str, Any]:
+        stats = super().stats()
+        if self.table_tokenizer is not None:
+            stats["table_tokenizer"] = self.table_tokenizer
+        return stats
 
     def node_budget(self) -> int:
         return len(self.params.template_paths())
@@ -201,7 +266,8 @@ class TokenRecycling(DrafterTechnique):
     def reset(self) -> None:
         """Forget every recycled successor (the next call starts cold)."""
         if self.drafter is not None:
-            self.drafter.reset()
+            with self.engine.exclusive(self.drafter):  # not while a running generate call reads the table
+                self.drafter.reset()
 
     def export_tensors(self, tokenizer=None) -> tuple[dict[str, Any], dict[str, str]]:
         """The warmed table (and the tokenizer's fingerprint when given), for `handle.to_recipe()`."""
@@ -210,4 +276,6 @@ class TokenRecycling(DrafterTechnique):
         metadata = {"vocab_size": str(self.drafter.vocab_size), "k": str(self.params.k)}
         if tokenizer is not None:
             metadata["tokenizer_fingerprint"] = tokenizer_fingerprint(tokenizer)
-        return {"table": self.drafter.table.clone()}, metadata
+        with self.engine.exclusive(self.drafter):  # a consistent table, not one half-written by a running call
+            table = self.drafter.table.clone()
+        return {"table": table}, metadata
