@@ -190,9 +190,14 @@ def test_techniques_table_json_and_detail(capsys):
     code, out, _ = run_cli(capsys, "techniques")
     assert code == 0
     header, rule, *rows = out.splitlines()
-    assert header.split() == ["NAME", "FAMILY", "PARAMETERS", "SUMMARY"] and set(rule) <= {"-", " "}
-    probe_row = next(r for r in rows if r.startswith("probe_all_primitives "))
-    assert "test" in probe_row and "scale=0.5, budget=16" in probe_row and "every primitive" in probe_row
+    assert header.split() == ["NAME", "FAMILY", "PARAMETERS", "/", "SUMMARY"] and set(rule) <= {"-", " "}
+    start = next(i for i, r in enumerate(rows) if r.startswith("probe_all_primitives "))
+    entry = " ".join(rows[start].split())  # its wrapped continuation lines start with blanks
+    for row in rows[start + 1:]:
+        if row[:1] != " ":
+            break
+        entry += " " + " ".join(row.split())
+    assert "test" in entry and "scale=0.5, budget=16" in entry and "every primitive" in entry
 
     code, out, _ = run_cli(capsys, "techniques", "--json")
     assert code == 0 and json.loads(out) == json.loads(json.dumps(hfpatch.list_techniques()))
@@ -213,8 +218,8 @@ def test_techniques_table_json_and_detail(capsys):
 def test_recipes_lists_the_builtin_recipes(capsys, builtin_dir):
     code, out, _ = run_cli(capsys, "recipes")
     assert code == 0
-    assert out.splitlines()[0].split() == ["NAME", "TECHNIQUES", "DESCRIPTION"]
-    assert out.splitlines()[2].split() == ["probe-builtin", "probe_all_primitives", "test", "recipe"]
+    assert out.splitlines()[0].split() == ["NAME", "TECHNIQUES", "/", "DESCRIPTION"]
+    assert out.splitlines()[2].split() == ["probe-builtin", "probe_all_primitives", "/", "test", "recipe"]
     code, out, _ = run_cli(capsys, "recipes", "--json")
     assert json.loads(out) == hfpatch.list_recipes()
 
@@ -227,6 +232,24 @@ def test_recipes_lists_the_shipped_recipes(capsys):
     code, out, _ = run_cli(capsys, "recipes", "--json")
     assert code == 0
     assert [r["name"] for r in json.loads(out)] == sorted(p.stem for p in recipe_module.builtin_recipes_dir().glob("*.json"))
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+@pytest.mark.parametrize("command", ["recipes", "techniques"])
+def test_tables_fit_the_terminal_and_json_stays_complete(capsys, monkeypatch, command, columns):
+    """The tables were over 250 columns wide: the description column wraps to the terminal's width, every
+    description word is still printed, and --json keeps the full text on one value."""
+    monkeypatch.setenv("COLUMNS", str(columns))
+    code, out, _ = run_cli(capsys, command)
+    assert code == 0
+    assert max(len(line) for line in out.splitlines()) <= columns, out
+    code, data, _ = run_cli(capsys, command, "--json")
+    items = json.loads(data)
+    key = "description" if command == "recipes" else "summary"
+    words = " ".join(out.split())
+    for item in items:
+        assert item["name"] in out
+        assert " ".join(item[key].split()) in words or all(w in words for w in item[key].split())
 
 
 # ----- recipe show / validate ------------------------------------------------------------------------
@@ -407,18 +430,24 @@ def test_run_with_and_without_a_recipe(capsys, tiny_dir, probe_json):
     assert "hfpatch stats" not in plain and "4 new tokens" in err and "greedy" in err
     assert len(plain.split()) == 4  # word-level tokenizer: one word per token
 
-    code, patched, err = _run(capsys, tiny_dir, "--recipe", probe_json)
+    code, patched, err = _run(capsys, tiny_dir, "--recipe", probe_json, "--stats", "json")
     assert code == 0, err
     text, stats = patched.split("\n# hfpatch stats (recipe 'probe'):\n")
     assert json.loads(stats)["probe_all_primitives"]["calls"] >= 1000  # the generate wrapper ran
     assert len(text.split()) == 4
+
+    code, summary_out, err = _run(capsys, tiny_dir, "--recipe", probe_json)
+    assert code == 0, err
+    assert summary_out.strip() == text.strip()  # stdout holds only the text
+    assert "[hfpatch] probe_all_primitives: calls=" in err and "recipe 'probe'" in err
 
     code, again, _ = _run(capsys, tiny_dir)
     assert again == plain  # the patch came off: greedy output as before
 
 
 def test_run_with_overrides_sampling_and_prompt_file(capsys, tmp_path, tiny_dir, probe_json):
-    code, out, err = _run(capsys, tiny_dir, "--recipe", probe_json, "--set", "scale=0.25", "--set", "budget=3")
+    code, out, err = _run(capsys, tiny_dir, "--recipe", probe_json, "--set", "scale=0.25", "--set", "budget=3",
+                          "--stats", "json")
     assert code == 0, err
     assert "# hfpatch stats" in out
 
@@ -446,7 +475,7 @@ def test_run_chat_template(capsys, tiny_dir, tiny_dir_no_chat):
     (["--set", "nope=1"], ["override 'nope' matches no technique"]),
     (["--set", "scale=-1"], ["scale", "must be > 0.0"]),
     (["--temperature", "0.5"], ["--temperature only apply with --do-sample"]),
-    (["--max-new-tokens", "0"], ["--max-new-tokens must be >= 1"]),
+    (["--max-new-tokens", "0"], ["--max-new-tokens: must be >= 1, got 0"]),
 ])
 def test_run_reports_bad_options_in_one_line(capsys, tiny_dir, probe_json, extra, parts):
     code, out, err = _run(capsys, tiny_dir, "--recipe", probe_json, *extra)
@@ -471,6 +500,164 @@ def test_run_reports_bad_model_folders_and_recipes(capsys, tmp_path, tiny_dir):
     code, _, err = _run(capsys, tiny_dir, "--recipe", gpt2_recipe)
     assert code == 2
     assert_one_line_error(err, "model types ['gpt2'], not 'llama'")
+
+
+def test_run_summary_is_a_few_lines_per_distinct_stats():
+    """Techniques sharing one speculative engine report the same dict: one line for them, with forwards, MAT
+    and the fallback reason; other techniques get their first few plain values."""
+    from hfpatch.apps.cli.run import summarize_stats
+
+    engine = {"fallback": None, "forwards": 5, "new_tokens": 12, "mean_accepted_tokens_per_forward": 2.4,
+              "mean_tree_nodes": 20.0, "drafters": {"a": {"x": 1}}}
+    lines = summarize_stats({"token_recycling": engine, "ngram_lookup": dict(engine),
+                             "onednn_linear": {"linears": 30, "packed_mb": 512.5, "table": [1, 2]}})
+    assert lines == ["token_recycling + ngram_lookup: 12 new tokens in 5 forwards, MAT 2.40 tokens/forward, "
+                     "tree 20.0 nodes", "onednn_linear: linears=30, packed_mb=512.50"]
+    assert summarize_stats({"ngram_lookup": {"fallback": "num_beams=2"}}) == [
+        "ngram_lookup: fell back to plain generate: num_beams=2"]
+
+
+def test_run_checks_the_recipe_before_loading_the_model(capsys, monkeypatch, tiny_dir, probe_json):
+    from hfpatch.apps.cli import run as run_module
+
+    loads = []
+    monkeypatch.setattr(run_module, "load_local_model", lambda *a, **k: loads.append(a) or pytest.fail("loaded"))
+    for extra, part in [(["--recipe", "no-such-recipe"], "no recipe called 'no-such-recipe'"),
+                        (["--recipe", "a/.."], "not a valid Hub repo id"),
+                        (["--recipe", "./missing/"], "no such file or folder"),
+                        (["--recipe", probe_json, "--set", "scale=-1"], "must be > 0.0"),
+                        (["--recipe", probe_json, "--set", "nope=1"], "matches no technique"),
+                        (["--recipe", probe_json, "--revision", "v1"], "applies to Hub recipes")]:
+        code, out, err = _run(capsys, tiny_dir, *extra)
+        assert code == 2 and not out, err
+        assert_one_line_error(err, part)
+    assert not loads
+
+
+def test_run_threads(capsys, tiny_dir):
+    before = torch.get_num_threads()
+    code, out, err = _run(capsys, tiny_dir, "--threads", 1)
+    assert code == 0, err
+    assert "1 threads" in err and torch.get_num_threads() == before  # restored afterwards
+
+
+@pytest.mark.parametrize("argv, part", [
+    (["run", "--threads", "0"], "--threads: must be >= 1, got 0"),
+    (["run", "--max-new-tokens", "many"], "expected a whole number >= 1, got 'many'"),
+    (["run", "--do-sample", "--temperature", "-1"], "--temperature: must be > 0"),
+    (["run", "--do-sample", "--temperature", "nan"], "expected a finite number"),
+    (["run", "--do-sample", "--top-p", "1.5"], "--top-p: must be in (0, 1]"),
+    (["run", "--do-sample", "--top-k", "0"], "--top-k: must be >= 1"),
+    (["run", "--seed", "x"], "invalid int value: 'x'"),
+    (["run", "--dtype", "int8"], "invalid choice: 'int8'"),
+    (["run", "--stats", "yaml"], "invalid choice: 'yaml'"),
+    (["bench", "--max-new-tokens", "-2"], "must be >= 1"),
+    (["bench", "--per-category", "x"], "expected a whole number"),
+    (["bench", "long-context", "--threads", "0"], "must be >= 1"),
+    (["demo", "--max-new-tokens", "0"], "must be >= 1"),
+    (["demo", "--threads", "two"], "expected a whole number"),
+    (["recipe", "show"], "required: NAME_OR_PATH"),
+    (["recipe", "pull", "me/x"], "required: --out"),
+    (["techniques", "--bogus"], "unrecognized arguments: --bogus"),
+    (["no-such-command"], "invalid choice"),
+])
+def test_usage_errors_are_one_line(capsys, argv, part):
+    """argparse's usage errors too: one 'hfpatch: error:' line naming the command, no usage block."""
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and not out
+    assert_one_line_error(err, part, "--help")
+    assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("argv, part", [
+    (["recipe", "show", "a/.."], "'a/..' is not a valid Hub repo id"),
+    (["recipe", "show", "a/b/c"], "no such file or folder"),
+    (["recipe", "show", "/no/such/recipe.json"], "no such file or folder"),
+    (["recipe", "show", "nope"], "no recipe called 'nope'"),
+    (["recipe", "show", "token-recycling", "--revision", "v1"], "is a built-in recipe"),
+    (["recipe", "pull", "a/..", "--out", "{tmp}/out"], "'a/..' is not a valid Hub repo id"),
+    (["recipe", "pull", "org/name", "--out", "{tmp}/file/out"], "is not a folder"),
+    (["recipe", "push", "{tmp}/nothing", "me/x"], "no such file or folder"),
+    (["recipe", "push", "{probe}", "me/.."], "not a valid Hub repo id"),
+    (["recipe", "push", "{probe}", "no-slash"], "not a valid Hub repo id"),
+    (["bench", "--recipe", "no-such-recipe"], "no recipe called 'no-such-recipe'"),
+    (["bench", "--recipe", "a/.."], "not a valid Hub repo id"),
+    (["bench", "--prompts", "{tmp}/none.txt"], "cannot read prompts"),
+    (["bench", "--out", "{tmp}/file/out"], "is not a folder"),
+    (["bench", "long-context", "--recipe", "quest:nope=1"], "matches no technique"),
+    (["bench", "long-context", "--recipe", ":budget=3"], "expected NAME"),
+    (["bench", "long-context", "--recipe", "quest:budget=-1"], "budget"),
+    (["demo", "--recipe", "nope"], "no recipe called 'nope'"),
+    (["demo", "--recipe", "a/.."], "not a valid Hub repo id"),
+    (["run", "--model", "{tmp}/nowhere"], "not a local folder"),
+    (["run", "--prompt-file", "{tmp}/none.txt", "--model", "{tmp}"], "--prompt-file"),
+])
+def test_bad_arguments_fail_in_one_line_before_any_work(capsys, monkeypatch, tmp_path, probe_json, argv, part):
+    """Every command checks what it was given first: one line, exit code 2, and no model is loaded."""
+    from hfpatch.apps.cli import bench as bench_module, common
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(bench_module, "load_local_model", no_load)
+    monkeypatch.setattr(common.assets, "smollm2_dir", no_load)
+    monkeypatch.setattr("hfpatch.apps.demo.run_demo", no_load)
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "config.json").write_text("{}")
+    argv = [a.format(tmp=tmp_path, probe=probe_json) for a in argv]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and not out, err
+    assert_one_line_error(err, part)
+
+
+def test_hub_unreachable_fails_fast_with_the_offline_hint(capsys, monkeypatch, tmp_path, probe_json):
+    """With no network and HF_HUB_OFFLINE unset, huggingface_hub retried for ~25 s; the CLI answers at once."""
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    with socket.socket() as s:  # a local port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for argv in (["recipe", "show", "me/recipe"], ["recipe", "pull", "me/recipe", "--out", tmp_path / "out"],
+                 ["recipe", "push", probe_json, "me/recipe"], ["run", "--recipe", "me/recipe"]):
+        start = time.perf_counter()
+        code, out, err = run_cli(capsys, *argv)
+        assert time.perf_counter() - start < 5, argv
+        assert code == 2 and not out
+        assert_one_line_error(err, "cannot reach the Hub at", f"127.0.0.1:{port}", "HF_HUB_OFFLINE=1")
+    assert not (tmp_path / "out").exists()
+
+
+def test_library_loaders_are_quiet_and_the_cli_asks_for_progress(capfd, monkeypatch, tiny_dir):
+    """assets loaders print nothing in library use (no weight-loading bar); the CLI passes progress=True."""
+    from hfpatch.apps import assets
+
+    monkeypatch.setattr(assets, "smollm2_dir", lambda progress=False: tiny_dir)
+    capfd.readouterr()
+    model, _ = assets.load_smollm2()
+    assert model is not None
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""
+
+    with assets._quiet_bars(False):  # a plain tqdm bar (the GGUF reader's) is dropped, a warning kept
+        from tqdm.auto import tqdm
+
+        for _ in tqdm(range(3), desc="Converting"):
+            pass
+        print("UserWarning: kept", file=sys.stderr)
+    err = capfd.readouterr().err
+    assert "Converting" not in err and "UserWarning: kept" in err
+
+    calls = []
+    monkeypatch.setattr(assets, "smollm2_dir", lambda **kw: calls.append(kw) or tiny_dir)
+    code = cli.main(["run", "--max-new-tokens", "1", "--device", "cpu"])
+    assert code == 0 and calls == [{"progress": True}]
 
 
 def test_run_defaults_to_the_bundled_model(capsys, monkeypatch, tiny_dir):
@@ -526,3 +713,21 @@ def test_ci_runs_the_readme_test_command():
     # torch is pinned before anything can pull it in as a dependency.
     for command in (run_job, test_suite):
         assert command.startswith("pip install torch==2.13.0 && ")
+
+
+# ----- demo ------------------------------------------------------------------------------------------------
+
+
+def test_demo_promise_follows_the_recipe():
+    """Only a recipe of generation techniques alone promises the model's exact greedy output; the oneDNN
+    kernels are equal up to float rounding; sparse attention changes the computation."""
+    from hfpatch.apps.demo import output_promise
+
+    headline, promise = output_promise("recycling+lookup")
+    assert headline == "lossless speculative generate" and "exactly the model's own greedy choice" in promise
+    headline, promise = output_promise("recycling+lookup-cpu")
+    assert "exactly" not in promise and "up to float rounding" in promise and "lossless" not in headline
+    headline, promise = output_promise("onednn-linear")
+    assert "up to float rounding" in promise and "drafts" not in promise
+    headline, promise = output_promise("quest")
+    assert "exactly" not in promise and "can differ from plain generate" in promise

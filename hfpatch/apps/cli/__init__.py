@@ -41,7 +41,8 @@ GROUPS = (listing, recipe, run, bench, demo, transplant)
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``hfpatch`` argument parser with the subcommands of every module in ``GROUPS``."""
-    parser = argparse.ArgumentParser(
+    # HfpatchArgumentParser (inherited by every subparser) keeps usage errors to one 'hfpatch: error:' line.
+    parser = common.HfpatchArgumentParser(
         prog="hfpatch",
         description="One-line, reversible patches that add research techniques to Hugging Face transformers "
                     "models. Each command has its own --help.",

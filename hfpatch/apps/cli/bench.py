@@ -8,7 +8,15 @@ from pathlib import Path
 
 from hfpatch.apps.bench import longctx, speculative
 from hfpatch.apps.bench.common import torch_threads
-from hfpatch.apps.cli.common import CommandError, add_command, add_model_arguments, load_local_model, positive
+from hfpatch.apps.cli.common import (
+    CommandError,
+    add_command,
+    add_model_arguments,
+    check_writable_folder,
+    load_local_model,
+    positive,
+    resolve_recipe_argument,
+)
 from hfpatch.errors import HfpatchError
 
 PROMPTS_NOTE = ("--prompts FILE: JSON lines {\"category\": \"summarize\", \"prompt\": \"...\"} (optional \"chat\": "
@@ -84,11 +92,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return _cmd_long_context(args)
     if args.prompts and args.per_category is not None:
         raise CommandError("--per-category applies to the built-in prompt set, not to --prompts")
+    # Arguments first: a typo in the last --recipe must not cost a model load and a warm-up.
     prompts = speculative.load_prompts(args.prompts) if args.prompts else None
+    check_writable_folder(Path(args.out).expanduser(), "--out")
+    recipes = [(name, resolve_recipe_argument(name)) for name in args.recipe or speculative.DEFAULT_RECIPES]
     model, tokenizer, folder = load_local_model(args.model, dtype=args.dtype, device=args.device)
     try:
         result = speculative.run_bench(
-            model, tokenizer, recipes=args.recipe or speculative.DEFAULT_RECIPES, prompts=prompts,
+            model, tokenizer, recipes=recipes, prompts=prompts,
             per_category=args.per_category or 3, max_new_tokens=args.max_new_tokens, threads=args.threads,
             model_name=_model_name(args.model, folder), progress=_progress)
     except ValueError as exc:
@@ -101,10 +112,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_long_context_method(spec: str) -> None:
+    """Resolve a long-context ``NAME[:param=value,...]`` and its parameters before the model loads."""
+    name, params = longctx.parse_method(spec)
+    if not name:
+        raise CommandError(f"--recipe {spec!r}: expected NAME or NAME:param=value,...")
+    recipe = resolve_recipe_argument(name)
+    if params:
+        recipe.with_overrides(params)
+
+
 def _cmd_long_context(args: argparse.Namespace) -> int:
+    methods = tuple(args.recipe or longctx.METHODS)
+    for spec in args.recipe or ():
+        _check_long_context_method(spec)
+    check_writable_folder(Path(args.out).expanduser(), "--out")
     with torch_threads(args.threads):
         model, tokenizer, folder = load_local_model(args.model, dtype=args.dtype, device=args.device)
-        result = longctx.run(model, tokenizer, methods=tuple(args.recipe or longctx.METHODS),
+        result = longctx.run(model, tokenizer, methods=methods,
                              model_name=_model_name(args.model, folder), progress=_progress)
     print(longctx.format_report(result))
     path = longctx.save_report(result, args.out)

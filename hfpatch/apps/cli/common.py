@@ -22,6 +22,14 @@ __all__ = [
     "add_command",
     "missing_subcommand",
     "positive",
+    "positive_float",
+    "probability",
+    "HfpatchArgumentParser",
+    "fit_table",
+    "resolve_recipe_argument",
+    "check_hub_reachable",
+    "check_repo_id",
+    "check_writable_folder",
     "add_model_arguments",
     "add_generation_arguments",
     "resolve_model_dir",
@@ -88,12 +96,74 @@ def missing_subcommand(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
+class HfpatchArgumentParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are the CLI's one ``hfpatch: error:`` line (exit code 2).
+
+    argparse's own ``error`` prints the whole usage block before the message; the README promises one line,
+    so the usage is replaced by a pointer to ``--help``. Subparsers inherit this class from their parent.
+    """
+
+    def error(self, message: str):  # noqa: D102 (argparse API)
+        self.exit(2, f"hfpatch: error: {self.prog}: {message} (see '{self.prog} --help')\n")
+
+
 def positive(value: str) -> int:
     """argparse type: an integer >= 1."""
-    number = int(value)
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}") from None
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
     return number
+
+
+def _finite_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    """argparse type: a finite number > 0 (a sampling temperature)."""
+    number = _finite_float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return number
+
+
+def probability(value: str) -> float:
+    """argparse type: a number in (0, 1] (nucleus sampling's top-p)."""
+    number = _finite_float(value)
+    if not 0 < number <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return number
+
+
+def fit_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, width: int | None = None) -> str:
+    """``format_table`` fitted to the terminal: the last column (a description) is wrapped onto continuation
+    lines so that no line is wider than ``width`` (default: the terminal's, ``shutil.get_terminal_size``).
+
+    The other columns keep their full text (names must stay copyable); when they alone leave less than 20
+    characters, the last column still gets 20 and the line overflows rather than cutting a name.
+    """
+    import shutil
+    import textwrap
+
+    width = width or shutil.get_terminal_size((100, 24)).columns
+    fixed = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers) - 1)]
+    indent = sum(fixed) + 2 * len(fixed)
+    room = max(20, width - indent)
+    wrapped: list[list[Any]] = []
+    for row in rows:
+        pieces = textwrap.wrap(str(row[-1]), room, break_on_hyphens=False) or [""]
+        wrapped.append([*row[:-1], pieces[0]])
+        wrapped.extend([*([""] * len(fixed)), piece] for piece in pieces[1:])
+    return format_table(headers, wrapped)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,18 +191,19 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     prompt.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 file ('-' = stdin)")
     parser.add_argument("--chat", action="store_true",
                         help="wrap the prompt as a user message with the tokenizer's chat template")
-    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate (default: 64)")
+    parser.add_argument("--max-new-tokens", type=positive, default=64, metavar="N",
+                        help="tokens to generate (default: 64)")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, help="sampling temperature (with --do-sample)")
-    parser.add_argument("--top-p", type=float, help="nucleus sampling threshold (with --do-sample)")
-    parser.add_argument("--top-k", type=int, help="top-k sampling (with --do-sample)")
+    parser.add_argument("--temperature", type=positive_float, help="sampling temperature > 0 (with --do-sample)")
+    parser.add_argument("--top-p", type=probability, help="nucleus sampling threshold in (0, 1] (with --do-sample)")
+    parser.add_argument("--top-k", type=positive, help="top-k sampling, >= 1 (with --do-sample)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
 
 
 def resolve_model_dir(model: str | None) -> Path:
     """The local model folder: ``--model`` if given, else the bundled SmolLM2 (converted on first use)."""
     if model is None:
-        return Path(assets.smollm2_dir())
+        return Path(assets.smollm2_dir(progress=True))  # a first-run conversion takes ~25 s: show its steps
     path = Path(model).expanduser()
     if not path.is_dir():
         raise CommandError(f"--model {model}: not a local folder (hfpatch run loads local folders only; "
@@ -169,6 +240,103 @@ def load_local_model(model: str | None, *, dtype: str = "float32", device: str =
         if bars:
             transformers.logging.enable_progress_bar()
     return lm.to(device).eval(), tokenizer, folder
+
+
+# --------------------------------------------------------------------------------------------------
+# recipes and the Hub
+
+#: Seconds the CLI waits to open a connection to the Hub before telling the user it is unreachable.
+HUB_CONNECT_TIMEOUT_S = 3.0
+
+
+def _proxy_configured() -> bool:
+    import os
+
+    return any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                                                  "ALL_PROXY", "all_proxy"))
+
+
+def check_hub_reachable(what: str) -> None:
+    """Fail fast, in one line, when the Hub endpoint cannot be reached and HF_HUB_OFFLINE is not set.
+
+    huggingface_hub retries a failed download five times with backoff (~25 s) before it falls back to its
+    cache; at a command line that is a hang. One TCP connect with a short timeout to ``HF_ENDPOINT`` answers
+    the same question at once. Skipped when HF_HUB_OFFLINE is set (the library reads its cache only) and when
+    a proxy is configured (the endpoint is then reached through it, not directly).
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or _proxy_configured():
+        return
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=HUB_CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__ if not isinstance(exc, TimeoutError) else \
+            f"no answer within {HUB_CONNECT_TIMEOUT_S:g} s"
+        raise CommandError(
+            f"{what}: cannot reach the Hub at {constants.ENDPOINT} ({reason}); to use a recipe already in the "
+            "Hub cache, set HF_HUB_OFFLINE=1, else check the network or HF_ENDPOINT") from None
+
+
+def check_repo_id(repo_id: str, what: str) -> None:
+    """Refuse a malformed Hub repo id (``a/..``, ``a/b/c``, spaces) before any Hub call, in one line."""
+    import re
+
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+        # hfpatch recipes live in 'org/name' repositories; the '..' check also keeps a path out of a URL.
+        if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo_id) or ".." in repo_id:
+            raise HFValidationError("expected 'org/name'")
+    except HFValidationError as exc:
+        detail = str(exc).split(":")[0] if "expected" not in str(exc) else str(exc)
+        raise CommandError(f"{what} {repo_id!r} is not a valid Hub repo id ({detail}); a Hub recipe is named "
+                           "'org/name'") from None
+
+
+def check_writable_folder(path: Path, what: str) -> None:
+    """Refuse, before any work, an output folder that cannot be created or written (``what`` names the option)."""
+    import os
+
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CommandError(f"{what} {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CommandError(f"{what} {path}: {existing} is not writable")
+
+
+def resolve_recipe_argument(name: str, *, revision: str | None = None, what: str = "--recipe"):
+    """Load the recipe a command argument names, checking the argument before anything slow happens.
+
+    A local file or folder and a built-in name load directly; anything else must be a well-formed Hub repo
+    id ('org/name'), and the Hub must be reachable unless HF_HUB_OFFLINE is set. Errors are ``CommandError``
+    or ``RecipeError`` with one line that names ``what`` (the option or argument).
+    """
+    from hfpatch.recipe import Recipe, builtin_recipe_path
+
+    path = Path(name).expanduser()
+    local, builtin = path.exists(), builtin_recipe_path(name) is not None
+    if revision is not None and (local or builtin):
+        kind = "a local path" if local else "a built-in recipe"
+        raise CommandError(f"--revision {revision!r} applies to Hub recipes, and {what} {name!r} is {kind}")
+    # A bare name that is neither local nor built-in gets the library's "no recipe called ..." (it lists the
+    # built-in names); it cannot reach the Hub.
+    if not local and not builtin and "/" in name:
+        if name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1:
+            raise CommandError(f"{what} {name!r}: no such file or folder")
+        check_repo_id(name, what)
+        check_hub_reachable(f"{what} {name}")
+    return Recipe.from_pretrained(name, revision=revision)
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -240,6 +408,8 @@ def error_message(exc: BaseException) -> str | None:
     line of its own, ready to copy.
     """
     if isinstance(exc, HfpatchError):
+        return _one_line(exc)
+    if type(exc).__name__ == "HFValidationError":  # a malformed repo id that reached huggingface_hub
         return _one_line(exc)
     if isinstance(exc, assets.AssetError):
         return str(exc).strip()

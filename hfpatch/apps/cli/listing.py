@@ -5,7 +5,7 @@ import argparse
 from typing import Any
 
 import hfpatch
-from hfpatch.apps.cli.common import add_command, dumps, format_table
+from hfpatch.apps.cli.common import add_command, dumps, fit_table
 from hfpatch.catalogue import technique_class
 
 
@@ -66,7 +66,9 @@ def _cmd_techniques(args: argparse.Namespace) -> int:
     else:
         rows = [[t["name"], t["family"], ", ".join(f"{p['name']}={p['default']!r}" for p in t["params"]) or "-",
                  t["summary"]] for t in items]
-        print(format_table(["NAME", "FAMILY", "PARAMETERS", "SUMMARY"], rows))
+        # Parameters are wrapped too: the summary alone cannot absorb a long parameter list.
+        print(fit_table(["NAME", "FAMILY", "PARAMETERS  /  SUMMARY"],
+                        [[name, family, f"{params}  /  {summary}"] for name, family, params, summary in rows]))
     return 0
 
 
@@ -78,5 +80,6 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
         print("no built-in recipes")
     else:
         rows = [[r["name"], ", ".join(str(t) for t in r["techniques"]), r["description"]] for r in items]
-        print(format_table(["NAME", "TECHNIQUES", "DESCRIPTION"], rows))
+        print(fit_table(["NAME", "TECHNIQUES  /  DESCRIPTION"],
+                        [[name, f"{techniques}  /  {description}"] for name, techniques, description in rows]))
     return 0

@@ -7,9 +7,19 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from hfpatch.apps.cli.common import CommandError, add_command, dumps, format_table, missing_subcommand
+from hfpatch.apps.cli.common import (
+    CommandError,
+    add_command,
+    check_hub_reachable,
+    check_repo_id,
+    check_writable_folder,
+    dumps,
+    format_table,
+    missing_subcommand,
+    resolve_recipe_argument,
+)
 from hfpatch.errors import RecipeError
-from hfpatch.recipe import Recipe, builtin_recipe_path
+from hfpatch.recipe import REPO_ID, Recipe, builtin_recipe_path
 
 
 def register(subparsers) -> None:
@@ -83,26 +93,63 @@ def _tensor_summary(recipe: Recipe) -> dict[str, dict[str, Any]]:
             for key, t in sorted(recipe.tensors.items())}
 
 
+def _resource_kind(value: Any) -> str:
+    """What hfpatch would do with a resource parameter's value: read a local path or download a Hub repo."""
+    text = str(value)
+    if Path(text).expanduser().exists():
+        return "reads local path"
+    if REPO_ID.match(text) and ".." not in text:
+        return "downloads Hub repo (or reads a local folder of that name)"
+    return "reads local path (missing here)"
+
+
+def _resource_summary(recipe: Recipe) -> list[dict[str, Any]]:
+    return [{"technique": r["technique"], "parameter": r["parameter"], "value": r["value"],
+             "action": _resource_kind(r["value"]), "trusted": r["trusted"], "why": r["why"]}
+            for r in recipe.resources()]
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
-    recipe = Recipe.from_pretrained(args.name_or_path, revision=args.revision)
+    recipe = resolve_recipe_argument(args.name_or_path, revision=args.revision, what="recipe")
     tensors = _tensor_summary(recipe)
     metadata = dict(sorted(recipe.tensor_metadata.items()))
+    # What applying the recipe would read or download, so it can be checked first (a Hub recipe's resource
+    # parameters are refused by hfpatch.patch unless the caller gives or allows them).
+    resources = _resource_summary(recipe)
+    sizes = {key: t.numel() * t.element_size() for key, t in sorted(recipe.tensors.items())}
     if args.json:
         print(dumps({"source": recipe.source, "recipe": recipe.to_dict(), "tensors": tensors,
-                     "tensor_metadata": metadata}))
+                     "tensor_metadata": metadata, "tensor_bytes": sizes, "remote": recipe.is_remote,
+                     "resources": resources}))
         return 0
     print(f"# source: {recipe.source}")
     print(dumps(recipe.to_dict()))
     if tensors:
-        print(f"# tensors ({len(tensors)}):")
-        rows = [[key, info["dtype"], "x".join(str(n) for n in info["shape"]) or "scalar"]
+        print(f"# tensors ({len(tensors)}, {_human_bytes(sum(sizes.values()))} in memory):")
+        rows = [[key, info["dtype"], "x".join(str(n) for n in info["shape"]) or "scalar", _human_bytes(sizes[key])]
                 for key, info in tensors.items()]
-        for line in format_table(["KEY", "DTYPE", "SHAPE"], rows).splitlines():
+        for line in format_table(["KEY", "DTYPE", "SHAPE", "SIZE"], rows).splitlines():
             print(f"#   {line}")
     else:
         print("# tensors: none")
     for key, value in metadata.items():
         print(f"# metadata {key} = {value}")
+    if resources:
+        print(f"# resources ({len(resources)}): files or repositories applying this recipe would read or download")
+        rows = [[f"{r['technique']}.{r['parameter']}", str(r["value"]), r["action"],
+                 "yes" if r["trusted"] else "no: give it yourself or pass trust_resources"] for r in resources]
+        for line in format_table(["PARAMETER", "VALUE", "ACTION", "USED AS IS"], rows).splitlines():
+            print(f"#   {line}")
+    else:
+        print("# resources: none (applying it reads no file or repository named by the recipe)")
     return 0
 
 
@@ -139,7 +186,9 @@ def _cmd_push(args: argparse.Namespace) -> int:
     path = Path(args.directory).expanduser()
     if not path.exists():
         raise CommandError(f"{args.directory}: no such file or folder")
+    check_repo_id(args.repo_id, "REPO_ID")
     recipe = Recipe.from_pretrained(path)
+    check_hub_reachable(f"recipe push {args.repo_id}")
     commit = recipe.push_to_hub(args.repo_id, revision=args.revision, private=args.private or None,
                                 commit_message=args.message)
     at = f"@{args.revision}" if args.revision else ""
@@ -155,11 +204,14 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     if out.is_dir() and any(out.iterdir()) and not args.force:
         raise CommandError(f"--out {args.out}: folder exists and is not empty; pass --force to replace its "
                            "recipe files")
+    check_writable_folder(out, "--out")
     if Path(args.repo_id).expanduser().exists():
         raise CommandError(f"{args.repo_id!r} is a local path; 'recipe pull' takes a Hub repo id like 'org/name'")
     if args.revision is None and builtin_recipe_path(args.repo_id) is not None:
         raise CommandError(f"{args.repo_id!r} is not a Hub repo id (it resolved to builtin:{args.repo_id}); "
                            "use 'hfpatch recipe show' for built-in recipes")
+    check_repo_id(args.repo_id, "REPO_ID")
+    check_hub_reachable(f"recipe pull {args.repo_id}")
     recipe = Recipe.download(args.repo_id, out, revision=args.revision)
     commit = recipe.source.rsplit("@", 1)[1]
     print(f"pulled recipe {recipe.name!r} from {args.repo_id}@{commit} into {out}")

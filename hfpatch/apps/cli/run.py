@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import torch
 
 import hfpatch
-from hfpatch.apps.bench.common import encode_prompt
+from hfpatch.apps.bench.common import encode_prompt, torch_threads
 from hfpatch.apps.cli.common import (
     CommandError,
     add_command,
@@ -19,7 +19,9 @@ from hfpatch.apps.cli.common import (
     dumps,
     generation_kwargs,
     load_local_model,
+    positive,
     read_prompt,
+    resolve_recipe_argument,
 )
 
 
@@ -28,18 +30,26 @@ def register(subparsers) -> None:
         subparsers, "run", handler=_cmd_run,
         help="generate text with a local model, optionally patched by a recipe",
         description="Load a causal LM and its tokenizer from a local folder (never from the network), apply a "
-                    "recipe if given, generate from a prompt and print the new text; with a recipe, also print "
-                    "what each technique did (handle.stats). The patch is removed before exiting.",
+                    "recipe if given, generate from a prompt and print the new text on stdout; with a recipe, "
+                    "also a short summary of what the patch did on stderr (forwards, tokens per forward, "
+                    "fallback reasons; '--stats json' prints the full handle.stats on stdout instead). The recipe "
+                    "and --set overrides are checked before the model is loaded; the patch is removed before "
+                    "exiting.",
         examples=["hfpatch run --chat --prompt 'Name three prime numbers.'",
                   "hfpatch run --model ./my-llama --recipe my_recipe.json --prompt-file prompt.txt",
                   "hfpatch run --recipe me/my-recipe --revision v1 --set budget=512 --max-new-tokens 128",
-                  "hfpatch run --do-sample --temperature 0.7 --seed 1"],
+                  "hfpatch run --do-sample --temperature 0.7 --seed 1",
+                  "hfpatch run --recipe recycling+lookup-cpu --threads 2 --stats json"],
     )
     add_model_arguments(parser)
     parser.add_argument("--recipe", help="built-in recipe name, local .json file or folder, or Hub repo id")
     parser.add_argument("--revision", help="branch, tag or commit of a Hub recipe")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
                         help="override a recipe parameter, repeatable ('technique.param=VALUE' when ambiguous)")
+    parser.add_argument("--stats", choices=("summary", "json", "none"), default="summary",
+                        help="what the patch did: a few lines on stderr (default), full handle.stats JSON on stdout, "
+                             "or nothing")
+    parser.add_argument("--threads", type=positive, metavar="N", help="torch CPU threads (default: torch's)")
     add_generation_arguments(parser)
 
 
@@ -71,22 +81,69 @@ def _generate(model, handle, inputs: dict[str, Any], kwargs: dict[str, Any], see
             handle.unpatch()
 
 
+def _scalar(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def summarize_stats(stats: dict[str, dict[str, Any]]) -> list[str]:
+    """A few lines from ``handle.stats``: one per distinct stats dict (techniques sharing one engine report the
+    same dict and get one line), with forwards, tokens per forward (MAT) and any fallback reason first."""
+    groups: list[tuple[list[str], dict[str, Any]]] = []
+    for name, value in stats.items():
+        for names, seen in groups:
+            if seen == value:
+                names.append(name)
+                break
+        else:
+            groups.append(([name], value))
+    lines = []
+    for names, value in groups:
+        value = value if isinstance(value, dict) else {"value": value}
+        parts = []
+        if value.get("fallback"):
+            parts.append(f"fell back to plain generate: {value['fallback']}")
+        if "forwards" in value and "new_tokens" in value:
+            parts.append(f"{value['new_tokens']} new tokens in {value['forwards']} forwards")
+        mat = value.get("mean_accepted_tokens_per_forward")
+        if isinstance(mat, (int, float)):
+            parts.append(f"MAT {mat:.2f} tokens/forward")
+        if isinstance(value.get("mean_tree_nodes"), (int, float)):
+            parts.append(f"tree {value['mean_tree_nodes']:.1f} nodes")
+        if not parts:  # another kind of technique: its first few plain values
+            plain = [(k, v) for k, v in value.items() if isinstance(v, (int, float, str, bool)) or v is None]
+            parts = [f"{k}={_scalar(v)}" for k, v in plain[:4]] or ["(no statistics)"]
+        lines.append(f"{' + '.join(names)}: {', '.join(parts)}")
+    return lines
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     if (args.revision or args.overrides) and not args.recipe:
         raise CommandError("--revision and --set need --recipe")
+    # Everything the user typed is checked before the model loads (seconds to minutes).
     overrides = parse_overrides(args.overrides)
+    recipe = None
+    if args.recipe:
+        recipe = resolve_recipe_argument(args.recipe, revision=args.revision)
+        if overrides:
+            recipe = recipe.with_overrides(overrides)  # a new Recipe: override names and values are validated
     prompt = read_prompt(args)
-    model, tokenizer, folder = load_local_model(args.model, dtype=args.dtype, device=args.device)
-    kwargs = generation_kwargs(args, tokenizer)
-    if args.chat and not getattr(tokenizer, "chat_template", None):
-        raise CommandError("--chat: this tokenizer has no chat template; drop --chat to use the raw prompt")
-    inputs = encode_prompt(tokenizer, prompt, chat=args.chat, device=model.device)
-    handle = hfpatch.patch(model, args.recipe, revision=args.revision, **overrides) if args.recipe else None
-    new_tokens, seconds, stats = _generate(model, handle, inputs, kwargs, args.seed)
+    with torch_threads(args.threads):
+        model, tokenizer, folder = load_local_model(args.model, dtype=args.dtype, device=args.device)
+        kwargs = generation_kwargs(args, tokenizer)
+        if args.chat and not getattr(tokenizer, "chat_template", None):
+            raise CommandError("--chat: this tokenizer has no chat template; drop --chat to use the raw prompt")
+        inputs = encode_prompt(tokenizer, prompt, chat=args.chat, device=model.device)
+        handle = hfpatch.patch(model, recipe) if recipe is not None else None
+        new_tokens, seconds, stats = _generate(model, handle, inputs, kwargs, args.seed)
+        threads = torch.get_num_threads()
     print(tokenizer.decode(new_tokens, skip_special_tokens=True))
-    if handle is not None:
+    if handle is not None and args.stats == "json":
         print(f"\n# hfpatch stats (recipe {handle.recipe.name!r}):\n{dumps(stats)}")
+    elif handle is not None and args.stats == "summary":
+        for line in summarize_stats(stats):
+            print(f"[hfpatch] {line}", file=sys.stderr)
     rate = len(new_tokens) / seconds if seconds > 0 else float("inf")
-    print(f"[hfpatch] {len(new_tokens)} new tokens in {seconds:.2f} s ({rate:.1f} tokens/s), model {folder}, "
-          f"{'sampling' if args.do_sample else 'greedy'}", file=sys.stderr)
+    recipe_note = f", recipe {handle.recipe.name!r}" if handle is not None else ""
+    print(f"[hfpatch] {len(new_tokens)} new tokens in {seconds:.2f} s ({rate:.1f} tokens/s), model {folder}"
+          f"{recipe_note}, {'sampling' if args.do_sample else 'greedy'}, {threads} threads", file=sys.stderr)
     return 0
