@@ -186,6 +186,8 @@ def patch(
     recipe: str | Recipe | dict,
     *,
     revision: str | None = None,
+    trust_resources: bool | str | list[str] = False,
+    model_tokenizer: Any = None,
     **overrides: Any,
 ) -> PatchHandle:
     """Apply a recipe to `model` in place and return a handle to inspect or undo it.
@@ -195,6 +197,11 @@ def patch(
         recipe: a built-in recipe name, a local `.json` file or directory, a Hub repo id, a `Recipe`, or a
             dict in the recipe format.
         revision: branch, tag or commit of a Hub recipe.
+        trust_resources: let a Hub recipe's own values be used for parameters that name files or repos to read
+            (e.g. `tokenizer_transplant.tokenizer`): True for all, or a list of "technique.param" names. Without
+            it such a value must come from you as an override (recipes from your own disk are always trusted).
+        model_tokenizer: the model's tokenizer, when you have it: tensors recorded for a vocabulary (a Token
+            Recycling table's tokenizer fingerprint) are checked against it.
         **overrides: technique parameters by name, e.g. `budget=512`. A name must belong to exactly one
             technique of the recipe; use "technique.param" (via `**{"a.b": v}`) to disambiguate.
 
@@ -210,10 +217,10 @@ def patch(
     target = arch.unwrap_model(model)
     if not isinstance(target, torch.nn.Module):
         raise TypeError(f"patch() takes a torch model, got {type(model).__name__}")
-    recipe_obj = resolve_recipe(recipe, revision=revision)
+    recipe_obj = resolve_recipe(recipe, revision=revision, trust_resources=trust_resources)
     if overrides:
         recipe_obj = recipe_obj.with_overrides(overrides)
-    techniques = recipe_obj.build_techniques()
+    techniques = recipe_obj.build_techniques(tokenizer=model_tokenizer)
     kind = arch.model_type(target)
     recipe_obj.check_requirements(kind)
     for technique in techniques:

@@ -10,6 +10,21 @@ On disk (a folder, locally or in a Hub repo):
 `hfpatch_version` is the version of this recipe format (major.minor). A newer major version is refused; a
 newer minor version is read, with unknown keys warned about and ignored; in a recipe of this version or
 older, an unknown key is an error.
+
+Trust. A recipe is data, and a recipe from the Hub is untrusted data:
+- Parameters that name a file, folder or repository to read (declared `param(..., resource=True)`, e.g.
+  `tokenizer_transplant.tokenizer` / `donor` / `base_tokenizer`) are taken from a remote recipe (source
+  "hub:...") only when the caller gives them (an override to `hfpatch.patch`) or allows them
+  (`hfpatch.patch(..., trust_resources=True)` or a list of "technique.param" names, or
+  `Recipe.allow_resources`); otherwise `build_techniques()` raises `RecipeError` naming each one. Recipes the
+  user points at on their own machine (a local file or folder, a built-in name, a dict, a `Recipe` built in
+  code) are the user's own and trusted; so is a folder written by `recipe pull` (it prints what it carries).
+- Sizes are bounded before anything is allocated: the JSON file (`MAX_RECIPE_JSON_BYTES`), the number of
+  techniques, every parameter (`hfpatch.technique`: list lengths, string lengths, 64-bit integers, each
+  technique's own ranges), the tensor file (`MAX_PAYLOAD_BYTES`) and each tensor's dtype and shape, read from
+  the safetensors header before any tensor is loaded and checked against the technique's `tensor_specs`.
+- Duplicate keys in a JSON object are refused (the last one would silently win), and so are tensors or
+  tensor metadata for a technique the recipe does not have.
 """
 from __future__ import annotations
 
@@ -27,7 +42,7 @@ from typing import Any
 
 from .errors import RecipeError, RecipeNotFoundError
 from .catalogue import technique_class
-from .technique import build_params, parameter_fields
+from .technique import DTYPE_SIZES, build_params, parameter_fields, resource_parameters
 
 FORMAT_VERSION = "1.0"
 RECIPE_FILE = "hfpatch_recipe.json"
@@ -35,6 +50,64 @@ TENSOR_FILE = "hfpatch_recipe.safetensors"
 _TOP_LEVEL_KEYS = {"hfpatch_version", "name", "description", "techniques", "requirements", "tensors"}
 _REQUIREMENT_KEYS = {"transformers", "model_types"}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: what a Hub repo id looks like ("org/name")
+REPO_ID = _REPO_ID
+
+# Size limits on what a recipe can carry, checked before reading or allocating (see the module docstring).
+#: hfpatch_recipe.json: a recipe is a short list of parameters (the largest built-in is under 2 KB).
+MAX_RECIPE_JSON_BYTES = 1 << 20
+MAX_TECHNIQUES = 64
+#: hfpatch_recipe.safetensors: a Token Recycling table of a 262k vocabulary at k=64 in int64 is 128 MiB.
+MAX_PAYLOAD_BYTES = 1 << 30
+MAX_TENSORS = 1024
+MAX_HEADER_BYTES = 1 << 20
+# safetensors' dtype names -> torch's.
+_SAFETENSORS_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16",
+                       "I32": "int32", "U32": "uint32", "I64": "int64", "U64": "uint64", "F16": "float16",
+                       "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+#: Where a recipe is untrusted data: its source starts with one of these.
+REMOTE_SOURCES = ("hub:",)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object_pairs_hook: a key given twice would silently keep the last value; refuse it instead."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _parse_json(text: str | bytes, where: str, what: str = "JSON") -> Any:
+    """Parse JSON, refusing duplicate keys; every failure is a `RecipeError` naming `where`."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as exc:
+        raise RecipeError(f"{where}: invalid {what}: the key {exc.key!r} appears twice in one object; "
+                          "keep one") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, over-long integers, nesting
+        raise RecipeError(f"{where}: invalid {what} ({type(exc).__name__}: {exc})") from None
+
+
+def _read_document(path: Path, source: str) -> Any:
+    """Read and parse a recipe JSON file, refusing an oversized one before reading it."""
+    size = path.stat().st_size
+    if size > MAX_RECIPE_JSON_BYTES:
+        raise RecipeError(f"recipe from {source}: {RECIPE_FILE} is {size} bytes; a recipe may be at most "
+                          f"{MAX_RECIPE_JSON_BYTES} bytes (it is a list of parameters, not data)")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe from {source}: not a UTF-8 text file (invalid JSON)") from None
+    return _parse_json(text, f"recipe from {source}")
 
 
 def _is_newer_minor(version: Any, where: str) -> bool:
@@ -80,6 +153,9 @@ class Recipe:
     hfpatch_version: str = FORMAT_VERSION
     #: where the recipe was read from (a path, "builtin:<name>" or "hub:<repo>@<commit>"); not saved.
     source: str | None = field(default=None, compare=False)
+    #: resource parameters ("technique.param", or "*" for all) a remote recipe may set: given by the caller as
+    #: overrides, or allowed with `allow_resources` / `trust_resources=`; not saved.
+    allowed_resources: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.techniques, list):
@@ -99,10 +175,20 @@ class Recipe:
                 raise RecipeError(f"{where}.{key}: expected a string, got {getattr(self, key)!r}")
         if not isinstance(self.techniques, list) or not self.techniques:
             raise RecipeError(f"{where}.techniques: expected a non-empty list of {{'type': ..., params...}} objects")
+        if len(self.techniques) > MAX_TECHNIQUES:
+            raise RecipeError(f"{where}.techniques: at most {MAX_TECHNIQUES} techniques, got {len(self.techniques)}")
         for index, entry in enumerate(self.techniques):
             self._build_params(index, entry, newer_minor)
         self._validate_requirements(where, newer_minor)
-        if not isinstance(self.tensors, dict) or not all(isinstance(k, str) for k in self.tensors):
+        self._validate_tensors(where)
+
+    def _validate_tensors(self, where: str) -> None:
+        """Tensors and their metadata: string keys under the prefix of a technique of this recipe, each tensor
+        a dtype and shape that technique reads, all within the payload limits."""
+        import torch
+
+        if not isinstance(self.tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                         for k, v in self.tensors.items()):
             raise RecipeError(f"{where}.tensors: expected a dict of name -> torch.Tensor")
         if not isinstance(self.tensor_metadata, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in self.tensor_metadata.items()):
@@ -110,6 +196,42 @@ class Recipe:
         if self.tensor_metadata and not self.tensors:
             # The metadata is stored in the tensor file's header; without tensors there is nowhere to keep it.
             raise RecipeError(f"{where}.tensor_metadata: describes the tensor payload, but the recipe has no tensors")
+        if len(self.tensors) > MAX_TENSORS:
+            raise RecipeError(f"{where}.tensors: at most {MAX_TENSORS} tensors, got {len(self.tensors)}")
+        total = 0
+        for key, tensor in self.tensors.items():
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            total += self._check_tensor_entry(key, dtype, list(tensor.shape), f"{where}.tensors")
+        if total > MAX_PAYLOAD_BYTES:
+            raise RecipeError(f"{where}.tensors: {total} bytes in all; a recipe may carry at most {MAX_PAYLOAD_BYTES}")
+        for key in self.tensor_metadata:
+            self._technique_of(key, f"{where}.tensor_metadata", "metadata")
+
+    def _technique_of(self, key: str, where: str, what: str = "tensor") -> type:
+        """The class of the recipe technique a payload key belongs to ("<technique type>/<name>")."""
+        types_ = [t.get("type") for t in self.techniques if isinstance(t, dict)]
+        kind, sep, _ = key.partition("/")
+        if not sep or kind not in types_:
+            raise RecipeError(
+                f"{where}: {what} {key!r} is for technique {kind!r}, which this recipe does not have "
+                f"(techniques: {types_}); keys are '<technique type>/<name>'" if sep else
+                f"{where}: {what} key {key!r} names no technique; keys are '<technique type>/<name>'")
+        return technique_class(kind)
+
+    def _check_tensor_entry(self, key: str, dtype: str, shape: list[int], where: str) -> int:
+        """Check one payload tensor (from the file header or in memory) and return its size in bytes."""
+        cls = self._technique_of(key, where)
+        if dtype not in DTYPE_SIZES:
+            raise RecipeError(f"{where}: tensor {key!r} has dtype {dtype}; a recipe may carry {sorted(DTYPE_SIZES)}")
+        numel = 1
+        for size in shape:
+            numel *= size
+        nbytes = numel * DTYPE_SIZES[dtype]
+        if nbytes > MAX_PAYLOAD_BYTES:
+            raise RecipeError(f"{where}: tensor {key!r} of shape {shape} is {nbytes} bytes; a recipe may carry at "
+                              f"most {MAX_PAYLOAD_BYTES}")
+        cls.check_tensor(key.partition("/")[2], dtype, shape, where)
+        return nbytes
 
     def _build_params(self, index: int, entry: Any, newer_minor: bool, *, warn: bool = True):
         where = f"{self._where()}.techniques[{index}]"
@@ -163,9 +285,89 @@ class Recipe:
         if types_ and model_type not in types_:
             raise RecipeError(f"{self._where()} is for model types {types_}, not {model_type!r}")
 
+    # ----- trust ------------------------------------------------------------------------------------
+    @property
+    def is_remote(self) -> bool:
+        """Whether the recipe was read from a remote source (the Hub), whose resource parameters are untrusted."""
+        return self.source is not None and self.source.startswith(REMOTE_SOURCES)
+
+    def resources(self) -> list[dict[str, Any]]:
+        """The files, folders and repositories this recipe would make hfpatch read or download: every resource
+        parameter (`param(..., resource=True)`) that is set, with whether it may be used as it is.
+
+        Each item: `technique`, `index` (in `techniques`), `parameter`, `value`, `trusted` (bool) and `why`.
+
+        Example:
+            >>> for r in hfpatch.Recipe.from_pretrained("org/transplant").resources():
+            ...     print(r["technique"], r["parameter"], r["value"], r["trusted"])
+        """
+        found = []
+        for index, entry in enumerate(self.techniques):
+            cls = technique_class(entry["type"])
+            for name in resource_parameters(cls.Params):
+                value = entry.get(name)
+                if value is None:
+                    continue
+                key = f"{cls.name}.{name}"
+                if not self.is_remote:
+                    trusted, why = True, "the recipe is local (yours)"
+                elif key in self.allowed_resources or "*" in self.allowed_resources:
+                    trusted, why = True, "given by the caller or allowed with trust_resources"
+                else:
+                    trusted, why = False, "set by a remote recipe; needs a caller override or trust_resources"
+                found.append({"technique": cls.name, "index": index, "parameter": name, "value": value,
+                              "trusted": trusted, "why": why})
+        return found
+
+    def check_resources(self) -> None:
+        """Raise `RecipeError` when a remote recipe sets a resource parameter the caller neither gave nor allowed."""
+        refused = [r for r in self.resources() if not r["trusted"]]
+        if not refused:
+            return
+        lines = [f"techniques[{r['index']}] ({r['technique']}).{r['parameter']} = {r['value']!r}" for r in refused]
+        names = [f"{r['technique']}.{r['parameter']}" for r in refused]
+        raise RecipeError(
+            f"{self._where()} sets {'; '.join(lines)}: a parameter that names a file or repository to read, which "
+            "a recipe from the Hub may not choose on its own. Give it yourself, e.g. hfpatch.patch(model, recipe, "
+            f"**{{{names[0]!r}: <your path or repo id>}}), or allow the recipe's value(s) after checking them "
+            f"('hfpatch recipe show' lists them): hfpatch.patch(model, recipe, trust_resources={names!r}) "
+            "(trust_resources=True allows every one)"
+        )
+
+    def allow_resources(self, which: bool | str | Any = True) -> Recipe:
+        """A copy whose resource parameters ("technique.param" names, or all with True) may be taken from this
+        recipe even when it is remote. Raises `RecipeError` for a name that is not a resource parameter of a
+        technique in the recipe.
+
+        Example:
+            >>> recipe = hfpatch.Recipe.from_pretrained("org/transplant").allow_resources(["tokenizer_transplant.tokenizer"])
+        """
+        if which is True:
+            names = {"*"}
+        elif which is False or which is None:
+            names = set()
+        else:
+            names = {which} if isinstance(which, str) else set(which)
+            known = {f"{t['type']}.{name}" for t in self.techniques
+                     for name in resource_parameters(technique_class(t["type"]).Params)}
+            unknown = sorted(n for n in names if n not in known)
+            if unknown:
+                raise RecipeError(f"trust_resources: {unknown} are not resource parameters of {self._where()}; "
+                                  f"its resource parameters are {sorted(known) or 'none'}")
+        allowed = copy.copy(self)
+        allowed.techniques = copy.deepcopy(self.techniques)
+        allowed.allowed_resources = frozenset(self.allowed_resources | names)
+        return allowed
+
     # ----- techniques -------------------------------------------------------------------------------
-    def build_techniques(self) -> list[Any]:
-        """Instantiate the recipe's techniques with validated parameters and their share of the tensors."""
+    def build_techniques(self, tokenizer=None) -> list[Any]:
+        """Instantiate the recipe's techniques with validated parameters and their share of the tensors.
+
+        Raises `RecipeError` when a remote recipe sets a resource parameter nobody allowed (`check_resources`).
+        `tokenizer`, the model's tokenizer when the caller knows it, lets techniques check tensors recorded for
+        a vocabulary (the Token Recycling table's tokenizer fingerprint).
+        """
+        self.check_resources()
         newer_minor = _is_newer_minor(self.hfpatch_version, self._where())
         instances = []
         for index, entry in enumerate(self.techniques):
@@ -175,7 +377,10 @@ class Recipe:
             tensors = {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
             metadata = {k[len(prefix):]: v for k, v in self.tensor_metadata.items() if k.startswith(prefix)}
             if tensors or metadata:
-                technique.load_tensors(tensors, metadata)
+                if tokenizer is None:  # the two-argument form keeps techniques written before tokenizer= working
+                    technique.load_tensors(tensors, metadata)
+                else:
+                    technique.load_tensors(tensors, metadata, tokenizer=tokenizer)
             instances.append(technique)
         return instances
 
@@ -185,6 +390,7 @@ class Recipe:
         Raises `RecipeError` when a name matches no technique or more than one.
         """
         techniques = copy.deepcopy(self.techniques)
+        given = set()
         for key, value in overrides.items():
             if "." in key:
                 type_name, param_name = key.split(".", 1)
@@ -200,10 +406,12 @@ class Recipe:
                     "use 'technique.param' to pick one"
                 )
             targets[0][param_name] = value
+            given.add(f"{targets[0]['type']}.{param_name}")  # the caller's own value: trusted even in a remote recipe
         return Recipe(
             techniques, name=self.name, description=self.description, requirements=dict(self.requirements),
             tensors=dict(self.tensors), tensor_metadata=dict(self.tensor_metadata),
             hfpatch_version=self.hfpatch_version, source=self.source,
+            allowed_resources=frozenset(self.allowed_resources | given),
         )
 
     # ----- serialisation ----------------------------------------------------------------------------
@@ -274,16 +482,22 @@ class Recipe:
         """Read a recipe JSON file (and the tensor file it names, from the same folder)."""
         path = Path(path)
         source = source or str(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise RecipeError(f"recipe from {source}: not a UTF-8 text file") from None
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError, over-long integers, absurd nesting
-            raise RecipeError(f"recipe from {source}: invalid JSON ({type(exc).__name__}: {exc})") from None
-        tensors, metadata = ({}, {})
-        if isinstance(data, dict) and "tensors" in data:
-            tensors, metadata = _load_tensor_payload(data["tensors"], path.parent, source)
-        return cls.from_dict(data, source=source, tensors=tensors, tensor_metadata=metadata)
+        data = _read_document(path, source)
+        return cls._with_payload(data, source, lambda: path.parent / TENSOR_FILE)
+
+    @classmethod
+    def _with_payload(cls, data: Any, source: str, tensor_path) -> Recipe:
+        """Build a recipe from its parsed JSON document, then load the tensor payload it declares.
+
+        The document is validated first, so the payload header is checked against the recipe's techniques
+        (names, dtypes, shapes, sizes) before any tensor is read; `tensor_path()` gives the file (it may
+        download it).
+        """
+        recipe = cls.from_dict(data, source=source)
+        if "tensors" in data:
+            recipe.tensors, recipe.tensor_metadata = _load_tensor_payload(data["tensors"], tensor_path, source, recipe)
+            recipe._validate_tensors(recipe._where())
+        return recipe
 
     @classmethod
     def from_pretrained(
@@ -401,23 +615,70 @@ class Recipe:
         return recipe
 
 
-def _load_tensor_payload(spec: Any, folder: Path, source: str, path: Path | None = None) -> tuple[dict, dict]:
-    """Load and verify the tensor file a recipe declares (sha256 and key list must match)."""
+def _read_header(path: Path, size: int, where: str) -> tuple[dict[str, tuple[str, list[int]]], dict[str, str]]:
+    """The safetensors header: {key: (torch dtype name, shape)} and the metadata, read without loading a tensor."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < length <= min(MAX_HEADER_BYTES, size - 8):
+            raise RecipeError(f"{where}: unreadable {TENSOR_FILE} (its header length {length} is not between 1 and "
+                              f"{min(MAX_HEADER_BYTES, max(size - 8, 0))} bytes)")
+        header = _parse_json(f.read(length), where, f"{TENSOR_FILE} header")
+    if not isinstance(header, dict):
+        raise RecipeError(f"{where}: unreadable {TENSOR_FILE} (its header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise RecipeError(f"{where}: {TENSOR_FILE} metadata must map strings to strings")
+    if len(header) > MAX_TENSORS:
+        raise RecipeError(f"{where}: {TENSOR_FILE} holds {len(header)} tensors; a recipe may carry at most {MAX_TENSORS}")
+    entries = {}
+    for key, info in header.items():
+        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if dtype is None:
+            raise RecipeError(f"{where}: tensor {key!r} has dtype {info.get('dtype') if isinstance(info, dict) else info!r}; "
+                              f"a recipe may carry {sorted(_SAFETENSORS_DTYPES)}")
+        if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                                  for n in shape):
+            raise RecipeError(f"{where}: tensor {key!r} has no valid shape in the {TENSOR_FILE} header ({shape!r})")
+        entries[key] = (dtype, shape)
+    return entries, metadata
+
+
+def _load_tensor_payload(spec: Any, tensor_path, source: str, recipe: Recipe) -> tuple[dict, dict]:
+    """Load and verify the tensor file a recipe declares: its size, sha256 and key list must match, and every
+    tensor's name, dtype and shape (read from the header) must be one the recipe's techniques read, all
+    checked before any tensor is loaded."""
     from safetensors import SafetensorError, safe_open
 
     where = f"recipe from {source}.tensors"
     if not isinstance(spec, dict) or spec.get("file") != TENSOR_FILE or not isinstance(spec.get("sha256"), str) \
-            or not isinstance(spec.get("keys"), list):
+            or not isinstance(spec.get("keys"), list) or not all(isinstance(k, str) for k in spec["keys"]):
         raise RecipeError(f"{where}: expected {{'file': {TENSOR_FILE!r}, 'sha256': <hex>, 'keys': [...]}}, got {spec!r}")
-    path = path or folder / TENSOR_FILE
+    for key in spec["keys"]:  # before downloading anything: the keys must belong to the recipe's techniques
+        recipe._technique_of(key, where)
+    path = tensor_path()
     if not path.is_file():
         raise RecipeError(f"{where}: the recipe declares {TENSOR_FILE} but it is missing")
+    size = path.stat().st_size
+    if size > MAX_PAYLOAD_BYTES + MAX_HEADER_BYTES + 8:
+        raise RecipeError(f"{where}: {TENSOR_FILE} is {size} bytes; a recipe may carry at most {MAX_PAYLOAD_BYTES} "
+                          "bytes of tensors")
     actual = _sha256(path)
     if actual != spec["sha256"]:
         raise RecipeError(
             f"{where}: {TENSOR_FILE} does not match the recipe (sha256 {actual[:12]}..., recipe says "
             f"{spec['sha256'][:12]}...); the file was modified or truncated"
         )
+    entries, header_metadata = _read_header(path, size, where)
+    if sorted(entries) != sorted(spec["keys"]):
+        raise RecipeError(f"{where}: tensor keys {sorted(entries)} differ from the declared {sorted(spec['keys'])}")
+    total = sum(recipe._check_tensor_entry(key, dtype, shape, where) for key, (dtype, shape) in entries.items())
+    if total > MAX_PAYLOAD_BYTES:
+        raise RecipeError(f"{where}: {total} bytes of tensors; a recipe may carry at most {MAX_PAYLOAD_BYTES}")
+    for key in header_metadata:
+        if key != "format":  # safetensors' own entry
+            recipe._technique_of(key, where, "metadata")
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {key: f.get_tensor(key) for key in f.keys()}
@@ -460,23 +721,20 @@ def _from_hub(cls, repo_id: str, revision: str | None, *, token, cache_dir, loca
     # The cache stores files under snapshots/<commit>/; pin the tensor file to that same commit.
     commit = json_path.parent.name
     source = f"hub:{repo_id}@{commit}"
-    try:
-        data = json.loads(json_path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as exc:  # also covers UnicodeDecodeError and JSONDecodeError
-        raise RecipeError(f"recipe from {source}: invalid JSON ({type(exc).__name__}: {exc})") from None
-    tensors, metadata = ({}, {})
-    if isinstance(data, dict) and "tensors" in data:
-        spec = data["tensors"]
+    data = _read_document(json_path, source)
+
+    def tensor_path() -> Path:
+        # Downloaded only once the JSON document is valid and its tensor keys belong to its techniques.
         try:
-            tensor_path = download(TENSOR_FILE, commit if re.fullmatch(r"[0-9a-f]{40}", commit) else revision)
+            return download(TENSOR_FILE, commit if re.fullmatch(r"[0-9a-f]{40}", commit) else revision)
         except LocalEntryNotFoundError:
             raise RecipeNotFoundError(
                 f"recipe from {source}: {TENSOR_FILE} is not in the local Hub cache and the Hub could not be reached"
             ) from None
         except EntryNotFoundError:
             raise RecipeError(f"recipe from {source}: declares {TENSOR_FILE} but the repo does not have it") from None
-        tensors, metadata = _load_tensor_payload(spec, tensor_path.parent, source, path=tensor_path)
-    return cls.from_dict(data, source=source, tensors=tensors, tensor_metadata=metadata)
+
+    return cls._with_payload(data, source, tensor_path)
 
 
 def builtin_recipes_dir() -> Path:
@@ -512,14 +770,21 @@ def list_recipes() -> list[dict[str, Any]]:
     return result
 
 
-def resolve_recipe(recipe: str | os.PathLike | Recipe | dict, *, revision: str | None = None) -> Recipe:
-    """Turn any accepted recipe argument (name, path, repo id, dict or Recipe) into a `Recipe`."""
+def resolve_recipe(recipe: str | os.PathLike | Recipe | dict, *, revision: str | None = None,
+                   trust_resources: bool | str | Any = False) -> Recipe:
+    """Turn any accepted recipe argument (name, path, repo id, dict or Recipe) into a `Recipe`.
+
+    `trust_resources` (True, or "technique.param" names) lets a remote recipe's resource parameters be used
+    as the recipe sets them (`Recipe.allow_resources`).
+    """
     if isinstance(recipe, Recipe):
         if revision is not None:
             raise TypeError("revision= only applies when the recipe is named by a Hub repo id")
-        return recipe
-    if isinstance(recipe, dict):
-        return Recipe.from_dict(recipe, source="dict")
-    if isinstance(recipe, (str, os.PathLike)):
-        return Recipe.from_pretrained(recipe, revision=revision)
-    raise TypeError(f"recipe must be a name, path, Hub repo id, dict or hfpatch.Recipe, got {type(recipe).__name__}")
+        resolved = recipe
+    elif isinstance(recipe, dict):
+        resolved = Recipe.from_dict(recipe, source="dict")
+    elif isinstance(recipe, (str, os.PathLike)):
+        resolved = Recipe.from_pretrained(recipe, revision=revision)
+    else:
+        raise TypeError(f"recipe must be a name, path, Hub repo id, dict or hfpatch.Recipe, got {type(recipe).__name__}")
+    return resolved.allow_resources(trust_resources) if trust_resources else resolved

@@ -17,6 +17,14 @@ from .errors import RecipeError, UnsupportedModelError
 _MISSING = dataclasses.MISSING
 
 
+#: Limits every parameter value is held to, whatever its declaration says, because a recipe from the Hub is
+#: untrusted input: the engine and the techniques size buffers from these values, so they are bounded while the
+#: recipe is validated, before anything is allocated. A declaration may set tighter ones (`le=`, `max_items=`).
+MAX_LIST_ITEMS = 1024  # items of any list, at any nesting level
+MAX_STRING_LENGTH = 4096  # characters of any string (a path or repo id fits easily)
+INT_LIMIT = 2**63  # integers must fit in int64: every integer parameter ends up in a torch tensor or a size
+
+
 def param(
     default: Any = _MISSING,
     *,
@@ -26,15 +34,26 @@ def param(
     gt: float | None = None,
     choices: tuple | None = None,
     default_factory: Any = _MISSING,
+    resource: bool = False,
+    max_items: int | None = None,
+    max_length: int | None = None,
 ) -> Any:
     """Declare a technique parameter: a dataclass field with help text and range/choice constraints.
+
+    `resource=True` marks a parameter that names a file, folder or Hub repository the technique reads or
+    downloads (a tokenizer, a donor model). A recipe from a remote source (the Hub) cannot set such a
+    parameter on its own: the caller gives it (an override to `hfpatch.patch`) or allows it
+    (`trust_resources=`); see `hfpatch.recipe`. `max_items` bounds the length of a list value (default
+    `MAX_LIST_ITEMS`) and `max_length` the length of a string value (default `MAX_STRING_LENGTH`).
 
     Example:
         @dataclasses.dataclass
         class Params:
             k: int = param(8, help="successors kept per token", ge=1, le=64)
+            tokenizer: str = param(help="a local folder or Hub repo id", resource=True)
     """
-    metadata = {"help": help, "ge": ge, "le": le, "gt": gt, "choices": choices}
+    metadata = {"help": help, "ge": ge, "le": le, "gt": gt, "choices": choices, "resource": resource,
+                "max_items": max_items, "max_length": max_length}
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -58,31 +77,49 @@ def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check `value` against a parameter annotation; return it (ints are accepted where floats are)."""
+def _short(value: Any) -> str:
+    """A value for an error message, cut short: a hostile recipe's values can be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= 120 else f"{text[:100]}... ({len(text)} characters)"
+
+
+def _coerce(value: Any, tp: Any, where: str, meta: dict | None = None) -> Any:
+    """Check `value` against a parameter annotation and the size limits; return it (ints are accepted where
+    floats are). Sizes are checked before the items are looked at, so an oversized list costs nothing."""
+    meta = meta or {}
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
+        errors = []
         for option in typing.get_args(tp):
             try:
-                return _coerce(value, option, where)
-            except RecipeError:
-                continue
-        raise RecipeError(f"{where}: expected {type_name(tp)}, got {value!r}")
+                return _coerce(value, option, where, meta)
+            except RecipeError as exc:
+                errors.append(exc)
+        # A value of the right kind but over a limit: say so, rather than "expected X or Y".
+        limit_errors = [e for e in errors if getattr(e, "limit", False)]
+        if limit_errors:
+            raise limit_errors[0]
+        raise RecipeError(f"{where}: expected {type_name(tp)}, got {_short(value)}")
     if tp is type(None):
         if value is None:
             return None
     elif origin in (list, tuple):
         if isinstance(value, (list, tuple)):
+            limit = meta.get("max_items") or MAX_LIST_ITEMS
+            if len(value) > limit:
+                raise _limit_error(f"{where}: at most {limit} items, got {len(value)}")
             (item_tp, *_) = typing.get_args(tp) or (Any,)
-            items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+            items = [_coerce(v, item_tp, f"{where}[{i}]", meta) for i, v in enumerate(value)]
             return tuple(items) if origin is tuple else items
     elif tp is bool:
         if isinstance(value, bool):
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -INT_LIMIT <= value < INT_LIMIT:
+                raise _limit_error(f"{where}: must fit in 64 bits (|value| < 2**63), got {_short(value)}")
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -95,10 +132,20 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return number
     elif tp is str:
         if isinstance(value, str):
+            limit = meta.get("max_length") or MAX_STRING_LENGTH
+            if len(value) > limit:
+                raise _limit_error(f"{where}: at most {limit} characters, got {len(value)}")
             return value
     elif isinstance(tp, type) and isinstance(value, tp):
         return value
-    raise RecipeError(f"{where}: expected {type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise RecipeError(f"{where}: expected {type_name(tp)}, got {_short(value)} ({type(value).__name__})")
+
+
+def _limit_error(message: str) -> RecipeError:
+    """A RecipeError for a value over a size limit (preferred over "wrong type" when a union is tried)."""
+    error = RecipeError(message)
+    error.limit = True
+    return error
 
 
 def _check_range(value: Any, meta: dict, where: str) -> None:
@@ -120,6 +167,46 @@ def parameter_fields(params_cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(params_cls)}
 
 
+def resource_parameters(params_cls: type) -> list[str]:
+    """Names of the parameters declared with `resource=True` (they name files, folders or Hub repos)."""
+    return [f.name for f in dataclasses.fields(params_cls) if f.metadata.get("resource")]
+
+
+#: Bytes per element of the tensor dtypes a recipe payload may hold (safetensors' own names are mapped to
+#: these by `hfpatch.recipe`).
+DTYPE_SIZES = {"bool": 1, "uint8": 1, "int8": 1, "int16": 2, "uint16": 2, "int32": 4, "uint32": 4, "int64": 8,
+               "uint64": 8, "float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """What one tensor of a technique's payload may be, checked from the payload header before any tensor is
+    read (and again on tensors built in memory).
+
+    Example:
+        tensor_specs = {"table": TensorSpec(dtypes=("int32", "int64"), ndim=2, max_shape=(1 << 20, 64))}
+    """
+
+    dtypes: tuple[str, ...]
+    ndim: int
+    #: the largest size of each dimension
+    max_shape: tuple[int, ...]
+    help: str = ""
+
+    def check(self, key: str, dtype: str, shape: list[int] | tuple[int, ...], where: str) -> None:
+        """Raise `RecipeError` when a tensor of this dtype and shape does not fit the spec."""
+        if dtype not in self.dtypes:
+            raise RecipeError(f"{where}: tensor {key!r} has dtype {dtype}; it must be one of {list(self.dtypes)}"
+                              + (f" ({self.help})" if self.help else ""))
+        if len(shape) != self.ndim:
+            raise RecipeError(f"{where}: tensor {key!r} has shape {list(shape)}; it must have {self.ndim} "
+                              "dimensions" + (f" ({self.help})" if self.help else ""))
+        for axis, (size, most) in enumerate(zip(shape, self.max_shape)):
+            if size > most:
+                raise RecipeError(f"{where}: tensor {key!r} has shape {list(shape)}; dimension {axis} may be at "
+                                  f"most {most}" + (f" ({self.help})" if self.help else ""))
+
+
 def build_params(params_cls: type, raw: dict[str, Any], *, where: str, ignore_unknown: bool = False) -> Any:
     """Validate a plain dict against a Params dataclass and build it.
 
@@ -138,7 +225,7 @@ def build_params(params_cls: type, raw: dict[str, Any], *, where: str, ignore_un
             if field.default is _MISSING and field.default_factory is _MISSING:
                 raise RecipeError(f"{where}.{name}: required parameter is missing")
             continue
-        value = _coerce(raw[name], hints[name], f"{where}.{name}")
+        value = _coerce(raw[name], hints[name], f"{where}.{name}", field.metadata)
         _check_range(value, field.metadata, f"{where}.{name}")
         values[name] = value
     try:
@@ -180,6 +267,10 @@ class Technique:
     cooperative_claims: ClassVar[frozenset[str]] = frozenset()
     #: Model types (config.model_type) this technique accepts; None means every type hfpatch's arch/ knows.
     model_types: ClassVar[frozenset[str] | None] = None
+    #: The tensors a recipe may carry for this technique, by name (without the "<technique>/" prefix). A
+    #: technique that reads tensors declares them, and then any other name, dtype or shape is refused before
+    #: the payload is loaded; None accepts any tensor within the recipe's overall size limits.
+    tensor_specs: ClassVar[dict[str, TensorSpec] | None] = None
 
     def __init__(self, params: Any = None, **kwargs: Any):
         if params is not None and kwargs:
@@ -213,8 +304,26 @@ class Technique:
         """What the technique did during the last call (empty when it keeps no statistics)."""
         return {}
 
-    def load_tensors(self, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
-        """Receive this technique's share of a recipe's tensor payload (keys without the technique prefix)."""
+    @classmethod
+    def check_tensor(cls, key: str, dtype: str, shape: list[int] | tuple[int, ...], where: str) -> None:
+        """Raise `RecipeError` when a payload tensor `key` (without the technique prefix) of this dtype and shape
+        is not one this technique reads; called on the payload header, before any tensor is loaded."""
+        if cls.tensor_specs is None:
+            return
+        spec = cls.tensor_specs.get(key)
+        if spec is None:
+            reads = ", ".join(repr(f"{cls.name}/{name}") for name in sorted(cls.tensor_specs)) or "none"
+            raise RecipeError(f"{where}: tensor {cls.name + '/' + key!r} is not one {cls.name} reads "
+                              f"(it reads: {reads})")
+        spec.check(f"{cls.name}/{key}", dtype, shape, where)
+
+    def load_tensors(self, tensors: dict[str, Any], metadata: dict[str, str], *, tokenizer=None) -> None:
+        """Receive this technique's share of a recipe's tensor payload (keys without the technique prefix).
+
+        `tokenizer`, when the caller gave one (`hfpatch.patch(..., model_tokenizer=tok)`), is the model's
+        tokenizer, so that tensors recorded for a vocabulary can be checked against it. Raise `RecipeError`
+        when the tensors cannot serve this technique.
+        """
         self.tensors = dict(tensors)
         self.tensor_metadata = dict(metadata)
 

@@ -42,20 +42,22 @@ METHODS = ("omp", "tokenadapt", "mean", "zero", "random")
 
 @dataclasses.dataclass
 class TransplantParams:
-    tokenizer: str = param(help="the new tokenizer: a local folder or Hub repo id (AutoTokenizer.from_pretrained)")
+    tokenizer: str = param(help="the new tokenizer: a local folder or Hub repo id (AutoTokenizer.from_pretrained)",
+                           resource=True)
     method: str = param("omp", help="how new rows are initialised", choices=METHODS)
     donor: str | None = param(None, help="a causal LM that already uses the new tokenizer (folder or repo id); "
-                                         "omp fits its coefficients in the donor's embedding space")
+                                         "omp fits its coefficients in the donor's embedding space", resource=True)
     base_tokenizer: str | None = param(None, help="the model's current tokenizer; default: the folder the model "
-                                                  "was loaded from (model.name_or_path)")
+                                                  "was loaded from (model.name_or_path)", resource=True)
     k: int = param(64, help="omp: anchor tokens per new token", ge=1, le=1024)
     omp_candidates: int | None = param(128, help="omp: anchors screened per new token before the pursuit "
-                                                 "(most correlated first); null searches all anchors", ge=1)
+                                                 "(most correlated first); null searches all anchors", ge=1,
+                                       le=1 << 20)
     omp_ridge: float = param(0.01, help="omp: ridge added to the unit anchors' gram diagonal in each refit; keeps "
                                          "the codes of nearly collinear anchors small, which is what transfers "
                                          "to the base space (0: plain OMP)", ge=0)
     temperature: float = param(0.5, help="tokenadapt: softmax temperature of the piece and neighbour weights", gt=0)
-    global_k: int = param(3, help="tokenadapt: nearest old tokens in the global estimate", ge=1)
+    global_k: int = param(3, help="tokenadapt: nearest old tokens in the global estimate", ge=1, le=1024)
     local_weight: float = param(0.7, help="tokenadapt: weight of the local estimate (1 - it for the global)",
                                 ge=0, le=1)
     seed: int = param(0, help="random: seed of the baseline's rows", ge=0)
