@@ -36,9 +36,11 @@ def register(subparsers) -> None:
 
     show = add_command(
         sub, "show", handler=_cmd_show,
-        help="print a recipe as JSON, with its tensor keys and shapes",
-        description="Load a recipe (validating it) and print its JSON document, where it came from, and the "
-                    "keys, dtypes and shapes of its tensor payload.",
+        help="print a recipe as JSON, with its tensors and the files or repos it would read",
+        description="Load a recipe (validating it) and print its JSON document, where it came from, the keys, "
+                    "dtypes, shapes and sizes of its tensor payload, and its resources: the files, folders or "
+                    "Hub repos applying it would read or download, and whether hfpatch.patch would use them as "
+                    "they are (a Hub recipe's resources need an override or trust_resources).",
         examples=["hfpatch recipe show token-recycling", "hfpatch recipe show ./my_recipe/",
                   "hfpatch recipe show me/my-recipe --revision v1 --json"],
     )
@@ -46,7 +48,8 @@ def register(subparsers) -> None:
                       help="built-in recipe name, local .json file or folder, or Hub repo id (org/name)")
     show.add_argument("--revision", help="branch, tag or commit of a Hub recipe")
     show.add_argument("--json", action="store_true",
-                      help="print one JSON object: source, recipe, tensors (dtype, shape), tensor_metadata")
+                      help="print one JSON object: source, recipe, tensors (dtype, shape), tensor_metadata, "
+                           "tensor_bytes, remote, resources")
 
     validate = add_command(
         sub, "validate", handler=_cmd_validate,
