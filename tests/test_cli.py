@@ -551,6 +551,9 @@ def test_run_threads(capsys, tiny_dir):
     (["run", "--seed", "x"], "invalid int value: 'x'"),
     (["run", "--dtype", "int8"], "invalid choice: 'int8'"),
     (["run", "--stats", "yaml"], "invalid choice: 'yaml'"),
+    (["run", "--device", "banana"], "'banana' is not a torch device"),
+    (["run", "--device", "cuda:99"], "--device: 'cuda:99'"),
+    (["bench", "long-context", "--device", "meta"], "holds no weights"),
     (["bench", "--max-new-tokens", "-2"], "must be >= 1"),
     (["bench", "--per-category", "x"], "expected a whole number"),
     (["bench", "long-context", "--threads", "0"], "must be >= 1"),
@@ -591,6 +594,8 @@ def test_usage_errors_are_one_line(capsys, argv, part):
     (["demo", "--recipe", "a/.."], "not a valid Hub repo id"),
     (["run", "--model", "{tmp}/nowhere"], "not a local folder"),
     (["run", "--prompt-file", "{tmp}/none.txt", "--model", "{tmp}"], "--prompt-file"),
+    (["run", "--prompt", " ", "--model", "{tmp}"], "the prompt is empty"),
+    (["techniques", "--family", "nope"], "no such family"),
 ])
 def test_bad_arguments_fail_in_one_line_before_any_work(capsys, monkeypatch, tmp_path, probe_json, argv, part):
     """Every command checks what it was given first: one line, exit code 2, and no model is loaded."""

@@ -144,6 +144,29 @@ def probability(value: str) -> float:
     return number
 
 
+def device(value: str) -> str:
+    """argparse type: ``auto`` or a torch device that exists on this machine (``cpu``, ``cuda``, ``cuda:1``)."""
+    import torch
+
+    if value == "auto":
+        return value
+    try:
+        parsed = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a torch device (e.g. cpu, cuda, cuda:1, auto)") from None
+    if parsed.type == "cpu" or parsed.type == "meta":
+        if parsed.type == "meta":
+            raise argparse.ArgumentTypeError("'meta' holds no weights; use cpu, cuda or auto")
+        return value
+    backend = getattr(torch, parsed.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise argparse.ArgumentTypeError(f"{value!r}: this torch build or machine has no {parsed.type} device")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if parsed.index is not None and parsed.index >= count:
+        raise argparse.ArgumentTypeError(f"{value!r}: this machine has {count} {parsed.type} device(s)")
+    return value
+
+
 def fit_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, width: int | None = None) -> str:
     """``format_table`` fitted to the terminal: the last column (a description) is wrapped onto continuation
     lines so that no line is wider than ``width`` (default: the terminal's, ``shutil.get_terminal_size``).
@@ -180,7 +203,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, defaults: bool = Tru
     parser.add_argument("--model", metavar="DIR",
                         help="local model folder (default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: float32)", **default("float32"))
-    parser.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda when available, else cpu)",
+    parser.add_argument("--device", type=device,
+                        help="torch device, e.g. cpu or cuda:0 (default: cuda when available, else cpu)",
                         **default("auto"))
 
 
@@ -277,8 +301,10 @@ def check_hub_reachable(what: str) -> None:
         with socket.create_connection((url.hostname or "", port), timeout=HUB_CONNECT_TIMEOUT_S):
             pass
     except OSError as exc:
-        reason = exc.strerror or type(exc).__name__ if not isinstance(exc, TimeoutError) else \
-            f"no answer within {HUB_CONNECT_TIMEOUT_S:g} s"
+        if isinstance(exc, TimeoutError):
+            reason = f"no answer within {HUB_CONNECT_TIMEOUT_S:g} s"
+        else:
+            reason = exc.strerror or type(exc).__name__
         raise CommandError(
             f"{what}: cannot reach the Hub at {constants.ENDPOINT} ({reason}); to use a recipe already in the "
             "Hub cache, set HF_HUB_OFFLINE=1, else check the network or HF_ENDPOINT") from None

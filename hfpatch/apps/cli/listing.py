@@ -5,7 +5,7 @@ import argparse
 from typing import Any
 
 import hfpatch
-from hfpatch.apps.cli.common import add_command, dumps, fit_table
+from hfpatch.apps.cli.common import CommandError, add_command, dumps, fit_table
 from hfpatch.catalogue import technique_class
 
 
@@ -56,6 +56,9 @@ def _cmd_techniques(args: argparse.Namespace) -> int:
         technique_class(args.name)  # raises RecipeError listing the known names
         items = [t for t in items if t["name"] == args.name]
     if args.family:
+        families = sorted({t["family"] for t in items})
+        if args.family not in families:
+            raise CommandError(f"--family {args.family!r}: no such family; the families are {families}")
         items = [t for t in items if t["family"] == args.family]
     if args.json:
         print(dumps(items))

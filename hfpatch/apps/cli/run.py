@@ -127,12 +127,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if overrides:
             recipe = recipe.with_overrides(overrides)  # a new Recipe: override names and values are validated
     prompt = read_prompt(args)
+    if not prompt.strip() and not args.chat:
+        raise CommandError("the prompt is empty; pass --prompt TEXT or --prompt-file FILE")
     with torch_threads(args.threads):
         model, tokenizer, folder = load_local_model(args.model, dtype=args.dtype, device=args.device)
         kwargs = generation_kwargs(args, tokenizer)
         if args.chat and not getattr(tokenizer, "chat_template", None):
             raise CommandError("--chat: this tokenizer has no chat template; drop --chat to use the raw prompt")
         inputs = encode_prompt(tokenizer, prompt, chat=args.chat, device=model.device)
+        if inputs["input_ids"].shape[-1] == 0:
+            raise CommandError(f"the prompt {prompt[:40]!r} encodes to no tokens with this tokenizer")
         handle = hfpatch.patch(model, recipe) if recipe is not None else None
         new_tokens, seconds, stats = _generate(model, handle, inputs, kwargs, args.seed)
         threads = torch.get_num_threads()
