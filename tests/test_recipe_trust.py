@@ -421,3 +421,12 @@ def test_recipe_show_lists_resources_and_tensor_sizes(hub_server, capsys):
 def test_recipe_show_of_a_recipe_without_resources(capsys):
     assert cli.main(["recipe", "show", "token-recycling"]) == 0
     assert "# resources: none" in capsys.readouterr().out
+
+
+def test_recipe_pull_names_the_resources_of_what_it_pulled(hub_server, tmp_path, capsys):
+    # The pulled folder is local (trusted from then on), so pull says what it will read.
+    repo_id = _publish(hub_server, {RECIPE_FILE: json.dumps(HOSTILE).encode()})
+    assert cli.main(["recipe", "pull", repo_id, "--out", str(tmp_path / "pulled")]) == 0
+    out = capsys.readouterr().out
+    assert "note: it names a file or repo to read, tokenizer_transplant.tokenizer = '../../etc'" in out
+    assert Recipe.from_pretrained(tmp_path / "pulled").resources()[0]["trusted"] is True

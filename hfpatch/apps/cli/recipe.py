@@ -218,4 +218,8 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     recipe = Recipe.download(args.repo_id, out, revision=args.revision)
     commit = recipe.source.rsplit("@", 1)[1]
     print(f"pulled recipe {recipe.name!r} from {args.repo_id}@{commit} into {out}")
+    # The pulled folder is local, so hfpatch.patch will trust its resource parameters: say what they are.
+    for r in recipe.resources():
+        print(f"note: it names a file or repo to read, {r['technique']}.{r['parameter']} = {r['value']!r} "
+              f"({_resource_kind(r['value'])}); check it before applying {out}")
     return 0
