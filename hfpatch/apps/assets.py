@@ -262,8 +262,9 @@ def _quiet_bars(show: bool) -> Iterator[None]:
         return
     import io
 
-    from transformers.utils import logging as hf_logging
+    import transformers
 
+    hf_logging = transformers.logging  # the public alias of transformers.utils.logging
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     buffer = io.StringIO()
