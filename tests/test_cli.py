@@ -638,6 +638,14 @@ def test_hub_unreachable_fails_fast_with_the_offline_hint(capsys, monkeypatch, t
         assert_one_line_error(err, "cannot reach the Hub at", f"127.0.0.1:{port}", "HF_HUB_OFFLINE=1")
     assert not (tmp_path / "out").exists()
 
+    # With the offline flag the Hub is not contacted at all: the cache answers, here that it lacks the recipe.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    start = time.perf_counter()
+    code, out, err = run_cli(capsys, "recipe", "show", "me/recipe")
+    assert time.perf_counter() - start < 5
+    assert code == 2
+    assert_one_line_error(err, "not in the local Hub cache")
+
 
 def test_library_loaders_are_quiet_and_the_cli_asks_for_progress(capfd, monkeypatch, tiny_dir):
     """assets loaders print nothing in library use (no weight-loading bar); the CLI passes progress=True."""
