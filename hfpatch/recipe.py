@@ -69,6 +69,12 @@ _SAFETENSORS_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int1
 REMOTE_SOURCES = ("hub:",)
 
 
+def _shown(value: Any) -> str:
+    """A recipe value for an error message, cut short (a hostile value may be thousands of characters)."""
+    text = repr(value)
+    return text if len(text) <= 200 else f"{text[:160]}... ({len(text)} characters)"
+
+
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """json object_pairs_hook: a key given twice would silently keep the last value; refuse it instead."""
     result: dict[str, Any] = {}
@@ -324,11 +330,13 @@ class Recipe:
         refused = [r for r in self.resources() if not r["trusted"]]
         if not refused:
             return
-        lines = [f"techniques[{r['index']}] ({r['technique']}).{r['parameter']} = {r['value']!r}" for r in refused]
+        lines = [f"techniques[{r['index']}] ({r['technique']}).{r['parameter']} = {_shown(r['value'])}" for r in refused]
         names = [f"{r['technique']}.{r['parameter']}" for r in refused]
         raise RecipeError(
-            f"{self._where()} sets {'; '.join(lines)}: a parameter that names a file or repository to read, which "
-            "a recipe from the Hub may not choose on its own. Give it yourself, e.g. hfpatch.patch(model, recipe, "
+            f"{self._where()} sets {'; '.join(lines)}: "
+            + ("a parameter that names a file or repository" if len(lines) == 1 else "parameters that name files or "
+               "repositories") + " to read, which a recipe from the Hub may not choose on its own. Give "
+            + ("it" if len(lines) == 1 else "them") + " yourself, e.g. hfpatch.patch(model, recipe, "
             f"**{{{names[0]!r}: <your path or repo id>}}), or allow the recipe's value(s) after checking them "
             f"('hfpatch recipe show' lists them): hfpatch.patch(model, recipe, trust_resources={names!r}) "
             "(trust_resources=True allows every one)"
