@@ -6,14 +6,17 @@
     hfpatch recipe validate PATH [PATH ...]
     hfpatch recipe push DIR REPO_ID [--revision BRANCH] [--private]
     hfpatch recipe pull REPO_ID [--revision R] --out DIR [--force]
-    hfpatch run [--model DIR] [--recipe R] [--prompt TEXT | --prompt-file F] [--chat] [--max-new-tokens N] ...
+    hfpatch run [--model DIR] [--recipe R] [--prompt TEXT | --prompt-file F] [--chat] [--max-new-tokens N]
+                [--threads N] [--stats summary|json|none] ...
     hfpatch bench [--model DIR] [--recipe R ...] [--prompts FILE] [--max-new-tokens N] [--out DIR] ...
     hfpatch bench long-context [--model DIR] [--recipe R ...] [--threads N] [--out DIR]
     hfpatch demo [--recipe R] [--max-new-tokens N] [--threads N]
     hfpatch transplant --model DIR --tokenizer DIR --out DIR [--method M] [--donor DIR] ...
 
 Exit codes: 0 success, 1 ``recipe validate`` found invalid recipes, 2 an error the user can fix (printed as
-one line on stderr, never a traceback; ``-v`` adds the traceback), 130 interrupted.
+one line on stderr, never a traceback; ``-v`` adds the traceback), 130 interrupted. Usage errors are that one
+line too (``common.HfpatchArgumentParser``), and each handler checks its arguments (paths, repo ids, recipes,
+overrides, output folders, Hub reachability) before it loads a model or does other slow work.
 
 Each command group is one module of this package with a ``register(subparsers)`` function, listed in
 ``GROUPS``. A module declares its subcommands with ``common.add_command`` (one-line help, description,
