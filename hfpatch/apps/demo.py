@@ -42,6 +42,8 @@ def output_promise(recipe: Any) -> tuple[str, str]:
     families: generation techniques alone are lossless (token-identical greedy output); a compute technique
     (``onednn_linear``) is equal to the default kernels only up to float rounding; anything else (sparse
     attention) changes what the model computes."""
+    if isinstance(recipe, tuple) and len(recipe) == 2 and isinstance(recipe[0], str):
+        recipe = recipe[1]  # a (label, recipe) pair, as SpeculativeBench takes it
     resolved = resolve_recipe(recipe)
     families = {technique_class(t["type"]).family for t in resolved.techniques}
     drafts = "the patch drafts candidate tokens and verifies them all in one forward"
