@@ -6,17 +6,27 @@ held by an active patch (or by an earlier technique of the same recipe) is refus
 `PatchConflictError`, except that techniques of one recipe may share a claim both list in
 `cooperative_claims` (the drafters of a speculative recipe share one engine this way). Patches come off in reverse order: `handle.unpatch()` on a handle that has newer
 patches above it raises; `hfpatch.unpatch(model)` removes all of them, newest first.
+
+Copies: `copy.deepcopy(model)` of a patched model carries an independent, working patch. The copy's state
+is copied as usual, brought back to the unpatched model (each recorded undo's `on_copy`), and then every
+active patch is applied to it again from `handle.to_recipe()` (parameters and learned tensors such as a warm
+Token Recycling table), so `active_patches(copy)` lists the copy's own handles, it computes with its own
+weights, `unpatch(copy)` restores it exactly and unpatching the original leaves it working. If applying a
+patch to the copy fails, the copy is left unpatched and a `RuntimeWarning` says why. `pickle` works the
+same way: the unpatched model is pickled with its recipes, which are applied again when it is loaded
+(`copy.copy` goes through the same path and so also returns an independent copy).
 """
 from __future__ import annotations
 
 import json
 import logging
+import warnings
 import weakref
 from typing import Any
 
 import torch
 
-from . import arch, compat
+from . import arch, compat, primitives
 from .errors import PatchConflictError, PatchError, UnsupportedModelError
 from .primitives import Undo
 from .recipe import Recipe, resolve_recipe
@@ -45,6 +55,10 @@ class PatchContext:
             raise TypeError(f"record() takes the undo callable a primitive returned, got {type(undo).__name__}")
         self._undo.append(undo)
         return undo
+
+    def restore_copy(self, memo: dict) -> None:
+        """Undo this patch's changes on a deep copy of the model (see `primitives.UndoStep.on_copy`)."""
+        primitives.restore_copy(self._undo, memo)
 
     def rollback(self) -> list[BaseException]:
         errors: list[BaseException] = []
@@ -230,6 +244,12 @@ def patch(
     _check_claims(target, techniques)
 
     handle = PatchHandle(target, recipe_obj, techniques)
+    if not _ACTIVE.get(target):
+        # The first patch on a model installs the copy hooks; its undo is the first recorded, so they go when
+        # the last patch comes off.
+        _install_copy_hooks(target, handle._context)
+    if model is not target:  # patched through a wrapper (see _WrapperCopyHook)
+        _install_wrapper_hooks(model, target, handle._context)
     for technique in techniques:
         try:
             technique.apply(target, handle._context)
@@ -257,6 +277,131 @@ def unpatch(model: torch.nn.Module) -> int:
     for handle in reversed(handles):
         handle.unpatch()
     return len(handles)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# copies and pickles of a patched model
+
+
+def _patched_model(ref: weakref.ref) -> torch.nn.Module:
+    model = ref()
+    if model is None:  # the hook lives in the model's own __dict__, so a call means the model is alive
+        raise ReferenceError("the patched model is gone")
+    return model
+
+
+def _unpatched_copy(model: torch.nn.Module, memo: dict) -> tuple[torch.nn.Module, list[Recipe]]:
+    """A deep copy of `model` brought back to the unpatched model, and the recipes of its active patches."""
+    handles = list(_ACTIVE.get(model, []))
+    # exported first: the tensors a technique exports are its state now, cloned (e.g. a warm draft table)
+    recipes = [handle.to_recipe() for handle in handles]
+    clone = primitives.copy_model_state(model, memo)
+    for handle in reversed(handles):
+        handle._context.restore_copy(memo)
+    return clone, recipes
+
+
+def _apply_recipes(clone: torch.nn.Module, recipes: list[Recipe], what: str) -> torch.nn.Module:
+    """Apply the patches of a copied (or unpickled) model again; on failure leave it unpatched and warn."""
+    for recipe in recipes:
+        try:
+            patch(clone, recipe)
+        except Exception as exc:
+            unpatch(clone)
+            warnings.warn(
+                f"{what} of a model patched with {[r.name for r in recipes]}: applying {recipe.name!r} to it failed "
+                f"({type(exc).__name__}: {exc}), so it is the unpatched model; patch it yourself with "
+                "hfpatch.patch(copy, recipe) once the cause is fixed",
+                RuntimeWarning, stacklevel=3)
+            break
+    return clone
+
+
+def _deepcopy_hook(ref: weakref.ref, memo: dict) -> torch.nn.Module:
+    clone, recipes = _unpatched_copy(_patched_model(ref), memo)
+    return _apply_recipes(clone, recipes, "a deep copy")
+
+
+def _reduce_hook(ref: weakref.ref, protocol: int) -> tuple:
+    # The unpatched model is what gets pickled (patched parts hold closures and oneDNN tensors that cannot
+    # be pickled); the recipes are plain data. It costs one temporary copy of the model while pickling.
+    clone, recipes = _unpatched_copy(_patched_model(ref), {})
+    return _unpickle_patched, (clone, recipes)
+
+
+def _unpickle_patched(model: torch.nn.Module, recipes: list[Recipe]) -> torch.nn.Module:
+    """Rebuild a pickled patched model: the unpickled unpatched model with its recipes applied again."""
+    return _apply_recipes(model, recipes, "an unpickled copy")
+
+
+class _WrapperCopyHook:
+    """`__deepcopy__` of a module that holds a patched model and forwards unknown attributes to it.
+
+    A PEFT wrapper (and the tuner model inside it) forwards unknown attributes to the model it holds, so
+    `copy.deepcopy(wrapper)` would find the patched model's own `__deepcopy__` and return a copy of that
+    model alone. This hook copies its module as usual instead, which reaches the patched model's hook through
+    the memo. It is an object rather than a closure so that the wrapper's pickled state can hold it.
+    """
+
+    def __init__(self, owner: torch.nn.Module, target: torch.nn.Module):
+        self._owner = weakref.ref(owner)
+        self._target = weakref.ref(target)
+
+    def __call__(self, memo: dict) -> torch.nn.Module:
+        target = _patched_model(self._target)
+        clone = primitives.copy_model_state(_patched_model(self._owner), memo)
+        # the patched model inside was copied and patched again through the memo: its holder needs a hook too
+        target_clone = memo.get(id(target))
+        handles = _ACTIVE.get(target_clone) if target_clone is not None else None
+        if handles:
+            _install_wrapper_hooks(clone, target_clone, handles[0]._context)
+        return clone
+
+    def __reduce__(self) -> tuple:
+        return _unpickle_wrapper_hook, (_patched_model(self._owner), _patched_model(self._target))
+
+
+def _unpickle_wrapper_hook(owner: torch.nn.Module, target: torch.nn.Module) -> _WrapperCopyHook:
+    """The hook of an unpickled wrapper (which pickle puts back into its `__dict__`); the patch applied again
+    to the unpickled model inside takes it off with its first undo stack."""
+    hook = _WrapperCopyHook(owner, target)
+    handles = _ACTIVE.get(target)
+    if handles:
+        ref = weakref.ref(owner)
+
+        def undo() -> None:
+            owner_now = ref()
+            if owner_now is not None:
+                owner_now.__dict__.pop("__deepcopy__", None)
+
+        def on_copy(memo: dict) -> None:
+            copied = memo.get(id(ref()))
+            if copied is not None:
+                copied.__dict__.pop("__deepcopy__", None)
+
+        handles[0]._context.record(primitives.UndoStep(undo, on_copy))
+    return hook
+
+
+def _install_wrapper_hooks(wrapper: torch.nn.Module, target: torch.nn.Module, ctx: PatchContext) -> None:
+    """A `_WrapperCopyHook` on every module on the way from `wrapper` down to the patched `target`."""
+    path = next((name for name, module in wrapper.named_modules() if module is target), None)
+    if not path:
+        return
+    owners = [wrapper]
+    for part in path.split(".")[:-1]:
+        owners.append(owners[-1]._modules[part])
+    for owner in owners:
+        if "__deepcopy__" not in owner.__dict__:
+            ctx.record(primitives.set_attribute(owner, "__deepcopy__", _WrapperCopyHook(owner, target)))
+
+
+def _install_copy_hooks(target: torch.nn.Module, ctx: PatchContext) -> None:
+    """Instance-level `__deepcopy__` and `__reduce_ex__` on the patched model (`copy.deepcopy` and `pickle`
+    look both up on the instance). They are neither modules nor tensors, so `state_dict` does not see them."""
+    ref = weakref.ref(target)
+    ctx.record(primitives.set_attribute(target, "__deepcopy__", lambda memo: _deepcopy_hook(ref, memo)))
+    ctx.record(primitives.set_attribute(target, "__reduce_ex__", lambda protocol: _reduce_hook(ref, protocol)))
 
 
 __all__ = ["PatchContext", "PatchHandle", "active_patches", "patch", "unpatch"]

@@ -1,8 +1,13 @@
-"""The few ways hfpatch touches a model. Each returns an undo closure that restores exactly what it changed.
+"""The few ways hfpatch touches a model. Each returns an undo that restores exactly what it changed.
 
 Techniques never change a model any other way, so one ordered stack of these undos (see `patcher`) is
 enough to make every patch atomic and reversible. All changes are per instance: nothing here edits a
 class, a shared config object or a module-level function.
+
+Each undo is an `UndoStep`: calling it restores the patched model, and `undo.on_copy(memo)` makes the same
+restoration on a deep copy of that model (the objects it names are found in the copy through the
+`copy.deepcopy` memo). That is how a copy of a patched model is first brought back to the unpatched model
+before its patches are applied again, on the copy's own weights (see `patcher`).
 """
 from __future__ import annotations
 
@@ -20,6 +25,71 @@ Undo = Callable[[], None]
 _MISSING = object()
 _attention_names = itertools.count()
 
+#: Instance attributes through which the patcher hooks copying and pickling of a patched model; a plain copy
+#: of the model's state leaves them out (see `copy_model_state`).
+COPY_HOOK_NAMES = ("__deepcopy__", "__reduce_ex__")
+
+
+class UndoStep:
+    """The undo of one change: call it to restore the model; `on_copy(memo)` restores a deep copy.
+
+    `on_copy` receives the memo of the `copy.deepcopy` that made the copy, so `memo[id(obj)]` is the copy of an
+    object the change touched. Objects absent from the memo were not part of the copy (a trainer whose method
+    was wrapped, say), so there is nothing to restore there.
+    """
+
+    def __init__(self, undo: Undo, on_copy: Callable[[dict], None] | None = None):
+        self._undo = undo
+        self._on_copy = on_copy
+
+    def __call__(self) -> None:
+        self._undo()
+
+    def on_copy(self, memo: dict) -> None:
+        """Undo the same change on the deep copy described by `memo` (a no-op for a change outside it)."""
+        if self._on_copy is not None:
+            self._on_copy(memo)
+
+
+def restore_copy(undos: list[Any], memo: dict) -> None:
+    """Run `on_copy(memo)` of `undos` newest first, as a rollback would run the undos themselves.
+
+    Undos that are not `UndoStep`s only clear a technique's own state (never the model, which changes only
+    through primitives), so a copy has nothing of theirs to restore.
+    """
+    for undo in reversed(undos):
+        if isinstance(undo, UndoStep):
+            undo.on_copy(memo)
+
+
+def copy_model_state(model: torch.nn.Module, memo: dict) -> torch.nn.Module:
+    """What `copy.deepcopy(model, memo)` makes of a model without the instance copy hooks of `COPY_HOOK_NAMES`.
+
+    The patcher's `__deepcopy__` calls this to copy everything else (patched parts included, which it then
+    restores with `restore_copy`). It follows the model class's own reduce protocol, as `copy.deepcopy` does.
+    """
+    cls = type(model)
+    reduced = cls.__reduce_ex__(model, 4)  # the class's, not the instance hook
+    if isinstance(reduced, str) or len(reduced) > 3 and any(item is not None for item in reduced[3:]):
+        raise TypeError(f"cannot copy {cls.__name__}: its reduce protocol is not the plain (callable, args, state) one")
+    factory, args, state = reduced[0], reduced[1], reduced[2] if len(reduced) > 2 else None
+    clone = factory(*copy.deepcopy(args, memo))
+    memo[id(model)] = clone
+    if state is not None:
+        if isinstance(state, dict):
+            state = {key: value for key, value in state.items() if key not in COPY_HOOK_NAMES}
+        state = copy.deepcopy(state, memo)
+        if hasattr(clone, "__setstate__"):
+            clone.__setstate__(state)
+        else:
+            clone.__dict__.update(state)
+    return clone
+
+
+def _copy_of(obj: Any, memo: dict) -> Any:
+    """The copy of `obj` made by the deepcopy that `memo` belongs to, or None when it was not copied."""
+    return memo.get(id(obj))
+
 
 def set_attribute(obj: Any, name: str, value: Any) -> Undo:
     """Set `obj.name = value` on the instance; the undo restores the previous instance value or removes it.
@@ -32,13 +102,18 @@ def set_attribute(obj: Any, name: str, value: Any) -> Undo:
     previous = obj.__dict__.get(name, _MISSING)
     obj.__dict__[name] = value
 
-    def undo() -> None:
+    def restore(target: Any, memo: dict | None) -> None:
         if previous is _MISSING:
-            obj.__dict__.pop(name, None)
+            target.__dict__.pop(name, None)
         else:
-            obj.__dict__[name] = previous
+            target.__dict__[name] = previous if memo is None else copy.deepcopy(previous, memo)
 
-    return undo
+    def on_copy(memo: dict) -> None:
+        target = _copy_of(obj, memo)
+        if target is not None:
+            restore(target, memo)
+
+    return UndoStep(lambda: restore(obj, None), on_copy)
 
 
 class _MethodWrapper(wrapt.FunctionWrapper):
@@ -47,7 +122,9 @@ class _MethodWrapper(wrapt.FunctionWrapper):
     wrapt keeps the wrapper transparent: `inspect.signature`, `__wrapped__`, `__name__`, `__doc__` and
     `__self__` are the original method's, so code that introspects `model.generate` (transformers itself,
     TRL, Accelerate) sees what it would see unpatched. A deep copy keeps the same wrapper object, as a
-    plain function attribute would be kept.
+    plain function attribute would be kept (it is bound to the original instance): a copy of a patched
+    model drops it when the copy is restored (`UndoStep.on_copy`) and gets a wrapper of its own when its
+    patches are applied again.
     """
 
     def __deepcopy__(self, memo: dict) -> _MethodWrapper:
@@ -91,7 +168,13 @@ def replace_module(parent: torch.nn.Module, child_name: str, new_module: torch.n
     def undo() -> None:
         parent._modules[child_name] = original
 
-    return undo
+    def on_copy(memo: dict) -> None:
+        target = _copy_of(parent, memo)
+        if target is not None:
+            # the memo keeps sharing (tied weights, a wrapper holding the original) as in the original model
+            target._modules[child_name] = copy.deepcopy(original, memo)
+
+    return UndoStep(undo, on_copy)
 
 
 def add_forward_hook(
@@ -107,7 +190,18 @@ def add_forward_hook(
         handle = module.register_forward_pre_hook(hook, with_kwargs=with_kwargs, prepend=prepend)
     else:
         handle = module.register_forward_hook(hook, with_kwargs=with_kwargs, prepend=prepend)
-    return handle.remove
+    hook_id = handle.id
+
+    def on_copy(memo: dict) -> None:
+        target = _copy_of(module, memo)
+        if target is None:
+            return
+        # a deep copy keeps the hook under the same id in the copied hook dicts
+        for table in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                      "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+            target.__dict__.get(table, {}).pop(hook_id, None)
+
+    return UndoStep(handle.remove, on_copy)
 
 
 def _config_pairs(old: Any, new: Any) -> list[tuple[Any, Any]]:
@@ -140,7 +234,13 @@ def unshare_config(model: torch.nn.Module) -> Undo:
         for module, old in changed:
             module.__dict__["config"] = old
 
-    return undo
+    def on_copy(memo: dict) -> None:
+        for module, old in changed:
+            target = _copy_of(module, memo)
+            if target is not None:
+                target.__dict__["config"] = copy.deepcopy(old, memo)
+
+    return UndoStep(undo, on_copy)
 
 
 def set_config_field(model: torch.nn.Module, field: str, value: Any, *, sub_config: str | None = None) -> Undo:
@@ -186,7 +286,8 @@ def use_attention_function(
         undo_unshare()
         compat.unregister_attention(name)
 
-    return name, undo
+    # a copy points back at its own copies of the original configs; the name stays registered for the original
+    return name, UndoStep(undo, undo_unshare.on_copy)
 
 
 def replace_submodule(root: torch.nn.Module, path: str, new_module: torch.nn.Module) -> Undo:

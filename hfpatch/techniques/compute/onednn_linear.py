@@ -86,8 +86,9 @@ class PackedLinear:
         return weight.numel() * weight.element_size()
 
     def __getstate__(self) -> dict[str, Any]:
-        # oneDNN's blocked tensor has no storage to copy or pickle: a deep copy of the model (TRL's reference
-        # model, for one) gets an empty slot and packs its own weight on its first call
+        # oneDNN's blocked tensor has no storage to copy or pickle. A copy of a patched model copies this
+        # layer before the patcher restores the copy and applies the patch again with fresh packed layers
+        # (see hfpatch.patcher); an empty slot would pack the copy's own weight on its first call.
         return {**self.__dict__, "packed": None, "source": None}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
