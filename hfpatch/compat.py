@@ -217,3 +217,46 @@ def sample_loop(model):
     the instance, so an instance-level patch (such as hfpatch's own `generate` wrapper) cannot intercept it.
     """
     return type(model)._sample.__get__(model, type(model))
+
+
+#: `generate()` parameters that are not generation-config fields or model inputs (transformers 5.23/5.24):
+#: named in its signature, or popped from its kwargs before the config is built (`tokenizer`,
+#: `assistant_tokenizer`, `trust_remote_code`)
+GENERATE_ARGUMENTS = frozenset({
+    "inputs", "generation_config", "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn",
+    "synced_gpus", "assistant_model", "streamer", "negative_prompt_ids", "negative_prompt_attention_mask",
+    "custom_generate", "tokenizer", "assistant_tokenizer", "trust_remote_code",
+})
+
+
+def prepared_generation_config(model, generation_config=None, **kwargs):
+    """The generation config `model.generate(generation_config=..., **kwargs)` will decode with.
+
+    transformers merges, in this order of priority, the keyword arguments, the given config, the model's
+    `generation_config` and its global defaults (the private `GenerationMixin._prepare_generation_config`),
+    so a wrapper deciding before `generate` runs sees the same values the decoding loop will. `kwargs` are
+    the generate call's other keyword arguments (model inputs among them are left out of the config);
+    `GENERATE_ARGUMENTS` must not be among them. Raises what transformers raises for an invalid request.
+    """
+    config, _ = model._prepare_generation_config(generation_config, **kwargs)
+    return config
+
+
+def stop_string_criteria(tokenizer, stop_strings):
+    """transformers' own stopping criterion for `stop_strings` (what `generate` builds from its `tokenizer`).
+
+    In 5.24 `generate` pops `tokenizer` from its kwargs before it looks for the arguments a callable
+    `custom_generate` declares, so such a loop never receives it, and with `stop_strings` set `generate`
+    raises "could not locate a tokenizer". A wrapper builds the criterion itself and passes it in
+    `stopping_criteria` instead.
+    """
+    from transformers import StopStringCriteria
+
+    return StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings)
+
+
+def stopping_criteria_list(criteria):
+    """A `StoppingCriteriaList` of `criteria` (the type `generate` expects for `stopping_criteria`)."""
+    from transformers import StoppingCriteriaList
+
+    return StoppingCriteriaList(criteria)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import threading
 from typing import Any
 
@@ -27,6 +28,106 @@ from .tree import DraftTree
 
 _MODEL_KWARGS_SERVED = frozenset({"attention_mask", "position_ids", "cache", "past_key_values", "use_cache",
                                   "logits_to_keep", "token_type_ids"})
+
+
+# ----- which generate options the engine serves -----------------------------------------------------------
+# Every field of `transformers.GenerationConfig` and every `generate()` argument is in exactly one of the two
+# tables below (tests/test_generate_options.py checks both against the installed transformers, and checks each
+# entry's behaviour). "Served" means the output is exactly plain decoding's; a fallback runs the original
+# `generate` for the whole call and `handle.stats[...]["fallback"]` says why.
+
+#: Options the engine serves, and how. Most reach it as the logits processors and stopping criteria that
+#: transformers prepares from them: the engine applies them to every emitted token, drafted or not, in
+#: plain decoding's order (see emit.py), so the tokens are the same.
+SERVED_OPTIONS: dict[str, str] = {
+    # lengths and stops: stopping criteria / processors, checked after every emitted token
+    **dict.fromkeys(("max_length", "max_new_tokens", "min_length", "min_new_tokens", "max_time", "eos_token_id",
+                     "pad_token_id", "bos_token_id", "forced_eos_token_id", "stopping_criteria"),
+                    "stopping criterion or logits processor, applied per emitted token"),
+    "stop_strings": "the wrapper builds transformers' stop-string criterion from the `tokenizer` argument "
+                    "(transformers never hands that to a custom loop) and adds it to stopping_criteria",
+    # decoding: argmax or one sample of the processed distribution, as plain decoding draws it
+    **dict.fromkeys(("do_sample", "temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff",
+                     "eta_cutoff"), "sampling warper, applied per emitted token"),
+    **dict.fromkeys(("repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size", "bad_words_ids",
+                     "renormalize_logits", "forced_bos_token_id", "remove_invalid_values",
+                     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+                     "sequence_bias", "watermarking_config", "encoder_no_repeat_ngram_size", "logits_processor",
+                     "prefix_allowed_tokens_fn"), "logits processor, applied per emitted token"),
+    **dict.fromkeys(("guidance_scale", "negative_prompt_ids", "negative_prompt_attention_mask"),
+                    "classifier-free guidance processor: it runs its own unconditional forward per emitted token"),
+    "tokenizer": "used by the wrapper for stop_strings (token_healing falls back)",
+    "streamer": "the engine streams the prompt, then every emitted token, and ends the stream",
+    # outputs
+    **dict.fromkeys(("return_dict_in_generate", "output_scores", "output_logits"),
+                    "scores and raw logits recorded per emitted token"),
+    "prefill_chunk_size": "the prompt is prefilled in chunks of this size, as transformers does",
+    # options that change nothing in greedy or sampling decoding of a decoder-only model
+    **dict.fromkeys(("early_stopping", "length_penalty", "low_memory"),
+                    "read by beam or contrastive search only, which fall back"),
+    "decoder_start_token_id": "read by encoder-decoder models only (not patched)",
+    **dict.fromkeys(("is_assistant", "num_assistant_tokens", "num_assistant_tokens_schedule",
+                     "assistant_confidence_threshold", "max_matching_ngram_size", "assistant_lookbehind",
+                     "target_lookbehind", "assistant_ensemble_weight", "speculation_type"),
+                    "read by assisted generation only, which falls back"),
+    **dict.fromkeys(("cache_config", "max_cache_len", "compile_config", "disable_compile"),
+                    "read for static or quantized caches only, which fall back"),
+    "continuous_batching_config": "read by continuous batching only (cache_implementation='paged' falls back)",
+    "trust_remote_code": "read only to load Hub code, which the engine never runs (modes needing it fall back)",
+    "generation_config": "merged by transformers as without the patch; its fields are judged one by one",
+    **dict.fromkeys(("inputs", "input_ids", "attention_mask", "position_ids", "token_type_ids", "logits_to_keep"),
+                    "model input the engine builds its own steps from (a padded attention_mask falls back)"),
+}
+
+
+def _set(value) -> bool:
+    return value is not None and value is not False
+
+
+#: Options on the prepared generation config that make the engine fall back: (applies to the config, reason).
+_CONFIG_FALLBACKS: dict[str, tuple[Any, str]] = {
+    "num_beams": (lambda c: (c.num_beams or 1) > 1, "beam search (num_beams > 1): the engine decodes one sequence"),
+    "num_return_sequences": (lambda c: (c.num_return_sequences or 1) > 1, "num_return_sequences > 1"),
+    "num_beam_groups": (lambda c: (c.num_beam_groups or 1) > 1, "group beam search (num_beam_groups > 1)"),
+    "diversity_penalty": (lambda c: bool(c.diversity_penalty) and (c.num_beam_groups or 1) > 1,
+                          "group beam search (diversity_penalty with num_beam_groups > 1)"),
+    "constraints": (lambda c: c.constraints is not None, "constrained beam search (constraints)"),
+    "force_words_ids": (lambda c: c.force_words_ids is not None, "constrained beam search (force_words_ids)"),
+    "penalty_alpha": (lambda c: compat.generation_mode(c) == "contrastive_search",
+                      "contrastive search (penalty_alpha with top_k > 1)"),
+    "dola_layers": (lambda c: c.dola_layers is not None, "DoLa decoding (dola_layers)"),
+    "use_mtp": (lambda c: _set(c.use_mtp), "multi-token prediction (use_mtp) is transformers' own assisted decoding"),
+    "prompt_lookup_num_tokens": (lambda c: c.prompt_lookup_num_tokens is not None,
+                                 "prompt_lookup_num_tokens is transformers' own assisted decoding"),
+    "assistant_early_exit": (lambda c: c.assistant_early_exit is not None,
+                             "assistant_early_exit is transformers' own assisted decoding"),
+    "output_attentions": (lambda c: _set(c.output_attentions),
+                          "output_attentions / output_hidden_states are not produced by tree verification"),
+    "output_hidden_states": (lambda c: _set(c.output_hidden_states),
+                             "output_attentions / output_hidden_states are not produced by tree verification"),
+    "token_healing": (lambda c: bool(c.token_healing),
+                      "token_healing: transformers (5.24) never hands the tokenizer that healing needs to a custom "
+                      "decoding loop, and heals the prompt before the loop; the original generate heals and decodes"),
+    "use_cache": (lambda c: c.use_cache is False, "use_cache=False (tree verification needs the KV cache)"),
+    "cache_implementation": (lambda c: c.cache_implementation not in (None, "dynamic"),
+                             "cache_implementation is not 'dynamic' (the engine compacts a DynamicCache to the "
+                             "accepted path)"),
+}
+
+#: `generate()` arguments that make the engine fall back: (applies to the given value, reason).
+_ARGUMENT_FALLBACKS: dict[str, tuple[Any, str]] = {
+    "inputs_embeds": (lambda v: True, "inputs_embeds given (the engine drafts from token ids)"),
+    "assistant_model": (lambda v: True, "assistant_model was given (transformers' own assisted decoding)"),
+    "assistant_tokenizer": (lambda v: True, "assistant_tokenizer was given (transformers' own assisted decoding)"),
+    "custom_generate": (lambda v: True, "custom_generate was given (another decoding loop)"),
+    "synced_gpus": (lambda v: bool(v), "synced_gpus=True (decoding in lockstep with other processes)"),
+}
+
+#: Options that make the engine run the original generate, and why (the `reason`s above; conditions in code).
+#: Besides these: batch size > 1, a padded attention_mask, a pre-filled cache, model inputs the engine does
+#: not know, attention backends that cannot take a tree mask, sliding windows the sequence may outgrow.
+FALLBACK_OPTIONS: dict[str, str] = {name: reason for table in (_CONFIG_FALLBACKS, _ARGUMENT_FALLBACKS)
+                                    for name, (_, reason) in table.items()}
 
 
 class Drafter:
@@ -86,6 +187,8 @@ class _Call:
     drafter_states: list[Any] = dataclasses.field(default_factory=list)
     #: the state the tree policy's `start_call` returned for this call
     policy_state: Any = None
+    #: prefill the prompt in chunks of this many tokens (`GenerationConfig.prefill_chunk_size`); None: at once
+    prefill_chunk_size: int | None = None
 
 
 class SpeculativeEngine:
@@ -147,45 +250,100 @@ class SpeculativeEngine:
         return self.candidate_nodes
 
     # ----- the generate wrapper -----------------------------------------------------------------------
-    def _request_problem(self, args: tuple, kwargs: dict[str, Any]) -> str | None:
-        """Why a generate call cannot be served exactly (None when it can), judged before transformers runs."""
-        inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    def _request_problem(self, request: dict[str, Any]) -> tuple[str | None, Any]:
+        """Why a generate call cannot be served exactly (None when it can), judged before transformers runs,
+        and the generation config transformers will decode it with.
+
+        `request`: the call's arguments by name. Decided here rather than in the loop wherever possible,
+        because only here can the call still go to the original `generate` as a whole; inside the loop the
+        only way back is transformers' greedy/sampling loop.
+        """
         if not self.drafters:
-            return "the recipe has no drafter technique (e.g. token_recycling, ngram_lookup)"
-        if "inputs_embeds" in kwargs:
-            return "inputs_embeds given (the engine drafts from token ids)"
+            return "the recipe has no drafter technique (e.g. token_recycling, ngram_lookup)", None
+        for name, (applies, reason) in _ARGUMENT_FALLBACKS.items():
+            if request.get(name) is not None and applies(request[name]):
+                return reason, None
+        inputs = request.get("inputs", request.get("input_ids"))
         if isinstance(inputs, torch.Tensor) and inputs.dim() == 2 and inputs.shape[0] > 1:
-            return f"batch size {inputs.shape[0]} > 1 is not supported yet"
-        for key in ("assistant_model", "custom_generate", "prompt_lookup_num_tokens", "assistant_early_exit"):
-            if kwargs.get(key) is not None:
-                return f"{key} was given"
-        config = copy.deepcopy(kwargs.get("generation_config") or self.model.generation_config)
-        config.update(**{k: v for k, v in kwargs.items() if hasattr(config, k)})
-        if (config.num_beams or 1) > 1:
-            return "beam search (num_beams > 1)"
-        if (config.num_return_sequences or 1) > 1:
-            return "num_return_sequences > 1"
-        if config.prompt_lookup_num_tokens is not None:
-            return "prompt_lookup_num_tokens is set in the generation config"
+            return f"batch size {inputs.shape[0]} > 1 is not supported yet", None
+        try:
+            config = compat.prepared_generation_config(
+                self.model, request.get("generation_config"),
+                **{k: v for k, v in request.items() if k not in compat.GENERATE_ARGUMENTS})
+        except Exception as exc:  # noqa: BLE001 - the original generate raises it again, for the user to see
+            return f"transformers rejected the generation config ({type(exc).__name__}: {exc})", None
+        for name, (applies, reason) in _CONFIG_FALLBACKS.items():
+            if applies(config):
+                return reason, config
+        mode = compat.generation_mode(config)
+        if mode not in (compat.GREEDY_SEARCH, compat.SAMPLE):
+            return f"generation mode {mode} is not greedy or sampling", config
         attention = compat.attn_implementation(self.model.config.get_text_config())
         if not compat.accepts_tree_mask(attention):
-            return f"attention backend {attention!r} cannot take a tree mask (use 'sdpa' or 'eager')"
-        return None
+            return f"attention backend {attention!r} cannot take a tree mask (use 'sdpa' or 'eager')", config
+        return None, config
+
+    def _stop_strings_as_criteria(self, request: dict[str, Any], config) -> None:
+        """Serve `stop_strings` although the loop never sees the tokenizer (see `compat.stop_string_criteria`):
+        build transformers' own stop-string criterion here and pass the call on without `stop_strings`.
+
+        A criterion the caller passed in `stopping_criteria` of the same type wins, as in transformers.
+        Without a tokenizer nothing changes, so transformers raises its own clear error.
+        """
+        tokenizer = request.get("tokenizer")
+        if config is None or config.stop_strings is None or tokenizer is None:
+            return
+        custom = list(request.get("stopping_criteria") or [])
+        criterion = compat.stop_string_criteria(tokenizer, config.stop_strings)
+        if not any(type(c) is type(criterion) for c in custom):
+            custom.append(criterion)
+        request["stopping_criteria"] = compat.stopping_criteria_list(custom)
+        given = request.get("generation_config")
+        if given is not None and "stop_strings" not in request and self.model.generation_config.stop_strings is None:
+            # They came from the caller's config object: unset them on a copy (a keyword next to a config
+            # object makes transformers warn); a model default would fill them in again, so then the keyword.
+            request["generation_config"] = given = copy.deepcopy(given)
+            given.stop_strings = None
+        else:
+            request["stop_strings"] = None
 
     def generate(self, original, *args: Any, **kwargs: Any):
-        """Instance-level replacement of `model.generate` (see `primitives.wrap_generate`)."""
-        problem = self._request_problem(args, kwargs)
+        """Instance-level replacement of `model.generate` (see `primitives.wrap_generate`).
+
+        A request the engine cannot serve exactly (see `FALLBACK_OPTIONS`) runs the original `generate`
+        unchanged; `last_stats` then says why, once that call has ended (so a generate call nested inside
+        it, such as an assistant's, does not overwrite the reason).
+        """
+        try:
+            bound = inspect.signature(original).bind_partial(*args, **kwargs)
+        except TypeError:  # transformers raises the same for the user
+            bound = None
+        request: dict[str, Any] = {}
+        if bound is not None:
+            for name, value in bound.arguments.items():
+                if bound.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                    request.update(value)
+                else:
+                    request[name] = value
+        problem, config = ("generate's arguments do not match its signature", None) if bound is None else \
+            self._request_problem(request)
         if problem is not None:
-            self.last_stats = StepStats.fallback(problem)
-            return original(*args, **kwargs)
-        streamer = kwargs.pop("streamer", None)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.last_stats = StepStats.fallback(problem)
+        # transformers hands a callable `custom_generate` neither the streamer nor the tokenizer: the streamer
+        # reaches the loop through this closure (transformers must not also see it, or it would stream the
+        # prompt twice); what needs the tokenizer is done here (stop strings) or falls back (token healing).
+        streamer = request.pop("streamer", None)
+        self._stop_strings_as_criteria(request, config)
 
         def speculative_loop(model, input_ids, logits_processor, stopping_criteria, generation_config,
                              synced_gpus=False, **model_kwargs):
             return self._loop(model, input_ids, logits_processor, stopping_criteria, generation_config,
                               streamer, model_kwargs)
 
-        return original(*args, custom_generate=speculative_loop, **kwargs)
+        return original(**request, custom_generate=speculative_loop)
 
     # ----- the loop ---------------------------------------------------------------------------------
     def _loop_problem(self, input_ids, generation_config, model_kwargs) -> str | None:
@@ -246,7 +404,8 @@ class SpeculativeEngine:
         return _Call(out=out, cache=cache, max_length=generation_config.max_length,
                      mask_dtype=dtype if dtype.is_floating_point else torch.float32,
                      topk_wanted=max((d.topk_wanted for d, _ in self.drafters), default=0),
-                     stats=StepStats(), drafter_states=states, policy_state=policy_state)
+                     stats=StepStats(), drafter_states=states, policy_state=policy_state,
+                     prefill_chunk_size=getattr(generation_config, "prefill_chunk_size", None))
 
     def _drafters_with_state(self, call: _Call):
         """(drafter, node budget, its lock, its state in `call`) for every drafter, in order."""
@@ -264,7 +423,12 @@ class SpeculativeEngine:
         """One forward over the prompt, emitting the first new token; True when generation must stop."""
         input_ids = call.out.input_ids
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-        output = self._forward(input_ids, positions, None, call.cache, keep_all_logits=False)
+        # Chunks bound the prefill's activation memory on long prompts, as `prefill_chunk_size` asks; each
+        # chunk attends to the cached ones, so only the last chunk's last logits are needed.
+        size = call.prefill_chunk_size or input_ids.shape[1]
+        for start in range(0, input_ids.shape[1], size):
+            chunk = slice(start, start + size)
+            output = self._forward(input_ids[:, chunk], positions[:, chunk], None, call.cache, keep_all_logits=False)
         call.stats.forwards += 1
         raw = output.logits[:, -1].to(dtype=torch.float32, copy=True)
         del output
