@@ -116,3 +116,19 @@ def test_engine_copies_and_pickles_with_fresh_locks(model):
     clone = copy.deepcopy(engine)
     assert clone._policy_lock is not engine._policy_lock and clone._drafter_locks == []
     assert isinstance(pickle.loads(pickle.dumps(engine))._policy_lock, type(threading.Lock()))
+
+
+def test_fallback_and_served_calls_at_once(model):
+    """Beam search (a fallback to the original generate) in one thread while others are served."""
+    prompts = [_prompt(40 + i) for i in range(3)]
+    kwargs = [dict(max_new_tokens=9, do_sample=False, num_beams=2), dict(max_new_tokens=11, do_sample=False),
+              dict(max_new_tokens=7, do_sample=False)]
+    expected = [model.generate(p, **kw) for p, kw in zip(prompts, kwargs)]
+    with hfpatch.patch(model, "recycling+lookup") as handle:
+        jobs = [[(prompts[t], kwargs[t])] * 3 for t in range(3)]
+        results, errors = _run_in_threads(lambda p, kw: model.generate(p, **kw), jobs)
+        stats = handle.stats["ngram_lookup"]
+    assert not errors, errors
+    for t in range(3):
+        assert all(torch.equal(out, expected[t]) for out in results[t]), t
+    assert stats["fallback"] is None or "num_beams" in stats["fallback"]

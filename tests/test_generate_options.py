@@ -61,11 +61,11 @@ class Recorder(BaseStreamer):
         self.chunks.append("end")
 
 
-def config_cases(prompt, sampling=None):
+def config_cases(prompt):
     """GenerationConfig field -> generate kwargs setting it to a non-default value valid on a tiny llama."""
     n = prompt.shape[1]
     sampling = dict(do_sample=True)
-    eos = dict(eos_token_id=[2, 40])  # 40 ('$'... any token the random model emits now and then) ends a run
+    eos = dict(eos_token_id=[2, 40])  # 40: a token the random model emits now and then, so the rule can act
     return {
         "max_length": dict(max_length=n + 9),
         "max_new_tokens": dict(max_new_tokens=7),
@@ -188,11 +188,10 @@ def model():
 
 def _generate(model, prompt, kwargs, tok):
     """(sequences, scores or None, streamed chunks or None, error or None) of one seeded generate call."""
-    kwargs = {k: tok if v == "TOKENIZER" else v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)} | \
-        {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
-    streamer = kwargs["streamer"] = Recorder() if kwargs.get("streamer") == "STREAMER" else kwargs.get("streamer")
-    if streamer is None:
-        kwargs.pop("streamer")
+    # placeholders stand for objects made per call: the tokenizer, a fresh streamer
+    made = {"TOKENIZER": lambda: tok, "STREAMER": Recorder}
+    kwargs = {k: made[v]() if isinstance(v, str) and v in made else v for k, v in kwargs.items()}
+    streamer = kwargs.get("streamer")
     call = dict(max_new_tokens=12, do_sample=False)
     if "generation_config" in kwargs:
         call = {}

@@ -213,4 +213,5 @@ class AdaptiveTree(Technique):
         self.engine = engine
 
     def stats(self) -> dict[str, Any]:
+        """The engine's statistics of the generate call that ended last (see `DrafterTechnique.stats`)."""
         return dict(self.engine.last_stats) if self.engine is not None else {}

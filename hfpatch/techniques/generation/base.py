@@ -52,5 +52,9 @@ class DrafterTechnique(Technique):
         self.engine = engine
 
     def stats(self) -> dict[str, Any]:
-        """The engine's statistics for the last generate call (shared by the recipe's drafters)."""
+        """The engine's statistics of the generate call that ended last (shared by the recipe's drafters).
+
+        With several threads generating at once they are one whole call's, whichever finished last; the
+        drafter entries (tables, estimates, memory) describe what all calls have taught the drafters so far.
+        """
         return dict(self.engine.last_stats) if self.engine is not None else {}
