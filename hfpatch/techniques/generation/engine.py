@@ -198,7 +198,8 @@ class SpeculativeEngine:
     changes as it runs (sequence, cache, tree, statistics, each drafter's and the tree policy's per-call
     state) lives in that call's `_Call`; the state shared by calls (drafter tables and estimates, the tree
     policy's timings) is only touched under one lock per drafter and one for the tree policy, taken around
-    the drafting bookkeeping and never around a model forward. Each call's output is what it would be alone.
+    the drafting bookkeeping and never around a model forward. Each call's output is what it would be alone
+    (sampling draws from torch's global random generator, which concurrent calls share, as they do unpatched).
     `last_stats` (what `handle.stats` shows) are those of the call that ended last.
     """
 
