@@ -12,7 +12,7 @@ from pathlib import Path
 import probe_techniques  # noqa: F401  (registers the probe techniques)
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import tiny_model, word_level_tokenizer
 
 import hfpatch
 from hfpatch.apps import cli
@@ -44,29 +44,14 @@ def assert_one_line_error(err: str, *parts: str) -> None:
 # ----- fixtures -------------------------------------------------------------------------------------
 
 
-def _word_level_tokenizer(vocab_size: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = "the quick brown fox jumps over a lazy dog hello world once upon time there was small model".split()
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for word in words + [f"w{i}" for i in range(vocab_size)]:
-        if len(vocab) == vocab_size:
-            break
-        vocab.setdefault(word, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama and a matching word-level tokenizer (with a chat template) saved as a model folder."""
     folder = tmp_path_factory.mktemp("tiny-llama")
     model = tiny_model("llama")
     model.save_pretrained(folder)
-    tokenizer = _word_level_tokenizer(model.config.vocab_size)
+    tokenizer = word_level_tokenizer(
+        model.config.vocab_size, "the quick brown fox jumps over a lazy dog hello world once upon time there was small model")
     tokenizer.chat_template = ("{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}"
                                "{% if add_generation_prompt %}hello {% endif %}")
     tokenizer.save_pretrained(folder)

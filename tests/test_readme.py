@@ -13,13 +13,15 @@ import traceback
 from pathlib import Path
 
 import pytest
-from tiny_models import tiny_model
+from tiny_models import tiny_model, word_level_tokenizer
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 MODEL_LOAD = re.compile(r"AutoModelForCausalLM\.from_pretrained\(\s*\"[^\"]+\"\s*\)")
 TOKENIZER_LOAD = re.compile(r"AutoTokenizer\.from_pretrained\(\s*\"[^\"]+\"\s*\)")
 HUB_REPO = re.compile(r"\"me/[\w.-]+\"")
+CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}<s> {% endif %}")
 
 
 def python_blocks() -> list[tuple[int, str]]:
@@ -34,25 +36,6 @@ def python_blocks() -> list[tuple[int, str]]:
             index = end
         index += 1
     return blocks
-
-
-def _word_level_tokenizer(vocab_size: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = "write a haiku about diffs the quick brown fox".split()
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for word in words + [f"w{i}" for i in range(vocab_size)]:
-        if len(vocab) == vocab_size:
-            break
-        vocab.setdefault(word, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", unk_token="<unk>")
-    tokenizer.chat_template = ("{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}"
-                               "{% if add_generation_prompt %}<s> {% endif %}")
-    return tokenizer
 
 
 def offline_source(code: str, repo_id: str) -> str:
@@ -76,7 +59,8 @@ def test_readme_python_block_runs(line, code, tmp_path, monkeypatch, hub_server)
     import hfpatch
 
     model = tiny_model("llama")
-    tokenizer = _word_level_tokenizer(model.config.vocab_size)
+    tokenizer = word_level_tokenizer(model.config.vocab_size, "write a haiku about diffs the quick brown fox",
+                                     CHAT_TEMPLATE)
     namespace = {"__name__": "readme", "_readme_model": lambda: model, "_readme_tokenizer": lambda: tokenizer}
     monkeypatch.chdir(tmp_path)  # the block saves "warm/" into the working directory
     source = offline_source(code, hub_server.new_repo_id("readme"))

@@ -60,3 +60,22 @@ def tiny_model(kind: str, seed: int = 0, config=None):
     model = transformers.AutoModelForCausalLM.from_config(config) if kind in TEXT_KINDS else \
         transformers.AutoModelForImageTextToText.from_config(config)
     return model.eval()
+
+
+def word_level_tokenizer(vocab_size: int, words: str = "", chat_template: str | None = None):
+    """A fast word-level tokenizer of exactly `vocab_size` tokens for a tiny model: special tokens, `words`
+    (whitespace-separated), then filler words w0, w1, ..."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for word in words.split() + [f"w{i}" for i in range(vocab_size)]:
+        if len(vocab) == vocab_size:
+            break
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                                     pad_token="<pad>", unk_token="<unk>")
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
