@@ -230,7 +230,7 @@ def resolve_model_dir(model: str | None) -> Path:
         return Path(assets.smollm2_dir(progress=True))  # a first-run conversion takes ~25 s: show its steps
     path = Path(model).expanduser()
     if not path.is_dir():
-        raise CommandError(f"--model {model}: not a local folder (hfpatch run loads local folders only; "
+        raise CommandError(f"--model {model}: not a local folder (the command line loads local model folders only; "
                            "download a Hub model first, e.g. with 'hf download ORG/NAME --local-dir DIR')")
     if not (path / "config.json").is_file():
         raise CommandError(f"--model {model}: no config.json in that folder; is it a saved transformers model?")
