@@ -78,7 +78,7 @@ def test_decode_step_writes_in_place_and_crop_compaction_deepcopy_keep_working()
     assert twin.layers[0].keys.data_ptr() != cache.layers[0].keys.data_ptr()
 
 
-@pytest.mark.parametrize("recipe", ["recycled-attention", "recycled-attention-rescored", "tidal-decode", "sink-window",
+@pytest.mark.parametrize("recipe", ["recycled-attention-paper", "recycled-attention", "tidal-decode", "sink-window",
                                     "quest"])
 def test_sparse_recipes_generate_through_the_growable_cache_and_unpatch(recipe):
     model = tiny_model("llama")

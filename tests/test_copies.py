@@ -88,7 +88,7 @@ def test_deepcopy_carries_an_independent_working_patch(recipe):
     _assert_unpatched_like(other, plain)
 
 
-@pytest.mark.parametrize("recipe", ["token-recycling", "recycling+lookup", "recycled-attention-rescored",
+@pytest.mark.parametrize("recipe", ["token-recycling", "recycling+lookup", "recycled-attention",
                                     "onednn-linear"])
 def test_pickle_round_trip_applies_the_recipe_again(recipe):
     model = tiny_model("llama")
@@ -117,7 +117,7 @@ def test_a_warm_draft_table_travels_with_the_copy():
     assert torch.equal(handle.technique("token_recycling").export_tensors()[0]["table"], table)
 
 
-@pytest.mark.parametrize("stack", [("onednn-linear", "token-recycling"), ("recycled-attention", "ngram-lookup")])
+@pytest.mark.parametrize("stack", [("onednn-linear", "token-recycling"), ("recycled-attention-paper", "ngram-lookup")])
 def test_stacked_patches_are_copied_in_order(stack):
     model = tiny_model("llama")
     plain = copy.deepcopy(model)

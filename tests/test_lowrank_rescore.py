@@ -87,11 +87,11 @@ def test_rescored_model_decodes_sparsely_and_covers_padding():
     model = deep_model("qwen2")
     ids, mask = batch(pad=(0, 11))
     _, ref_logits = run(model, ids, mask)
-    with hfpatch.patch(model, "recycled-attention", budget=ids.shape[1] + 8, rescore_rank=4) as handle:
+    with hfpatch.patch(model, "recycled-attention-paper", budget=ids.shape[1] + 8, rescore_rank=4) as handle:
         _, logits = run(model, ids, mask)  # the budget covers the context: full attention
         assert handle.stats["recycled_attention"]["sparse_layer_steps"] == 0
     torch.testing.assert_close(logits, ref_logits, **TOL[torch.float32])
-    with hfpatch.patch(model, "recycled-attention", budget=12, sink=2, window=3, rescore_rank=4, stride=3) as h:
+    with hfpatch.patch(model, "recycled-attention-paper", budget=12, sink=2, window=3, rescore_rank=4, stride=3) as h:
         _, logits = run(model, ids, mask, new=7)
         stats = h.stats["recycled_attention"]
         for row in range(2):  # padding is never selected: each row alone decodes the same
@@ -104,7 +104,7 @@ def test_rescored_model_decodes_sparsely_and_covers_padding():
 def test_rescore_with_follow_is_refused_and_the_model_left_as_it_was():
     model = deep_model(layers=3)
     with pytest.raises(hfpatch.errors.PatchError, match="set one of them to 0"):
-        hfpatch.patch(model, "recycled-attention", rescore_rank=16, follow=16)
+        hfpatch.patch(model, "recycled-attention-paper", rescore_rank=16, follow=16)
     assert model.config._attn_implementation == "sdpa"
 
 

@@ -17,7 +17,7 @@ from hfpatch.kernels import (
 )
 from hfpatch.techniques.attention.recycled import RecycledAttention
 
-RECIPES = {"recycled-attention": "recycled_attention", "recycled-attention-rescored": "recycled_attention",
+RECIPES = {"recycled-attention-paper": "recycled_attention", "recycled-attention": "recycled_attention",
            "tidal-decode": "tidal_decode", "sink-window": "sink_window", "quest": "quest"}
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
@@ -47,7 +47,7 @@ def run(model, ids, mask, new=6):
 
 
 @pytest.mark.parametrize("recipe,kind,dtype", [(r, "llama", torch.float32) for r in RECIPES] + [
-    ("recycled-attention", "qwen3", torch.float32), ("recycled-attention", "llama", torch.bfloat16),
+    ("recycled-attention-paper", "qwen3", torch.float32), ("recycled-attention-paper", "llama", torch.bfloat16),
     ("tidal-decode", "qwen2", torch.bfloat16)])
 def test_budget_covering_the_context_gives_full_attention_logits(recipe, kind, dtype):
     model = deep_model(kind, dtype=dtype)
@@ -65,7 +65,7 @@ def test_recycled_stride_one_gives_full_attention_logits():
     model = deep_model("qwen2")
     ids, mask = batch()
     ref_seq, ref_logits = run(model, ids, mask)
-    with hfpatch.patch(model, "recycled-attention", budget=8, stride=1) as handle:
+    with hfpatch.patch(model, "recycled-attention-paper", budget=8, stride=1) as handle:
         seq, logits = run(model, ids, mask)
         assert handle.stats["recycled_attention"]["sparse_layer_steps"] == 0
     torch.testing.assert_close(logits, ref_logits, **TOL[torch.float32])
@@ -81,7 +81,7 @@ def test_small_budget_is_sparse_and_changes_the_logits(recipe):
         stats = handle.stats[RECIPES[recipe]]
     assert stats["sparse_layer_steps"] > 0 and stats["attended_fraction_sparse_steps"] < 0.5
     # float32 on CPU: the compiled kernels when they build here (the rescored step is one fused kernel)
-    op = lowrank_sparse_decode if recipe == "recycled-attention-rescored" else sparse_decode_attention
+    op = lowrank_sparse_decode if recipe == "recycled-attention" else sparse_decode_attention
     assert stats["kernel"] == ("cpu" if op.cpu.unavailable() is None else "torch")
     torch.testing.assert_close(logits[:, 0], ref_logits[:, 0])  # the prefill step stays full attention
     assert not torch.allclose(logits[:, 1:], ref_logits[:, 1:], atol=1e-4)
@@ -92,7 +92,7 @@ def test_left_padded_batch_matches_each_row_alone(recipe):
     """Padding is never selected or attended, and sinks are the first real tokens of each row."""
     model = deep_model("qwen2")
     ids, mask = batch(pad=(0, 11))
-    extra = {"recycled-attention": {"stride": 3}, "quest": {"page_size": 1}}.get(recipe, {})  # pages: absolute
+    extra = {"recycled-attention-paper": {"stride": 3}, "quest": {"page_size": 1}}.get(recipe, {})  # pages: absolute
     with hfpatch.patch(model, recipe, budget=12, sink=2, window=3, **extra):
         _, logits = run(model, ids, mask, new=7)
         for row in range(2):
@@ -105,7 +105,7 @@ def test_left_padded_batch_matches_each_row_alone(recipe):
 def test_recycled_full_step_every_stride_and_selection_reused():
     model = deep_model(layers=3)
     ids, mask = batch(n=1, pad=(0,))
-    with hfpatch.patch(model, "recycled-attention", budget=10, stride=4) as handle:
+    with hfpatch.patch(model, "recycled-attention-paper", budget=10, stride=4) as handle:
         run(model, ids, mask, new=11)  # 10 decode steps: full at 0, 4, 8
         stats = handle.stats["recycled_attention"]
         technique = handle.technique("recycled_attention")
@@ -143,11 +143,11 @@ def test_recycled_dynamic_variant():
     model = deep_model(layers=3)
     ids, mask = batch(n=1, pad=(0,))
     _, ref_logits = run(model, ids, mask, new=6)
-    with hfpatch.patch(model, "recycled-attention", budget=8, stride=50, drift_threshold=1.0) as handle:
+    with hfpatch.patch(model, "recycled-attention-paper", budget=8, stride=50, drift_threshold=1.0) as handle:
         _, logits = run(model, ids, mask, new=6)  # every query has drifted (cos < 1): always a full step
         assert handle.stats["recycled_attention"]["full_steps_by_drift"] == 3 * 4  # (layer, step) pairs
     torch.testing.assert_close(logits, ref_logits, **TOL[torch.float32])
-    with hfpatch.patch(model, "recycled-attention", budget=8, stride=50, drift_threshold=-1.0) as handle:
+    with hfpatch.patch(model, "recycled-attention-paper", budget=8, stride=50, drift_threshold=-1.0) as handle:
         run(model, ids, mask, new=6)  # never drifts: one full step, then sparse
         stats = handle.stats["recycled_attention"]
     assert stats["full_steps_by_drift"] == 0 and stats["sparse_layer_steps"] == 3 * 4
@@ -247,7 +247,7 @@ def test_refuses_other_attention_backends(impl):
     model = deep_model()
     model.config._attn_implementation = impl  # what loading with that backend records
     with pytest.raises(UnsupportedModelError, match=rf"needs the 'sdpa'.*uses '{impl}'.*attn_implementation='sdpa'"):
-        hfpatch.patch(model, "recycled-attention")
+        hfpatch.patch(model, "recycled-attention-paper")
     assert hfpatch.patch.__module__ and not hfpatch.active_patches(model) if hasattr(hfpatch, "active_patches") else True
 
 

@@ -75,10 +75,10 @@ def stale_rerank(technique, candidates):
 def patched(model, spec, budget):
     kind, _, value = spec.partition(":")
     if kind == "paper":
-        return hfpatch.patch(model, "recycled-attention", budget=budget)
+        return hfpatch.patch(model, "recycled-attention-paper", budget=budget)
     if kind == "rescore":
-        return hfpatch.patch(model, "recycled-attention", budget=budget, rescore_rank=int(value), stride=64)
-    handle = hfpatch.patch(model, "recycled-attention", budget=budget)
+        return hfpatch.patch(model, "recycled-attention-paper", budget=budget, rescore_rank=int(value), stride=64)
+    handle = hfpatch.patch(model, "recycled-attention-paper", budget=budget)
     technique = handle.technique("recycled_attention")
     technique.decode = {"exact-every": exact_every, "stale-rerank": stale_rerank}[kind](technique, int(value))
     return handle

@@ -13,8 +13,8 @@ scored cheaply in a rank-r principal basis of the keys (``lowrank_keys``, the id
 at 8k context any selection reused for even two steps cost 8% perplexity, a per-step one under 1%. Such a
 step is one kernel, ``kernels.lowrank_sparse_decode`` (fused C++ on CPU).
 
-    >>> handle = hfpatch.patch(model, "recycled-attention", budget=512, stride=16)
-    >>> handle = hfpatch.patch(model, "recycled-attention", budget=512, rescore_rank=16, stride=64)  # per step
+    >>> handle = hfpatch.patch(model, "recycled-attention-paper", budget=512, stride=16)  # the paper's setting
+    >>> handle = hfpatch.patch(model, "recycled-attention", budget=512)  # per step: rescore_rank=16, stride=64
 """
 from __future__ import annotations
 
