@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["format_table", "describe_machine", "machine_line", "usable_cores", "torch_threads", "encode_prompt"]
+__all__ = ["format_table", "describe_machine", "machine_line", "usable_cores", "torch_threads", "encode_prompt",
+           "pyplot"]
 
 
 def format_table(headers: Sequence[Any], rows: Sequence[Sequence[Any] | None], *,
@@ -121,6 +122,25 @@ def torch_threads(threads: int | None) -> Iterator[int]:
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(previous)
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend, or None (with a warning) when matplotlib is missing.
+
+    Charts are an extra of every bench (``pip install hfpatch[bench]``): the numbers are written either way.
+    """
+    import warnings
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed; must precede pyplot
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("matplotlib is not installed, so no chart was drawn (pip install 'hfpatch[bench]' "
+                      "or pip install matplotlib)", stacklevel=3)
+        return None
+    return plt
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,7 +16,15 @@ prose and standard-library source, see ``hfpatch.apps.assets``):
   concatenates the whole cache every step), full attention with hfpatch's growable cache
   (``hfpatch.cache``, preallocated and written in place) and each sparse recipe with the growable cache
   (``kv_cache="growable"``, the recipes install it), so the gain from the cache and the gain from sparsity
-  are separate columns.
+  are separate columns. Each method's per-step decode times (ms) of its median round are kept as well
+  (``step_ms``: ``new_tokens - 1`` steps, the first token comes from the prefill), so a slow first step or a
+  periodic full-attention step shows.
+
+Point it at any supported local model and any recipe (built-in name, a recipe file, or either with
+``:param=value`` overrides): :func:`check_methods` refuses, in one line each, a recipe without a sparse
+attention budget, a model the recipe does not support and a length past the model's window, before anything
+is measured. :func:`save_report` writes ``longctx.json`` and, with matplotlib, ``longctx.png`` (needles found,
+decode speed-up and per-step decode time per method).
 """
 from __future__ import annotations
 
@@ -28,6 +36,7 @@ import os
 import random
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,9 +46,12 @@ from transformers import LogitsProcessorList
 import hfpatch
 from hfpatch import cache, compat
 from hfpatch.apps import assets
-from hfpatch.apps.bench.common import describe_machine, machine_line
+from hfpatch.apps.bench.common import describe_machine, machine_line, pyplot
+from hfpatch.errors import HfpatchError, RecipeError
+from hfpatch.recipe import resolve_recipe
 
-METHODS = ("recycled-attention", "recycled-attention-rescored", "tidal-decode", "quest", "sink-window")
+#: The recipe named after each technique (its best measured setting) and the two baselines.
+METHODS = ("recycled-attention", "tidal-decode", "quest", "sink-window")
 NEEDLE = "The secret passcode for the archive is {code}. Remember this passcode."
 QUESTION = "\n\nQuestion: What is the secret passcode for the archive?\nAnswer: The secret passcode for the archive is"
 #: A few minutes on a 2-core CPU with SmolLM2-135M; docs/results/sparse-attention.md lists the settings behind its numbers.
@@ -71,6 +83,45 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
         except ValueError:
             params[key.strip()] = value
     return recipe, params
+
+
+def check_recipe(spec: str) -> None:
+    """Raise ``ValueError`` (one line) unless ``spec`` names a recipe this bench can measure: it must resolve
+    (built-in name or file), take its ``:param=value`` overrides and have a sparse attention ``budget=``."""
+    name, params = parse_method(spec)
+    if not name:
+        raise ValueError(f"recipe {spec!r}: expected NAME, FILE or NAME:param=value,...")
+    try:
+        recipe = resolve_recipe(name)
+        if params:
+            recipe.with_overrides(params)
+    except (HfpatchError, OSError, TypeError, ValueError) as exc:
+        raise ValueError(f"recipe {spec!r}: {_first_line(exc)}") from None
+    try:
+        recipe.with_overrides({"budget": 1, "kv_cache": "growable"})
+    except RecipeError:
+        types = [t["type"] for t in recipe.techniques]
+        raise ValueError(f"recipe {spec!r} has no sparse decode attention (techniques {types} take no budget= "
+                         "and kv_cache=); the long-context bench measures recipes such as recycled-attention or "
+                         "tidal-decode") from None
+
+
+def check_methods(model, methods=METHODS, *, budgets=()) -> None:
+    """Raise ``ValueError`` (one line) before anything is measured when a method cannot run on ``model``:
+    a recipe :func:`check_recipe` refuses, or a model the recipe does not support (patched once and undone)."""
+    for spec in methods:
+        check_recipe(spec)
+        recipe, params = parse_method(spec)
+        try:
+            with hfpatch.patch(model, recipe, **{"kv_cache": "growable", **params, "budget": min(budgets, default=1)}):
+                pass
+        except HfpatchError as exc:
+            raise ValueError(f"recipe {spec!r} on this model: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _configs(methods, budgets, length):
@@ -116,6 +167,14 @@ def needle_prompts(tok, length, trials, seed=0):
     rng = random.Random(seed)
     prose_ids = tok("\n\n".join(assets.prose_documents(40)), add_special_tokens=False).input_ids
     q_ids = tok(QUESTION, add_special_tokens=False).input_ids
+    probe = tok(" " + NEEDLE.format(code="1234567") + " ", add_special_tokens=False).input_ids
+    shortest = len(probe) + len(q_ids) + 32  # some haystack around the needle
+    if length < shortest:
+        raise ValueError(f"needle length {length} is too short: the needle and the question alone take "
+                         f"{len(probe) + len(q_ids)} tokens with this tokenizer; use at least {shortest}")
+    if length + 10 > len(prose_ids):
+        raise ValueError(f"needle length {length} is longer than the prose on disk ({len(prose_ids)} tokens with "
+                         "this tokenizer); use a shorter length")
     for trial in range(trials):
         code = "".join(str(rng.randint(1, 9)) for _ in range(7))
         needle = tok(" " + NEEDLE.format(code=code) + " ", add_special_tokens=False).input_ids
@@ -192,6 +251,10 @@ class _StepClock:
     def per_token(self) -> float:
         return (self.stamps[-1] - self.stamps[0]) / max(len(self.stamps) - 1, 1)
 
+    def steps_ms(self) -> list[float]:
+        """Each decode step's time in ms, in order (the gaps between consecutive calls)."""
+        return [round(1000 * (b - a), 3) for a, b in zip(self.stamps, self.stamps[1:])]
+
 
 def speed(model, doc, length, new, budget, rounds, methods=METHODS, progress=None):
     """ms per decode token through ``model.generate`` and speed-ups vs full attention with transformers'
@@ -204,6 +267,7 @@ def speed(model, doc, length, new, budget, rounds, methods=METHODS, progress=Non
     runs = [("full, DynamicCache", None, {}, False), ("full, growable cache", None, {}, True)]
     runs += [(f"{m}, growable cache", *parse_method(m), False) for m in methods]
     times: dict[str, list[float]] = {label: [] for label, *_ in runs}
+    steps: dict[str, list[list[float]]] = {label: [] for label, *_ in runs}
     loads = [load_average()]
     for r in range(rounds + 1):
         n = length if r else min(length, 256)
@@ -218,14 +282,18 @@ def speed(model, doc, length, new, budget, rounds, methods=METHODS, progress=Non
                                logits_processor=LogitsProcessorList([clock]), **given)
             if r:  # round 0 is the warm-up
                 times[label].append(clock.per_token())
+                steps[label].append(clock.steps_ms())
         loads.append(load_average())
         if progress:
             progress(f"speed {length}: round {r}/{rounds}")
     median = {k: max(sorted(v)[len(v) // 2], 1e-9) for k, v in times.items()}
+    # the step times of the round whose mean is the median, so step_ms and ms_per_token describe one call
+    median_steps = {k: steps[k][times[k].index(sorted(v)[len(v) // 2])] for k, v in times.items()}
     base, own = median["full, DynamicCache"], median["full, growable cache"]
-    return {"load_average_1/5/15": loads,
+    return {"load_average_1/5/15": loads, "new_tokens": new,
             "methods": {k: {"ms_per_token": round(1000 * v, 1), "vs_full_dynamic": round(base / v, 2),
-                            "vs_full_growable": round(own / v, 2)} for k, v in median.items()}}
+                            "vs_full_growable": round(own / v, 2), "step_ms": median_steps[k]}
+                        for k, v in median.items()}}
 
 
 def run(model, tok, *, methods=METHODS, model_name: str = "", seed: int = 0, ppl_source: str = "prose",
@@ -237,21 +305,34 @@ def run(model, tok, *, methods=METHODS, model_name: str = "", seed: int = 0, ppl
     if unknown:
         raise TypeError(f"unknown size settings {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     z = {**DEFAULTS, **sizes}
+    check_methods(model, methods, budgets=(*z["budgets"], z["speed_budget"]))
+    window = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     result: dict[str, Any] = {"machine": machine(), "model": model_name, "methods": list(methods),
-                              "settings": {**z, "seed": seed, "ppl_source": ppl_source}, "niah": {}, "ppl": {},
+                              "settings": {**z, "seed": seed, "ppl_source": ppl_source},
+                              "model_window": window, "niah": {}, "ppl": {},
                               "speed": {}}
+    # Inputs first, so a length the text on disk cannot fill fails before minutes of measuring.
+    for length in z["niah_lengths"]:
+        next(needle_prompts(tok, length, 1, seed))
+    ppl_docs = {length: documents(tok, length, z["ppl_docs"], ppl_source) for length in z["ppl_lengths"]}
+    speed_docs = {length: documents(tok, length, 1, "code")[0] for length in z["speed_lengths"]}
+    # Past its trained window a rotary-position model still runs but extrapolates: measured, and said so.
+    longest = max((*z["niah_lengths"], *z["ppl_lengths"], *(n + z["speed_new"] for n in z["speed_lengths"])),
+                  default=0)
+    if window and longest > window:
+        warnings.warn(f"{longest} tokens is past this model's window of {window} (max_position_embeddings): "
+                      "the numbers there describe a model beyond its trained length", stacklevel=2)
     for length in z["niah_lengths"]:
         result["niah"][str(length)] = niah(model, tok, length, z["trials"], z["budgets"], methods, seed, progress)
         if progress:  # each finished section as a JSON line: a later failure does not lose it
             progress(json.dumps({"niah": {length: result["niah"][str(length)]}}))
     for length in z["ppl_lengths"]:
-        docs = documents(tok, length, z["ppl_docs"], ppl_source)
-        result["ppl"][str(length)] = perplexity(model, length, z["ppl_tail"], z["budgets"], docs, methods, progress)
+        result["ppl"][str(length)] = perplexity(model, length, z["ppl_tail"], z["budgets"], ppl_docs[length],
+                                                methods, progress)
         if progress:
             progress(json.dumps({"ppl": {length: result["ppl"][str(length)]}}))
     for length in z["speed_lengths"]:
-        doc = documents(tok, length, 1, "code")[0]
-        result["speed"][str(length)] = speed(model, doc, length, z["speed_new"], z["speed_budget"], z["rounds"],
+        result["speed"][str(length)] = speed(model, speed_docs[length], length, z["speed_new"], z["speed_budget"], z["rounds"],
                                              methods, progress)
     return result
 
@@ -289,10 +370,86 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def save_report(result: dict[str, Any], out_dir: str | os.PathLike) -> Path:
-    """Write ``longctx.json`` (every number of :func:`run`) into ``out_dir``; returns its path."""
+def save_report(result: dict[str, Any], out_dir: str | os.PathLike, *, chart: bool = True) -> list[Path]:
+    """Write ``longctx.json`` (every number of :func:`run`) and, with ``chart`` and matplotlib, ``longctx.png``
+    (:func:`plot_report`) into ``out_dir``; returns the paths written."""
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     path = out / "longctx.json"
     path.write_text(json.dumps(result, indent=1))
+    written = [path]
+    if chart:
+        png = plot_report(result, out / "longctx.png")
+        if png is not None:
+            written.append(png)
+    return written
+
+
+def plot_report(result: dict[str, Any], path: str | os.PathLike) -> Path | None:
+    """One figure, a panel per measurement present: needles found per method (each needle length at the
+    smallest budget below it), decode speed-up over full attention with transformers' DynamicCache (the stock
+    baseline) per speed length, and per-step decode time at the longest speed length. None (with a warning)
+    without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    methods = list(result["methods"])
+    panels = [name for name in ("niah", "speed", "steps") if result["niah" if name == "niah" else "speed"]]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.0 * max(len(panels), 1), 4.2), squeeze=False)
+    axes = list(axes[0])
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = {name: cycle[i % len(cycle)] for i, name in enumerate(["full", *methods])}  # one colour per method
+    for ax, panel in zip(axes, panels):
+        if panel == "niah":
+            groups, series = [], {m: [] for m in ["full", *methods]}
+            for length, cells in result["niah"].items():
+                budgets = sorted({int(k.rsplit("@", 1)[1]) for k in cells if not k.startswith("full@")})
+                if not budgets:
+                    continue
+                groups.append(f"{length} / {budgets[0]}")
+                for m in series:
+                    cell = cells.get("full@all" if m == "full" else f"{m}@{budgets[0]}", "0/1")
+                    hits, trials = (int(x) for x in cell.split("/"))
+                    series[m].append(hits / max(trials, 1))
+            _bars(ax, groups, series, colours)
+            ax.set_ylim(0, 1.05)
+            ax.set_title("needles found (context / budget)", fontsize=10)
+        elif panel == "speed":
+            groups = list(result["speed"])
+            series = {m: [result["speed"][n]["methods"].get(f"{m}, growable cache", {}).get("vs_full_dynamic", 0.0)
+                          for n in groups] for m in methods}
+            _bars(ax, [f"{n} tokens" for n in groups], series, colours)
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.set_title("decode speed-up vs full attention", fontsize=10)
+        else:
+            longest = max(result["speed"], key=int)
+            rows = result["speed"][longest]["methods"]
+            for label, row in rows.items():
+                steps = row.get("step_ms") or []
+                method = label.rsplit(", ", 1)[0]
+                style = ":" if "DynamicCache" in label else "--" if method == "full" else "-"
+                ax.plot(range(1, len(steps) + 1), steps, label=label, linewidth=1.2, linestyle=style,
+                        color=colours.get(method, "grey"))
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.set_xlabel("decode step")
+            ax.set_ylabel("ms")
+            ax.set_title(f"decode step time at {longest} tokens", fontsize=9)
+            ax.legend(fontsize=7, frameon=False)
+    handles, names = axes[0].get_legend_handles_labels() if panels and panels[0] != "steps" else ([], [])
+    if handles:
+        fig.legend(handles, names, loc="lower center", ncol=min(len(names), 5), fontsize=8, frameon=False)
+    fig.suptitle(f"{result.get('model') or 'model'}: {result['machine']}", fontsize=8)
+    fig.tight_layout(rect=(0, 0.1, 1, 0.95))  # room for the legend below and the title above
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return path
+
+
+def _bars(ax, groups: list[str], series: dict[str, list[float]], colours: dict[str, str]) -> None:
+    """Grouped bars: one group per x label, one bar per series, each series in its colour on every panel."""
+    width = 0.8 / max(len(series), 1)
+    for i, (label, values) in enumerate(series.items()):
+        xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(groups))]
+        ax.bar(xs, values, width, label=label, color=colours[label])
+    ax.set_xticks(range(len(groups)), groups)

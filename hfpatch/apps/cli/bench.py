@@ -62,19 +62,51 @@ def register(subparsers) -> None:
     # they may also come before the subcommand name.
     long_context = add_command(
         sub, "long-context", handler=_cmd_long_context, argument_default=argparse.SUPPRESS,
-        help="measure the sparse attention recipes against full attention on long inputs",
-        description="Run the sparse attention recipes (or --recipe ones) side by side with full attention: needle "
-                    "retrieval (1k/2k tokens), perplexity of the last tokens (4k) and decode speed (4k), with the "
-                    "KV cache's share of the speed-up shown apart. Writes longctx.json to --out. Takes minutes.",
-        examples=["hfpatch bench long-context", "hfpatch bench long-context --recipe quest --recipe sink-window",
-                  "hfpatch bench long-context --recipe 'tidal-decode:selection_layers=[2,12]' --threads 2"],
+        help="measure sparse attention recipes against full attention on long inputs",
+        description="Measure sparse attention recipes on your model, side by side with full attention: needles "
+                    "found, perplexity of the last tokens, and decode speed through plain generate, timed per "
+                    "step (the KV cache's share of the speed-up shown apart). Writes longctx.json and "
+                    "longctx.png (needs matplotlib) to --out. The defaults take minutes on a small model.",
+        examples=["hfpatch bench long-context --model ./SmolLM2-135M",
+                  "hfpatch bench long-context --recipe recycled-attention --recipe my_recipe.json",
+                  "hfpatch bench long-context --recipe 'tidal-decode:selection_layers=[2,12]' --budget 256",
+                  "hfpatch bench long-context --needle-length 2048 --trials 20 --speed-length 8192 --no-perplexity"],
     )
     add_model_arguments(long_context, defaults=False)
     long_context.add_argument("--recipe", action="append", metavar="R",
-                              help="recipe to measure, 'NAME' or 'NAME:param=value,...', repeatable "
-                                   "(default: the five sparse attention recipes)")
+                              help="recipe name or file [':param=value,...'], repeatable (default: "
+                                   + ", ".join(longctx.METHODS) + ")")
+    sizes = long_context.add_argument_group("sizes (tokens unless said)")
+
+    def default(key: str) -> str:
+        value = longctx.DEFAULTS[key]
+        return f"default: {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
+
+    sizes.add_argument("--needle-length", type=positive, action="append", metavar="N",
+                       help=f"needle prompt length, repeatable ({default('niah_lengths')})")
+    sizes.add_argument("--trials", type=positive, metavar="N", help=f"needles per length ({default('trials')})")
+    sizes.add_argument("--budget", type=positive, action="append", metavar="N",
+                       help=f"sparse budget for needles and perplexity, repeatable ({default('budgets')})")
+    sizes.add_argument("--speed-length", type=positive, action="append", metavar="N",
+                       help=f"prompt length of the decode-speed run, repeatable ({default('speed_lengths')})")
+    sizes.add_argument("--speed-budget", type=positive, metavar="N",
+                       help=f"sparse budget of the decode-speed run ({default('speed_budget')})")
+    sizes.add_argument("--new-tokens", type=positive, metavar="N",
+                       help=f"tokens per timed generate call ({default('speed_new')})")
+    sizes.add_argument("--rounds", type=positive, metavar="N",
+                       help=f"timed rounds, the median reported ({default('rounds')})")
+    sizes.add_argument("--perplexity-length", type=positive, action="append", metavar="N",
+                       help=f"perplexity document length, repeatable ({default('ppl_lengths')})")
+    sizes.add_argument("--no-perplexity", action="store_true", help="skip the perplexity measurement")
     long_context.add_argument("--threads", type=positive, metavar="N", help="torch CPU threads (default: torch's)")
-    long_context.add_argument("--out", metavar="DIR", help="folder for longctx.json (default: ./bench_out)")
+    long_context.add_argument("--out", metavar="DIR",
+                              help="folder for longctx.json and longctx.png (default: ./bench_out)")
+
+
+#: long-context option (argparse dest) -> longctx.run size setting
+_SIZE_OPTIONS = {"needle_length": "niah_lengths", "trials": "trials", "budget": "budgets",
+                 "speed_length": "speed_lengths", "speed_budget": "speed_budget", "new_tokens": "speed_new",
+                 "rounds": "rounds", "perplexity_length": "ppl_lengths"}
 
 
 def _model_name(model: str | None, folder) -> str:
@@ -114,24 +146,42 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _check_long_context_method(spec: str) -> None:
     """Resolve a long-context ``NAME[:param=value,...]`` and its parameters before the model loads."""
-    name, params = longctx.parse_method(spec)
+    name, _ = longctx.parse_method(spec)
     if not name:
-        raise CommandError(f"--recipe {spec!r}: expected NAME or NAME:param=value,...")
-    recipe = resolve_recipe_argument(name)
-    if params:
-        recipe.with_overrides(params)
+        raise CommandError(f"--recipe {spec!r}: expected NAME, FILE or NAME:param=value,...")
+    resolve_recipe_argument(name)  # one-line errors for a missing file or an unknown name, without the Hub
+    try:
+        longctx.check_recipe(spec)
+    except ValueError as exc:
+        raise CommandError(f"--{exc}") from None
+
+
+def _long_context_sizes(args: argparse.Namespace) -> dict:
+    """The size settings given on the command line, as ``longctx.run`` keywords."""
+    sizes = {key: getattr(args, option) for option, key in _SIZE_OPTIONS.items() if hasattr(args, option)}
+    if getattr(args, "no_perplexity", False):
+        if "ppl_lengths" in sizes:
+            raise CommandError("--no-perplexity and --perplexity-length contradict each other; give one")
+        sizes["ppl_lengths"] = ()
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in sizes.items()}
 
 
 def _cmd_long_context(args: argparse.Namespace) -> int:
     methods = tuple(args.recipe or longctx.METHODS)
     for spec in args.recipe or ():
         _check_long_context_method(spec)
+    sizes = _long_context_sizes(args)
     check_writable_folder(Path(args.out).expanduser(), "--out")
     with torch_threads(args.threads):
         model, tokenizer, folder = load_local_model(args.model, dtype=args.dtype, device=args.device)
-        result = longctx.run(model, tokenizer, methods=methods,
-                             model_name=_model_name(args.model, folder), progress=_progress)
+        try:
+            result = longctx.run(model.eval(), tokenizer, methods=methods,
+                                 model_name=_model_name(args.model, folder), progress=_progress, **sizes)
+        except ValueError as exc:  # a recipe the model refuses, a length the text on disk cannot fill
+            if isinstance(exc, HfpatchError):
+                raise
+            raise CommandError(str(exc)) from exc
     print(longctx.format_report(result))
-    path = longctx.save_report(result, args.out)
-    print(f"[hfpatch] wrote {path}", file=sys.stderr)
+    written = longctx.save_report(result, args.out)
+    print(f"[hfpatch] wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     return 0
