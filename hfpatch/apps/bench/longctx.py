@@ -401,7 +401,7 @@ def plot_report(result: dict[str, Any], path: str | os.PathLike) -> Path | None:
     colours = {name: cycle[i % len(cycle)] for i, name in enumerate(["full", *methods])}  # one colour per method
     for ax, panel in zip(axes, panels):
         if panel == "niah":
-            groups, series = [], {m: [] for m in ["full", *methods]}
+            groups, series, labels = [], {m: [] for m in ["full", *methods]}, {m: [] for m in ["full", *methods]}
             for length, cells in result["niah"].items():
                 budgets = sorted({int(k.rsplit("@", 1)[1]) for k in cells if not k.startswith("full@")})
                 if not budgets:
@@ -411,15 +411,18 @@ def plot_report(result: dict[str, Any], path: str | os.PathLike) -> Path | None:
                     cell = cells.get("full@all" if m == "full" else f"{m}@{budgets[0]}", "0/1")
                     hits, trials = (int(x) for x in cell.split("/"))
                     series[m].append(hits / max(trials, 1))
-            _bars(ax, groups, series, colours)
-            ax.set_ylim(0, 1.05)
+                    labels[m].append(cell)
+            _bars(ax, groups, series, colours, labels)
+            ax.set_ylim(0, 1.15)  # room for the counts above full bars
             ax.set_title("needles found (context / budget)", fontsize=10)
         elif panel == "speed":
             groups = list(result["speed"])
             series = {m: [result["speed"][n]["methods"].get(f"{m}, growable cache", {}).get("vs_full_dynamic", 0.0)
                           for n in groups] for m in methods}
-            _bars(ax, [f"{n} tokens" for n in groups], series, colours)
+            _bars(ax, [f"{n} tokens" for n in groups], series, colours,
+                  {m: [f"{v:.2f}x" for v in values] for m, values in series.items()})
             ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.margins(y=0.12)
             ax.set_title("decode speed-up vs full attention", fontsize=10)
         else:
             longest = max(result["speed"], key=int)
@@ -446,10 +449,13 @@ def plot_report(result: dict[str, Any], path: str | os.PathLike) -> Path | None:
     return path
 
 
-def _bars(ax, groups: list[str], series: dict[str, list[float]], colours: dict[str, str]) -> None:
-    """Grouped bars: one group per x label, one bar per series, each series in its colour on every panel."""
+def _bars(ax, groups: list[str], series: dict[str, list[float]], colours: dict[str, str],
+          labels: dict[str, list[str]]) -> None:
+    """Grouped bars: one group per x label, one bar per series, each series in its colour on every panel, its
+    value written on it (a needle count of 0 has no bar to see)."""
     width = 0.8 / max(len(series), 1)
     for i, (label, values) in enumerate(series.items()):
         xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(groups))]
-        ax.bar(xs, values, width, label=label, color=colours[label])
+        bars = ax.bar(xs, values, width, label=label, color=colours[label])
+        ax.bar_label(bars, labels[label], fontsize=7, padding=1)
     ax.set_xticks(range(len(groups)), groups)
