@@ -18,7 +18,7 @@ from hfpatch.kernels import (
 from hfpatch.techniques.attention.recycled import RecycledAttention
 
 RECIPES = {"recycled-attention-paper": "recycled_attention", "recycled-attention": "recycled_attention",
-           "tidal-decode": "tidal_decode", "sink-window": "sink_window", "quest": "quest"}
+           "tidal-decode": "tidal_decode", "tidal-decode-paper": "tidal_decode", "sink-window": "sink_window", "quest": "quest"}
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
@@ -186,7 +186,7 @@ def test_selection_equals_a_straightforward_reference():
 def test_tidal_layers_dense_selection_and_sparse():
     model = deep_model(layers=8)
     ids, mask = batch(n=1, pad=(0,))
-    with hfpatch.patch(model, "tidal-decode", budget=10) as handle:
+    with hfpatch.patch(model, "tidal-decode-paper", budget=10) as handle:
         run(model, ids, mask, new=5)
         stats = handle.stats["tidal_decode"]
         assert handle.technique("tidal_decode").selection == [2, 3]  # paper: layer 2 and round(13/32 * 8)

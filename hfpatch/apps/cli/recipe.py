@@ -145,6 +145,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
         print("# tensors: none")
     for key, value in metadata.items():
         print(f"# metadata {key} = {value}")
+    for entry in recipe.techniques:  # TidalDecode's layers: calibrated ones, or where they will come from
+        if entry.get("type") == "tidal_decode":
+            print(f"# tidal_decode selection layers: {_tidal_layers(entry)}")
     if resources:
         print(f"# resources ({len(resources)}): files or repositories applying this recipe would read or download")
         rows = [[f"{r['technique']}.{r['parameter']}", str(r["value"]), r["action"],
@@ -154,6 +157,17 @@ def _cmd_show(args: argparse.Namespace) -> int:
     else:
         print("# resources: none (applying it reads no file or repository named by the recipe)")
     return 0
+
+
+def _tidal_layers(entry: dict) -> str:
+    """What a tidal_decode entry's selection layers are, in words (for ``recipe show``)."""
+    layers = entry.get("selection_layers", "auto")
+    if layers != "auto":
+        return "the paper's formula [full_layers, round(13/32 * num_layers)]" if layers is None else str(layers)
+    if entry.get("calibrated_layers") is not None:
+        return (f"{entry['calibrated_layers']} (calibrated for {entry.get('calibrated_for') or '?'}; another "
+                "model is probed again at patch time)")
+    return "auto (probed at patch time, once per model)"
 
 
 def _validate_one(raw: str) -> bool:

@@ -5,17 +5,26 @@ Selection happens at every decode step, inside the step: the selection layer att
 and ranks positions by its attention probabilities summed over all query heads (one position set shared
 by every head, as the paper does); later layers of the same step attend only to that set. Defaults follow
 the paper: layers 0-1 dense, selection at layer 2 and a re-selection layer at 13/32 of the depth (layer 13
-of Llama-3-8B's 32).
+of Llama-3-8B's 32) with ``selection_layers=None`` (recipe ``tidal-decode-paper``).
+
+The default ``selection_layers="auto"`` finds the layers where the model itself retrieves, at patch time, from
+its attention on a synthetic retrieval prompt (``retrieval_probe``: token ids only, seeded, one forward pass).
+The result is cached per model in the process and exported with the parameters (``calibrated_layers`` and
+the ``calibrated_for`` fingerprint), so ``handle.to_recipe()`` -> save/push -> a later ``patch()`` on the same
+weights skips the probe.
 
     >>> handle = hfpatch.patch(model, "tidal-decode", budget=512)
+    >>> handle.stats["tidal_decode"]["selection_layers"]
 """
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 from ...kernels import attention_with_scores
 from ...catalogue import register
 from ...technique import param
+from . import retrieval_probe
 from .base import SparseAttentionTechnique, budget_param, kv_cache_param, sink_param, window_param
 
 
@@ -30,11 +39,22 @@ class TidalDecodeParams:
         False, help="True: each query head keeps its own top-`budget` positions by its q·k (the authors' public "
                     "code); False: one set for all heads from the attention probabilities summed over heads, "
                     "which retrieved needles better on SmolLM2-135M (1k context, budget 256: 5/6 vs 2/6)")
-    selection_layers: list[int] | None = param(
-        None, help="layers that attend fully and select positions for the layers after them (None = the paper's "
-                   "choice: [full_layers, round(13/32 * num_layers)]); model-specific: a selection layer should come "
-                   "at or just before the layers whose heads retrieve (for SmolLM2-135M [2, 7, 12, 17, 20], see "
-                   "docs/results/sparse-attention.md)")
+    selection_layers: list[int] | str | None = param(
+        "auto", help="layers that attend fully and select positions for the layers after them: 'auto' = found at "
+                     "patch time from where the model retrieves on a synthetic prompt (cached per model, exported "
+                     "as calibrated_layers; on SmolLM2-135M it picks [2, 7, 12, 17, 20], the hand-tuned set), None = "
+                     "the paper's choice [full_layers, round(13/32 * num_layers)], or an explicit list "
+                     "(docs/results/sparse-attention.md)")
+    calibrated_layers: list[int] | None = param(
+        None, help="with selection_layers='auto': the layers an earlier probe chose (written by handle.to_recipe(); "
+                   "used when calibrated_for matches this model, else the probe runs again with a warning)")
+    calibrated_for: str = param(
+        "", help="fingerprint of the weights and probe settings calibrated_layers belong to (written with them)")
+
+    def __post_init__(self):
+        if isinstance(self.selection_layers, str) and self.selection_layers != "auto":
+            raise ValueError(f"selection_layers must be 'auto', null or a list of layer indices, "
+                             f"not {self.selection_layers!r}")
 
 
 @register
@@ -46,15 +66,46 @@ class TidalDecode(SparseAttentionTechnique):
     label = "tidal"
 
     def apply(self, model, ctx) -> None:
-        super().apply(model, ctx)
         layers = self.params.selection_layers
+        self._source = "explicit list"
+        if layers == "auto":  # probe before this patch changes the attention function
+            layers = self._auto_layers(model, ctx.adapter)
+        super().apply(model, ctx)
         if layers is None:  # the paper's choice, clipped to shallow models
             layers = [i for i in {self.params.full_layers, round(13 / 32 * self.num_layers)} if i < self.num_layers]
+            self._source = "paper formula"
         bad = [i for i in layers if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(f"selection_layers {bad} outside the model's {self.num_layers} layers")
         self.selection = sorted(set(layers))
         self._current = None  # (cache length, batch, index) of the latest selection layer in this step
+
+    def _auto_layers(self, model, adapter) -> list[int]:
+        """The calibrated layers for this model: from the recipe when its fingerprint matches, else from the
+        process cache or a fresh probe; recorded in the parameters so ``to_recipe()`` exports them."""
+        p = self.params
+        key = retrieval_probe.calibration_key(retrieval_probe.fingerprint(model, adapter), p.budget, p.full_layers)
+        if p.calibrated_layers is not None and p.calibrated_for == key:
+            layers, self._source = list(p.calibrated_layers), "loaded from the recipe"
+        else:
+            if p.calibrated_layers is not None:
+                warnings.warn(
+                    f"tidal_decode: the recipe's calibrated_layers {p.calibrated_layers} were calibrated for "
+                    f"{p.calibrated_for or 'an unnamed model'!r}, not this model and these settings ({key!r}); "
+                    "probing this model again (save a recipe from this handle to keep the new layers)",
+                    stacklevel=2)
+            layers, _, cached = retrieval_probe.calibrate(model, adapter, budget=p.budget,
+                                                          full_layers=p.full_layers, key=key)
+            self._source = "probed (cached in this process)" if cached else "probed"
+        self.params = dataclasses.replace(p, calibrated_layers=list(layers), calibrated_for=key)
+        return layers
+
+    def stats(self):
+        """The sparse-attention counts plus the selection layers in use and where they came from."""
+        out = super().stats()
+        out["selection_layers"] = list(getattr(self, "selection", []))
+        out["selection_source"] = getattr(self, "_source", None)
+        return out
 
     def _selects(self, layer: int) -> bool:
         """A selection layer past the dense ones (one inside them stays dense and selects nothing)."""

@@ -1,0 +1,146 @@
+"""TidalDecode ``selection_layers="auto"``: the retrieval probe, its selection rule, the per-model cache and the
+calibrated layers a recipe carries."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from tiny_models import tiny_config, tiny_model
+
+import hfpatch
+from hfpatch import arch, compat
+from hfpatch.errors import RecipeError
+from hfpatch.recipe import Recipe
+from hfpatch.techniques.attention import retrieval_probe as rp
+
+
+def deep_model(layers=8, seed=0):
+    config = tiny_config("llama")
+    config.num_hidden_layers = layers
+    return tiny_model("llama", seed=seed, config=config)
+
+
+def generate(model, new=6, length=40):
+    ids = torch.randint(3, 120, (1, length), generator=torch.Generator().manual_seed(0))
+    out = model.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=0, output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    rp.clear_cache()
+    yield
+    rp.clear_cache()
+
+
+def test_auto_picks_sorted_layers_within_depth_and_reports_them():
+    model = deep_model()
+    with hfpatch.patch(model, "tidal-decode", budget=10) as handle:
+        stats = handle.stats["tidal_decode"]
+        layers = handle.technique("tidal_decode").selection
+    assert layers == sorted(set(layers)) and layers and all(2 <= i < 8 for i in layers)
+    assert stats["selection_layers"] == layers and stats["selection_source"] == "probed"
+
+
+def test_rule_reproduces_the_hand_tuned_smollm2_set_and_ignores_noise():
+    # need/cover of the layers the probe scored above noise on SmolLM2-135M (seed 0, budget 256)
+    need, cover = [0.001] * 30, [0.0] * 30
+    for layer, n, c in [(2, .053, .125), (3, .116, .125), (7, .262, .344), (14, .087, .031), (15, .095, .094),
+                        (17, .493, 1.0), (18, .721, 1.0), (20, .280, .969), (23, .086, .688)]:
+        need[layer], cover[layer] = n, c
+    assert rp.choose_layers(rp.ProbeResult(need, cover, [True] * 30, 2048, 256), 2) == [2, 7, 12, 17, 20]
+    # a sliding-window layer never selects: the gap takes the full layer nearest its middle (11), and 11..17
+    # is still longer than 30 / 6 layers, so 14 splits it
+    sliding = [i != 12 for i in range(30)]
+    assert rp.choose_layers(rp.ProbeResult(need, cover, sliding, 2048, 256), 2) == [2, 7, 11, 14, 17, 20]
+    # no head above chance (random weights): only the first layer after the dense ones
+    flat = rp.ProbeResult([0.006] * 30, [0.1] * 30, [True] * 30, 2048, 256)
+    assert rp.choose_layers(flat, 2) == [2]
+
+
+def test_probe_is_deterministic_and_restores_the_model():
+    model = deep_model()
+    adapter = arch.adapter_for(model)
+    implementation = model.config._attn_implementation
+    functions = set(compat.attention_functions()._global_mapping)
+    hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    first = rp.probe(model, adapter, budget=10)
+    second = rp.probe(model, adapter, budget=10)
+    assert (first.need, first.cover) == (second.need, second.cover)
+    assert rp.probe(model, adapter, budget=10, seed=1).need != first.need  # the seed drives the prompt
+    assert model.config._attn_implementation == implementation
+    assert set(compat.attention_functions()._global_mapping) == functions
+    assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == hooks
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_probe_runs_once_per_model_and_budget():
+    model = deep_model()
+    calls = rp.probe_calls
+    with hfpatch.patch(model, "tidal-decode", budget=10):
+        pass
+    with hfpatch.patch(model, "tidal-decode", budget=10) as handle:
+        assert handle.stats["tidal_decode"]["selection_source"] == "probed (cached in this process)"
+    assert rp.probe_calls == calls + 1
+    with hfpatch.patch(model, "tidal-decode", budget=12):  # the budget changes the cover cut: probe again
+        pass
+    assert rp.probe_calls == calls + 2
+
+
+def test_recipe_carries_the_layers_and_a_later_patch_skips_the_probe(tmp_path):
+    model = deep_model()
+    with hfpatch.patch(model, "tidal-decode", budget=10) as handle:
+        layers = handle.technique("tidal_decode").selection
+        handle.to_recipe(name="calibrated").save_pretrained(tmp_path)
+    entry = Recipe.from_pretrained(tmp_path).techniques[0]
+    assert entry["selection_layers"] == "auto" and entry["calibrated_layers"] == layers
+    assert entry["calibrated_for"].startswith("llama:")
+    rp.clear_cache()  # a new process
+    calls = rp.probe_calls
+    with hfpatch.patch(model, Recipe.from_pretrained(tmp_path)) as handle:
+        assert handle.technique("tidal_decode").selection == layers
+        assert handle.stats["tidal_decode"]["selection_source"] == "loaded from the recipe"
+    assert rp.probe_calls == calls
+
+
+def test_recipe_calibrated_for_other_weights_probes_again_with_a_warning(tmp_path):
+    with hfpatch.patch(deep_model(seed=0), "tidal-decode", budget=10) as handle:
+        recipe = handle.to_recipe()
+    other = deep_model(seed=1)  # same architecture, other weights
+    calls = rp.probe_calls
+    with pytest.warns(UserWarning, match="probing this model again"):
+        with hfpatch.patch(other, recipe) as handle:
+            assert handle.stats["tidal_decode"]["selection_source"] == "probed"
+            key = handle.to_recipe().techniques[0]["calibrated_for"]
+    assert rp.probe_calls == calls + 1 and key != recipe.techniques[0]["calibrated_for"]
+
+
+def test_explicit_lists_and_the_paper_formula_still_work():
+    model = deep_model()
+    calls = rp.probe_calls
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with hfpatch.patch(model, "tidal-decode", budget=10, selection_layers=[3, 5]) as handle:
+            assert handle.technique("tidal_decode").selection == [3, 5]
+            assert handle.stats["tidal_decode"]["selection_source"] == "explicit list"
+            assert handle.to_recipe().techniques[0]["calibrated_layers"] is None
+        with hfpatch.patch(model, "tidal-decode-paper", budget=10) as handle:
+            assert handle.technique("tidal_decode").selection == [2, 3]  # 2 and round(13/32 * 8)
+            assert handle.stats["tidal_decode"]["selection_source"] == "paper formula"
+    assert rp.probe_calls == calls
+    with pytest.raises(RecipeError, match="selection_layers must be 'auto'"):
+        hfpatch.patch(model, "tidal-decode", selection_layers="best")
+
+
+def test_auto_with_a_budget_covering_the_context_gives_full_attention():
+    model = deep_model()
+    ref_seq, ref_logits = generate(model)
+    with hfpatch.patch(model, "tidal-decode", budget=4096) as handle:
+        seq, logits = generate(model)
+        assert handle.stats["tidal_decode"]["selection_source"] == "probed"
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    assert model.config._attn_implementation == "sdpa"
