@@ -144,3 +144,20 @@ def test_auto_with_a_budget_covering_the_context_gives_full_attention():
     assert torch.equal(seq, ref_seq)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_recipe_show_names_the_layers(tmp_path, capsys):
+    from hfpatch.apps import cli
+
+    with hfpatch.patch(deep_model(), "tidal-decode", budget=10) as handle:
+        layers = handle.technique("tidal_decode").selection
+        handle.to_recipe(name="calibrated").save_pretrained(tmp_path)
+    shown = {}
+    for source in (tmp_path, "tidal-decode", "tidal-decode-paper"):
+        assert cli.main(["recipe", "show", str(source)]) == 0
+        shown[source] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("# tidal_decode selection layers")]
+    assert shown[tmp_path] == [f"# tidal_decode selection layers: {layers} (calibrated for "
+                               f"{Recipe.from_pretrained(tmp_path).techniques[0]['calibrated_for']}; another model "
+                               "is probed again at patch time)"]
+    assert shown["tidal-decode"] == ["# tidal_decode selection layers: auto (probed at patch time, once per model)"]
+    assert "paper's formula" in shown["tidal-decode-paper"][0]
