@@ -135,11 +135,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             per_category=args.per_category or 3, max_new_tokens=args.max_new_tokens, threads=args.threads,
             model_name=_model_name(args.model, folder), progress=_progress)
     except ValueError as exc:
-        if isinstance(exc, HfpatchError):
-            raise
-        raise CommandError(str(exc)) from exc
-    print(speculative.format_report(result))
-    written = speculative.save_report(result, args.out)
+        raise _usage_error(exc) from exc
+    return _report(speculative, result, args.out)
+
+
+def _usage_error(exc: ValueError) -> Exception:
+    """A harness's ValueError (bad prompts, a recipe the model refuses) as the one-line error the user sees."""
+    return exc if isinstance(exc, HfpatchError) else CommandError(str(exc))
+
+
+def _report(harness, result: dict, out: str) -> int:
+    """Print a harness's report and write its files (``format_report`` / ``save_report`` of that module)."""
+    print(harness.format_report(result))
+    written = harness.save_report(result, out)
     print(f"[hfpatch] wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     return 0
 
@@ -178,10 +186,5 @@ def _cmd_long_context(args: argparse.Namespace) -> int:
             result = longctx.run(model.eval(), tokenizer, methods=methods,
                                  model_name=_model_name(args.model, folder), progress=_progress, **sizes)
         except ValueError as exc:  # a recipe the model refuses, a length the text on disk cannot fill
-            if isinstance(exc, HfpatchError):
-                raise
-            raise CommandError(str(exc)) from exc
-    print(longctx.format_report(result))
-    written = longctx.save_report(result, args.out)
-    print(f"[hfpatch] wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
-    return 0
+            raise _usage_error(exc) from exc
+    return _report(longctx, result, args.out)
