@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from tiny_models import TEXT_KINDS, tiny_config, tiny_model
-from transformers import AttentionInterface, TextStreamer
+from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import hfpatch
@@ -131,18 +131,10 @@ def test_compacted_cache_equals_sequential_cache():
 
 
 def test_streamer_sees_the_same_tokens():
+    from test_generate_options import Recorder
+
     model = tiny_model("llama")
     prompt = _prompts(1, seed=2)[0]
-
-    class Recorder(TextStreamer):
-        def __init__(self):
-            self.chunks = []
-
-        def put(self, value):
-            self.chunks.append(value.reshape(-1).tolist())
-
-        def end(self):
-            self.chunks.append("end")
 
     vanilla, patched = Recorder(), Recorder()
     model.generate(prompt, max_new_tokens=15, do_sample=False, streamer=vanilla)
