@@ -4,6 +4,8 @@ behind one dispatch (``dispatch.py``) that picks one per call and reports which 
 Ops, with their implementations (``torch`` = the reference; ``triton`` for CUDA tensors; ``cpu`` for CPU
 tensors):
 
+- ``attention_with_column_sums``: softmax attention plus the attention each key received; torch, triton
+- ``diverse_select``: greedy farthest-point (max-min / k-center) token selection in one launch; torch, triton
 - ``group_attention_scores``: a decode step's softmax probabilities summed per KV group; torch, triton
 - ``logprob_gather``: log-softmax and gather of one token per row; torch, triton
 - ``lowrank_sparse_decode``: low-rank re-selection + exact sparse attention; torch, cpu (compiled C++)
@@ -12,6 +14,7 @@ tensors):
 - ``sparse_decode_attention``: attention over an index set of the cache; torch, triton, cpu (compiled C++)
 
 Modules: ``logprob_gather``, ``sparse_decode`` and ``lowrank_decode`` hold the ops of those names,
+``diverse_select`` and ``vision_attention`` (``attention_with_column_sums``) serve visual-token pruning,
 ``attention_scores`` the attention scores used to choose positions (``group_attention_scores``,
 ``scored_attention``), ``selection`` the choice itself (``select_positions``); ``dispatch`` is the registry,
 ``cpu_build`` builds the C++ sources of ``csrc/``, ``interpret`` says whether Triton can run here and
@@ -28,8 +31,8 @@ Example:
     >>> import torch
     >>> from hfpatch.kernels import get_kernel, list_kernels, logprob_gather
     >>> list_kernels()  # doctest: +NORMALIZE_WHITESPACE
-    ['group_attention_scores', 'logprob_gather', 'lowrank_sparse_decode', 'scored_attention',
-     'select_positions', 'sparse_decode_attention']
+    ['attention_with_column_sums', 'diverse_select', 'group_attention_scores', 'logprob_gather',
+     'lowrank_sparse_decode', 'scored_attention', 'select_positions', 'sparse_decode_attention']
     >>> get_kernel("select_positions").backends
     ('torch', 'cpu')
     >>> logprob_gather(torch.zeros(2, 4), torch.tensor([0, 3]))
@@ -64,6 +67,12 @@ from .attention_scores import (
 )
 from .selection import forced_positions, select_positions, select_positions_reference, with_forced_first
 from .lowrank_decode import lowrank_sparse_decode, lowrank_sparse_decode_reference
+from .diverse_select import diverse_select, diverse_select_reference, diverse_select_triton
+from .vision_attention import (
+    attention_with_column_sums,
+    attention_with_column_sums_reference,
+    attention_with_column_sums_triton,
+)
 
 __all__ = [
     "BACKENDS",
@@ -73,7 +82,13 @@ __all__ = [
     "ENV_VAR",
     "KernelOp",
     "KernelUnavailableError",
+    "attention_with_column_sums",
+    "attention_with_column_sums_reference",
+    "attention_with_column_sums_triton",
     "attention_with_scores",
+    "diverse_select",
+    "diverse_select_reference",
+    "diverse_select_triton",
     "forced_positions",
     "get_kernel",
     "group_attention_scores",
