@@ -302,3 +302,62 @@ def test_with_a_speculative_drafter_in_one_recipe_output_stays_exact():
     assert torch.equal(out, ref)
     assert "tree mask" in (stats["ngram_lookup"]["fallback"] or "") or stats["recycled_attention"]["multi_token_steps"]
     assert stats["recycled_attention"]["decode_steps"] > 0
+
+
+# ------------------------------------------------------------------------------------------------------
+# compiled CPU kernels are built in patch(), never inside the first decode step
+
+@pytest.fixture
+def build_calls(monkeypatch):
+    """Record (and stub) cpu_build.build: the sources patch() asks to build."""
+    from hfpatch.kernels import cpu_build
+
+    calls = []
+    monkeypatch.setattr(cpu_build, "build", lambda source: calls.append(source))
+    return calls
+
+
+@pytest.mark.parametrize("recipe", ["recycled-attention", "recycled-attention-paper", "tidal-decode-paper",
+                                    "sink-window", "quest"])
+def test_patch_builds_the_compiled_cpu_kernel_of_a_cpu_model(build_calls, recipe, monkeypatch):
+    monkeypatch.delenv("HFPATCH_KERNELS", raising=False)
+    model = deep_model(layers=3)
+    with hfpatch.patch(model, recipe) as handle:
+        assert build_calls == ["sparse_decode.cpp"]  # before any generate
+        assert handle.stats[RECIPES[recipe]]["kernel_fallback"] is None
+
+
+def test_patch_does_not_build_for_the_reference_or_for_other_dtypes(build_calls, monkeypatch):
+    model = deep_model(layers=3)
+    monkeypatch.setenv("HFPATCH_KERNELS", "torch")
+    with hfpatch.patch(model, "recycled-attention") as handle:
+        assert "HFPATCH_KERNELS=torch" in handle.stats["recycled_attention"]["kernel_fallback"]
+    monkeypatch.delenv("HFPATCH_KERNELS")
+    with hfpatch.patch(deep_model(layers=3, dtype=torch.bfloat16), "recycled-attention") as handle:
+        assert "float32" in handle.stats["recycled_attention"]["kernel_fallback"]
+    assert build_calls == []
+
+
+def test_patch_says_once_when_the_kernel_cannot_build_and_stats_name_the_fallback(monkeypatch):
+    """A failed build (simulated: the builder's recorded failure, as after a missing compiler) is one warning
+    at patch time; decode steps then run the reference and the stats say which and why."""
+    from hfpatch.kernels import cpu_build
+
+    monkeypatch.delenv("HFPATCH_KERNELS", raising=False)
+    monkeypatch.setitem(cpu_build._failures, "sparse_decode.cpp", "RuntimeError: Ninja is required to load C++ extensions")
+    model = deep_model(layers=3)
+    ids = batch(n=1, pad=(0,))[0]
+    with pytest.warns(RuntimeWarning) as caught:
+        handle = hfpatch.patch(model, "recycled-attention-paper", budget=8, stride=4)
+    messages = [str(w.message) for w in caught if "could not be built" in str(w.message)]
+    assert len(messages) == 1
+    assert "Ninja is required" in messages[0] and "hfpatch kernels build" in messages[0]
+    import warnings as _warnings
+
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error")  # nothing more is said while decoding
+        model.generate(ids, max_new_tokens=6, do_sample=False)
+    stats = handle.stats["recycled_attention"]
+    assert stats["kernel_fallback"].startswith("reference (torch)") and "Ninja is required" in stats["kernel_fallback"]
+    assert stats["sparse_layer_steps"] > 0 and stats["kernel"] == "torch"
+    handle.unpatch()

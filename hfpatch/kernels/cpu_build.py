@@ -8,6 +8,11 @@ and torch version (``-O3 -march=native``, OpenMP) into torch's extension directo
 load the built library in milliseconds. Building needs a C++ compiler and ninja (``pip install ninja``);
 when either is missing or the build fails, the kernel reports why (``unavailable()``), one warning says
 so, ``auto`` dispatch runs the reference and ``backend="cpu"`` raises ``KernelUnavailableError``.
+
+Techniques whose decode steps dispatch to a compiled kernel build it (or load the cached build) in
+``patch()`` when the model is on CPU, through ``build``, so a user's first timed decode step never compiles;
+``hfpatch kernels build`` builds every source ahead of time and ``hfpatch kernels list`` shows each one's
+``build_state``.
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ import torch
 
 from .dispatch import CpuKernel
 
-__all__ = ["CompiledKernel", "SOURCE_DIR", "build_directory", "load"]
+__all__ = ["CompiledKernel", "SOURCE_DIR", "build", "build_directory", "build_state", "compiled_sources", "load",
+           "missing_tools"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +40,7 @@ _CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
 _lock = threading.Lock()
 _failures: dict[str, str] = {}
+_loaded: set[str] = set()
 
 
 def _machine_tag() -> str:
@@ -79,21 +86,74 @@ def _load(source: str) -> ModuleType:
                               extra_ldflags=list(_LDFLAGS), build_directory=str(directory), verbose=False)
 
 
-def load(source: str) -> ModuleType | None:
+def load(source: str, *, warn: bool = True) -> ModuleType | None:
     """The extension module built from ``csrc/<source>``, or None when it cannot be built here (the
-    reason: ``CompiledKernel.unavailable``). Builds at most once per process; thread-safe."""
+    reason: ``CompiledKernel.unavailable``). Builds at most once per process; thread-safe. A failure is
+    logged once (``warn=False``: not at all, for callers that report it themselves, e.g. ``patch()``)."""
     with _lock:
         if source in _failures:
             return None
         try:
-            return _load(source)
+            module = _load(source)
         except Exception as error:  # noqa: BLE001 - no compiler, no ninja, a compile error: all mean "use torch"
             reason = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
             _failures[source] = reason
-            logger.warning("hfpatch: the CPU kernel %s could not be built (%s); auto dispatch runs the pure-torch "
-                           "reference instead",
-                           source, reason)
+            if warn:
+                logger.warning("hfpatch: the CPU kernel %s could not be built (%s); auto dispatch runs the "
+                               "pure-torch reference instead", source, reason)
             return None
+        _loaded.add(source)
+        return module
+
+
+def build(source: str) -> str | None:
+    """Build (or load the cached build of) ``csrc/<source>`` now; None when it is ready, else why it cannot be
+    built here. Logs nothing on failure: the caller says so (``patch()`` warns once, ``hfpatch kernels build``
+    prints the reason). A failure is remembered for the process, as ``load`` does."""
+    if load(source, warn=False) is not None:
+        return None
+    return _failures.get(source, "unknown error")
+
+
+def build_state(source: str) -> str:
+    """Where ``csrc/<source>`` stands, without building anything: ``"loaded"`` (in this process), ``"built"``
+    (a cached build for this machine, source and torch version exists), ``"failed: <reason>"`` (a build was
+    tried in this process) or ``"not built"``."""
+    if source in _failures:
+        return f"failed: {_failures[source]}"
+    if source in _loaded:
+        return "loaded"
+    return "built" if (build_directory(source) / f"{_extension_name(source)}.so").exists() else "not built"
+
+
+def compiled_sources() -> dict[str, list[str]]:
+    """Each C++ source of a registered op's CPU implementation -> the ops it serves (sorted)."""
+    from .dispatch import get_kernel, list_kernels
+
+    sources: dict[str, list[str]] = {}
+    for name in list_kernels():
+        cpu = get_kernel(name).cpu
+        if isinstance(cpu, CompiledKernel):
+            sources.setdefault(cpu.source, []).append(name)
+    return sources
+
+
+def missing_tools() -> list[str]:
+    """What a build needs and this machine lacks (empty when a C++ compiler and ninja are found), each with how
+    to get it. A build can still fail for other reasons (a compile error); ``build`` says which."""
+    import shutil
+
+    missing = []
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        missing.append(f"a C++ compiler ({compiler!r} is not on PATH; e.g. apt-get install g++, or set CXX)")
+    try:
+        from torch.utils.cpp_extension import verify_ninja_availability
+
+        verify_ninja_availability()
+    except RuntimeError:
+        missing.append("ninja (pip install ninja)")
+    return missing
 
 
 class CompiledKernel(CpuKernel):

@@ -20,13 +20,24 @@ plain full attention, so a budget >= the context length gives the unpatched logi
 from __future__ import annotations
 
 import dataclasses
+import os
+import warnings
 from typing import Any, ClassVar
 
 import torch
 
 from ... import arch, compat, primitives
 from ...cache import growable_cache
-from ...kernels import group_attention_scores, select_positions, sparse_decode_attention, with_forced_first
+from ...kernels import (
+    ENV_VAR,
+    CompiledKernel,
+    KernelOp,
+    cpu_build,
+    group_attention_scores,
+    select_positions,
+    sparse_decode_attention,
+    with_forced_first,
+)
 from ...technique import Technique, param
 
 #: Attention implementations whose masks and numerics the sparse path reproduces. Full steps run sdpa.
@@ -142,6 +153,7 @@ class SparseAttentionTechnique(Technique):
         self.layers.clear()
         self.reset_stats()
         self.num_layers = len(ctx.adapter.decoder_layers())
+        self.kernel_fallback = self._prepare_kernels(ctx.adapter)
         # Multi-token steps (prefill, speculative tree verification) go to sdpa with the mask they were given.
         _, undo = primitives.use_attention_function(model, self._attention, mask_like="sdpa", label=self.label,
                                                     accepts_tree_mask=True)
@@ -150,6 +162,37 @@ class SparseAttentionTechnique(Technique):
         if getattr(self.params, "kv_cache", "dynamic") == "growable":
             ctx.record(primitives.wrap_generate(
                 model, lambda original, *args, **kwargs: self._generate(model, original, args, kwargs)))
+
+    def kernel_ops(self) -> tuple[KernelOp, ...]:
+        """The kernel ops this technique's decode steps dispatch to with these parameters (their compiled CPU
+        sources are built in ``patch()``)."""
+        return (sparse_decode_attention,)
+
+    def _prepare_kernels(self, adapter) -> str | None:
+        """Build (or load the cached build of) the compiled CPU kernels this technique will dispatch to, now
+        rather than inside the first decode step of a user's ``generate``; returns None when every one is
+        ready (or none is needed), else which implementation decode steps fall back to and why (warned once)."""
+        sources = sorted({op.cpu.source for op in self.kernel_ops() if isinstance(op.cpu, CompiledKernel)})
+        params = list(adapter.language_model.parameters())
+        if not sources or not any(p.device.type == "cpu" for p in params):
+            return None  # accelerator models dispatch to Triton or the reference: nothing to compile
+        if os.environ.get(ENV_VAR, "").strip().lower() == "torch":
+            return f"reference (torch): {ENV_VAR}=torch turns the compiled kernels off"
+        dtypes = {p.dtype for p in params if p.is_floating_point()}
+        if dtypes and torch.float32 not in dtypes:
+            # the compiled kernels take float32 only; building them would not change what runs
+            names = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
+            return f"reference (torch): the compiled CPU kernels take float32 tensors, this model is {names}"
+        failures = {source: reason for source in sources if (reason := cpu_build.build(source)) is not None}
+        if not failures:
+            return None
+        why = "; ".join(f"{source}: {reason}" for source, reason in failures.items())
+        warnings.warn(
+            f"{self.name}: the compiled CPU kernel could not be built here ({why}); decode steps run the "
+            "pure-torch reference instead (same results, slower). Install a C++ compiler and ninja "
+            "(pip install ninja), then run `hfpatch kernels build` and patch again; "
+            f"{ENV_VAR}=torch chooses the reference without trying to build.", RuntimeWarning, stacklevel=3)
+        return f"reference (torch): the compiled CPU kernel did not build ({why})"
 
     def _generate(self, model, original, args, kwargs):
         """``generate`` with an in-place KV cache when the caller brings none (see ``hfpatch.cache``)."""
@@ -181,6 +224,8 @@ class SparseAttentionTechnique(Technique):
     def stats(self) -> dict[str, Any]:
         """Counts since the last prefill: sparse vs full (layer, step) pairs and the attended fraction."""
         out = dict(self._stats)
+        # None when the compiled kernels were ready at patch time; else the fallback and why
+        out["kernel_fallback"] = getattr(self, "kernel_fallback", None)
         total = out["sparse_layer_steps"] + out["full_layer_steps"]
         out["sparse_fraction"] = out["sparse_layer_steps"] / total if total else 0.0
         attended, cached = out.pop("attended_positions"), out.pop("cached_positions")

@@ -68,6 +68,10 @@ class RecycledAttention(SparseAttentionTechnique):
                              "selection, which `rescore_rank` replaces at every step; set one of them to 0")
         super().apply(model, ctx)
 
+    def kernel_ops(self):
+        """Rescored sparse steps run ``lowrank_sparse_decode``; the paper's reuse runs ``sparse_decode_attention``."""
+        return (lowrank_sparse_decode,) if self.params.rescore_rank else super().kernel_ops()
+
     def _needs_full(self, state: LayerState, query: torch.Tensor) -> bool:
         if state.index is None or state.steps_since_full + 1 >= self.params.stride:
             return True
