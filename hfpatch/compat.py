@@ -260,3 +260,24 @@ def stopping_criteria_list(criteria):
     from transformers import StoppingCriteriaList
 
     return StoppingCriteriaList(criteria)
+
+
+def attention_function(implementation: str | None, module):
+    """The attention function transformers runs for `implementation` inside `module` (an attention module).
+
+    "eager" (and None) is not in transformers' registry: each model file has its own `eager_attention_forward`,
+    found in the module's own model file. Every other name (sdpa, a function registered by hfpatch) comes
+    from the registry. Used by techniques that observe one layer's attention and then run the model's own.
+    """
+    import sys
+
+    if implementation in (None, "eager"):
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return attention_functions()._global_mapping[implementation]
+
+
+def cache_layer_length(cache, layer_idx: int) -> int:
+    """Positions held by one layer of a cache (0 for an empty or absent cache)."""
+    if cache is None:
+        return 0
+    return int(cache.get_seq_length(layer_idx))

@@ -1,0 +1,224 @@
+"""FastV and the in-decoder pruning machinery (hfpatch/techniques/vision/in_llm.py) on tiny VLMs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hfpatch
+import hfpatch.techniques.vision.fastv  # noqa: F401  (registers fastv)
+from hfpatch.errors import HfpatchError, RecipeError, UnsupportedModelError
+from hfpatch.techniques.vision.in_llm import build_event, visual_spans
+from tiny_models import tiny_model
+
+LLAVA_IMAGE = 127
+QWEN_IMAGE, QWEN_START, QWEN_END = 120, 122, 123
+
+
+def recipe(technique: str = "fastv", **params):
+    return {"hfpatch_version": "1.0", "name": "test", "techniques": [{"type": technique, **params}]}
+
+
+def llava_inputs(seed: int = 0, text=(6, 7)):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([[1, 5] + [LLAVA_IMAGE] * 4 + list(text)])
+    return {"input_ids": ids, "pixel_values": torch.randn(1, 3, 28, 28, generator=generator)}
+
+
+def qwen_inputs(seed: int = 0, text=(6, 7)):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([[1, 5, QWEN_START] + [QWEN_IMAGE] * 4 + [QWEN_END] + list(text)])
+    return {"input_ids": ids, "pixel_values": torch.randn(16, 3 * 2 * 14 * 14, generator=generator),
+            "image_grid_thw": torch.tensor([[1, 4, 4]]), "mm_token_type_ids": (ids == QWEN_IMAGE).int()}
+
+
+def left_pad_batch(rows: list[dict], pad: int = 0) -> dict:
+    """Two single-row inputs as one left-padded batch (pixels concatenated in row order)."""
+    length = max(r["input_ids"].shape[1] for r in rows)
+    batch = {"input_ids": [], "attention_mask": []}
+    for r in rows:
+        ids = r["input_ids"][0]
+        gap = length - len(ids)
+        batch["input_ids"].append(torch.cat([torch.full((gap,), pad), ids]))
+        batch["attention_mask"].append(torch.cat([torch.zeros(gap, dtype=torch.long), torch.ones(len(ids), dtype=torch.long)]))
+        if "mm_token_type_ids" in r:
+            batch.setdefault("mm_token_type_ids", []).append(torch.cat([torch.zeros(gap, dtype=torch.int), r["mm_token_type_ids"][0]]))
+    out = {key: torch.stack(value) for key, value in batch.items()}
+    for key in ("pixel_values", "image_grid_thw"):
+        if key in rows[0]:
+            out[key] = torch.cat([r[key] for r in rows])
+    return out
+
+
+INPUTS = {"llava": llava_inputs, "qwen2_vl": qwen_inputs, "qwen2_5_vl": qwen_inputs}
+
+
+def generate(model, inputs, n=5):
+    return model.generate(**inputs, max_new_tokens=n, do_sample=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the machinery on fixed tensors
+
+def test_visual_spans_finds_each_run():
+    row = torch.tensor([0, 1, 1, 0, 0, 1, 1, 1, 0, 1], dtype=torch.bool)
+    assert visual_spans(row) == [(1, 3), (5, 8), (9, 10)]
+    assert visual_spans(torch.zeros(4, dtype=torch.bool)) == []
+
+
+def test_build_event_equal_rows_and_dead_slots():
+    # row 0 drops positions 2 and 3; row 1 (two pads) drops position 4 only: it has 1 + 2 = 3 positions gone but
+    # must keep as many slots as row 0 (4 of 6), so it keeps one pad as a dead slot, never a real token alive
+    drop = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 0]], dtype=torch.bool)
+    valid = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    event = build_event(3, drop, valid, 6)
+    assert event.layer == 3 and event.kept_len == 4
+    assert event.keep.tolist() == [[0, 1, 4, 5], [0, 2, 3, 5]]
+    assert event.dead.tolist() == [[False, False, False, False], [True, False, False, False]]
+    # nothing to drop (padding alone does not count): no event, so no change to the model's computation
+    assert build_event(1, torch.zeros(2, 6, dtype=torch.bool), valid, 6) is None
+
+
+def test_build_event_row_with_nothing_to_drop_keeps_dropped_tokens_dead():
+    drop = torch.tensor([[0, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    valid = torch.ones(2, 4, dtype=torch.bool)
+    event = build_event(1, drop, valid, 4)
+    # row 1 cannot shrink, so row 0 keeps its dropped tokens in dead slots (masked as keys)
+    assert event.kept_len == 4 and event.keep.tolist() == [[0, 1, 2, 3]] * 2
+    assert event.dead.tolist() == [[False, True, True, False], [False] * 4]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FastV on tiny models
+
+@pytest.mark.parametrize("kind", ["llava", "qwen2_vl"])
+def test_full_budget_is_identity(kind):
+    model = tiny_model(kind)
+    inputs = INPUTS[kind]()
+    reference = model(**inputs).logits
+    with hfpatch.patch(model, recipe(budget=4, layer=1)) as handle:
+        logits = model(**inputs).logits
+        assert handle.stats["fastv"]["pruned"] is False
+        assert handle.stats["fastv"]["visual_tokens"] == [4]
+    torch.testing.assert_close(logits, reference, rtol=0, atol=1e-5)
+
+
+def test_pruned_forward_keeps_shape_and_changes_logits():
+    model = tiny_model("llava")
+    inputs = llava_inputs()
+    reference = model(**inputs).logits
+    with hfpatch.patch(model, recipe(budget=1, layer=1)) as handle:
+        logits = model(**inputs).logits
+        stats = handle.stats["fastv"]
+    assert logits.shape == reference.shape
+    assert stats["pruned"] and stats["layer"] == 1 and stats["kept_visual_tokens"] == [1]
+    assert stats["pruned_sequence_length"] == 5
+    # layer 0 sees everything: the positions before the image are unchanged, the text after it is not
+    torch.testing.assert_close(logits[:, :2], reference[:, :2], rtol=0, atol=1e-5)
+    assert (logits[:, -1] - reference[:, -1]).abs().max() > 1e-4
+
+
+def _reference_next_token(model, ids, pixel_values, keep_prompt, layer_k):
+    """Greedy next token computed by hand: layers < K on every position, layers >= K on the kept prompt positions
+    plus every generated token, no cache, original positions (the sequence a FastV prefill + decode must see)."""
+    inner = model.model
+    embeds = inner.get_input_embeddings()(ids)
+    features = inner.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+    features = torch.cat(list(features)).to(embeds.dtype)
+    mask = (ids == LLAVA_IMAGE)[..., None].expand_as(embeds)
+    hidden = embeds.masked_scatter(mask, features)
+    lm = inner.language_model
+    positions = torch.arange(ids.shape[1])
+    keep = torch.cat([keep_prompt, torch.arange(int(keep_prompt.max()) + 1, ids.shape[1])])
+    keep = keep[keep >= 0]
+    for index, decoder_layer in enumerate(lm.layers):
+        if index == layer_k:
+            hidden, positions = hidden[:, keep], positions[keep]
+        cos, sin = lm.rotary_emb(hidden, positions[None])
+        hidden = decoder_layer(hidden, attention_mask=None, position_embeddings=(cos, sin), position_ids=positions[None])
+    return int(model.lm_head(lm.norm(hidden))[0, -1].argmax())
+
+
+def test_generate_equals_reference_loop_on_hand_pruned_sequence():
+    model = tiny_model("llava")
+    inputs = llava_inputs(seed=3)
+    handle = hfpatch.patch(model, recipe(budget=2, layer=1))
+    out = generate(model, inputs, n=6)
+    technique = handle.techniques[0]
+    keep_prompt = technique.pruner.event.keep[0]
+    assert handle.stats["fastv"]["kept_visual_tokens"] == [2]
+    handle.unpatch()
+    ids = inputs["input_ids"]
+    prompt_len = ids.shape[1]
+    expected = ids
+    for _ in range(6):
+        token = _reference_next_token(model, expected, inputs["pixel_values"], keep_prompt, 1)
+        expected = torch.cat([expected, torch.tensor([[token]])], dim=1)
+    assert out[0, prompt_len:].tolist() == expected[0, prompt_len:].tolist()
+
+
+@pytest.mark.parametrize("kind,implementation", [("llava", "sdpa"), ("llava", "eager"), ("qwen2_vl", "sdpa"),
+                                                 ("qwen2_vl", "eager"), ("qwen2_5_vl", "sdpa")])
+def test_padded_batch_rows_equal_their_single_runs(kind, implementation):
+    model = tiny_model(kind)
+    model.set_attn_implementation(implementation)
+    long_row = INPUTS[kind](seed=1, text=(6, 7, 8, 9))
+    short_row = INPUTS[kind](seed=2, text=(9,))
+    with hfpatch.patch(model, recipe(budget=1, layer=1)) as handle:
+        singles = [generate(model, row)[0, row["input_ids"].shape[1]:] for row in (long_row, short_row)]
+        batch = left_pad_batch([long_row, short_row])
+        out = generate(model, batch)
+        stats = handle.stats["fastv"]
+    assert stats["pruned"] and stats["kept_visual_tokens"] == [1, 1]
+    # the short row has 3 pads; both rows drop 3 visual tokens, so the short row keeps pads as dead slots
+    assert stats["dead_slots"] == 3
+    length = batch["input_ids"].shape[1]
+    for row, single in enumerate(singles):
+        assert out[row, length:].tolist() == single.tolist()
+
+
+def test_keep_ratio_and_stats():
+    model = tiny_model("qwen2_vl")
+    with hfpatch.patch(model, recipe(keep_ratio=0.5, layer=1)) as handle:
+        generate(model, qwen_inputs(), n=2)
+        stats = handle.stats["fastv"]
+    assert stats["visual_tokens"] == [4] and stats["kept_visual_tokens"] == [2]
+    assert stats["sequence_length"] == 10 and stats["pruned_sequence_length"] == 8
+
+
+def test_inputs_embeds_only_is_not_pruned_and_says_why():
+    model = tiny_model("llava")
+    embeds = model.get_input_embeddings()(torch.tensor([[1, 5, 6, 7]]))
+    reference = model(inputs_embeds=embeds).logits
+    with hfpatch.patch(model, recipe(budget=1, layer=1)) as handle:
+        logits = model(inputs_embeds=embeds).logits
+        assert "inputs_embeds" in handle.stats["fastv"]["reason"]
+    torch.testing.assert_close(logits, reference, rtol=0, atol=0)
+
+
+def test_unpatch_restores_and_second_instance_untouched():
+    model, other = tiny_model("llava"), tiny_model("llava")
+    inputs = llava_inputs()
+    reference = model(**inputs).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    implementation = model.config.get_text_config()._attn_implementation
+    handle = hfpatch.patch(model, recipe(budget=1, layer=1))
+    assert (model(**inputs).logits - reference).abs().max() > 1e-4
+    torch.testing.assert_close(other(**inputs).logits, reference, rtol=0, atol=0)
+    handle.unpatch()
+    torch.testing.assert_close(model(**inputs).logits, reference, rtol=0, atol=0)
+    assert model.config.get_text_config()._attn_implementation == implementation
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert not any(layer._forward_pre_hooks for layer in model.model.language_model.layers)
+
+
+def test_refusals():
+    with pytest.raises(RecipeError, match="exactly one of budget"):
+        hfpatch.patch(tiny_model("llava"), recipe(budget=2, keep_ratio=0.5))
+    with pytest.raises(RecipeError, match="exactly one of budget"):
+        hfpatch.patch(tiny_model("llava"), recipe(layer=1))
+    with pytest.raises(RecipeError):
+        hfpatch.patch(tiny_model("llava"), recipe(budget=0))
+    with pytest.raises(HfpatchError, match="decoder layers"):
+        hfpatch.patch(tiny_model("llava"), recipe(budget=2, layer=2))
+    with pytest.raises(UnsupportedModelError, match="llama"):
+        hfpatch.patch(tiny_model("llama"), recipe(budget=2, layer=1))
