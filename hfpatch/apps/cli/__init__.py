@@ -13,6 +13,7 @@
     hfpatch demo [--recipe R] [--max-new-tokens N] [--threads N]
     hfpatch transplant --model DIR --tokenizer DIR --out DIR [--method M] [--donor DIR] ...
     hfpatch kernels list [--json] | hfpatch kernels build
+    hfpatch critical-tokens [--model DIR] --pairs FILE.jsonl --out DIR [--save-recipe DIR | --recipe R] ...
 
 Exit codes: 0 success, 1 ``recipe validate`` found invalid recipes, 2 an error the user can fix (printed as
 one line on stderr, never a traceback; ``-v`` adds the traceback), 130 interrupted. Usage errors are that one
@@ -33,14 +34,14 @@ import warnings
 from typing import Sequence
 
 import hfpatch
-from hfpatch.apps.cli import bench, common, demo, kernels, listing, recipe, run, transplant
+from hfpatch.apps.cli import bench, common, critical_tokens, demo, kernels, listing, recipe, run, transplant
 
 __all__ = ["GROUPS", "build_parser", "main"]
 
 logger = logging.getLogger(__name__)
 
 #: The command groups, in the order ``hfpatch --help`` lists their commands.
-GROUPS = (listing, recipe, run, bench, demo, transplant, kernels)
+GROUPS = (listing, recipe, run, bench, demo, transplant, kernels, critical_tokens)
 
 
 def build_parser() -> argparse.ArgumentParser:
