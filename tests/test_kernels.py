@@ -457,6 +457,8 @@ def _calls_per_op():
     bf16 = [t.bfloat16() for t in (q, k, v)]
     return {
         "group_attention_scores": [((q, k, valid), dict(scale=0.3), "torch")],
+        "linear_logprob": [((torch.randn(3, 8, generator=g), torch.randn(11, 8, generator=g), torch.tensor([0, 5, 10])),
+                            {}, "cpu")],
         "logprob_gather": [((torch.randn(3, 11, generator=g), torch.tensor([0, 5, 10])), {}, "torch")],
         "lowrank_sparse_decode": [
             ((q, basis, projected, k, v, valid), dict(budget=6, sink=1, window=2), lowrank_cpu),

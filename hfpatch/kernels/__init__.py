@@ -7,14 +7,16 @@ tensors):
 - ``attention_with_column_sums``: softmax attention plus the attention each key received; torch, triton
 - ``diverse_select``: greedy farthest-point (max-min / k-center) token selection in one launch; torch, triton
 - ``group_attention_scores``: a decode step's softmax probabilities summed per KV group; torch, triton
+- ``linear_logprob``: log-prob of each row's label under ``hidden @ weight.T`` in vocabulary tiles, never the
+  ``[N, V]`` logits (+ the per-position KL to a reference for TDPO); torch, triton, cpu (tiled torch)
 - ``logprob_gather``: log-softmax and gather of one token per row; torch, triton
 - ``lowrank_sparse_decode``: low-rank re-selection + exact sparse attention; torch, cpu (compiled C++)
 - ``scored_attention``: a step's full attention and its group scores; torch, cpu (one pass, float32)
 - ``select_positions``: the top-``budget`` positions, forced ones in; torch, cpu (NumPy)
 - ``sparse_decode_attention``: attention over an index set of the cache; torch, triton, cpu (compiled C++)
 
-Modules: ``logprob_gather``, ``sparse_decode`` and ``lowrank_decode`` hold the ops of those names,
-``diverse_select`` and ``vision_attention`` (``attention_with_column_sums``) serve visual-token pruning,
+Modules: ``logprob_gather``, ``linear_logprob``, ``sparse_decode`` and ``lowrank_decode`` hold the ops of those
+names, ``diverse_select`` and ``vision_attention`` (``attention_with_column_sums``) serve visual-token pruning,
 ``attention_scores`` the attention scores used to choose positions (``group_attention_scores``,
 ``scored_attention``), ``selection`` the choice itself (``select_positions``); ``dispatch`` is the registry,
 ``cpu_build`` builds the C++ sources of ``csrc/``, ``interpret`` says whether Triton can run here and
@@ -31,8 +33,9 @@ Example:
     >>> import torch
     >>> from hfpatch.kernels import get_kernel, list_kernels, logprob_gather
     >>> list_kernels()  # doctest: +NORMALIZE_WHITESPACE
-    ['attention_with_column_sums', 'diverse_select', 'group_attention_scores', 'logprob_gather',
-     'lowrank_sparse_decode', 'scored_attention', 'select_positions', 'sparse_decode_attention']
+    ['attention_with_column_sums', 'diverse_select', 'group_attention_scores', 'linear_logprob',
+     'logprob_gather', 'lowrank_sparse_decode', 'scored_attention', 'select_positions',
+     'sparse_decode_attention']
     >>> get_kernel("select_positions").backends
     ('torch', 'cpu')
     >>> logprob_gather(torch.zeros(2, 4), torch.tensor([0, 3]))
@@ -56,6 +59,7 @@ from .interpret import triton_available, triton_cpu_reason, triton_runs_on_cpu
 from .cpu_build import CompiledKernel
 from .launch import sm_count
 from .logprob_gather import logprob_gather, logprob_gather_reference, logprob_gather_triton
+from .linear_logprob import linear_logprob, linear_logprob_cpu, linear_logprob_reference, linear_logprob_triton
 from .sparse_decode import sparse_decode_attention, sparse_decode_attention_reference, sparse_decode_attention_triton
 from .attention_scores import (
     attention_with_scores,
@@ -94,6 +98,10 @@ __all__ = [
     "group_attention_scores",
     "group_attention_scores_reference",
     "group_attention_scores_triton",
+    "linear_logprob",
+    "linear_logprob_cpu",
+    "linear_logprob_reference",
+    "linear_logprob_triton",
     "list_kernels",
     "logprob_gather",
     "logprob_gather_reference",
