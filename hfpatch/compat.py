@@ -262,6 +262,100 @@ def stopping_criteria_list(criteria):
     return StoppingCriteriaList(criteria)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# trainers: transformers' Trainer and TRL's preference trainer (TRL is optional; it is imported only here,
+# and only when a trainer of its own is what is being patched)
+
+#: TRL versions the training techniques were tested with (`DPOTrainer._compute_loss`, its fused LM head).
+TESTED_TRL = (">=1.16", "<1.17")
+
+
+def is_trainer(obj) -> bool:
+    """Whether `obj` is a `transformers.Trainer` (TRL's trainers are subclasses)."""
+    return isinstance(obj, transformers.Trainer)
+
+
+def is_trl_preference_trainer(trainer) -> bool:
+    """Whether `trainer` is TRL's `DPOTrainer`: its model carries TRL's fused LM head
+    (`model(..., labels=, fused_lm_head=True).log_probs`), its collator builds chosen-then-rejected batches with a
+    `completion_mask`, and its reference is `trainer.ref_model` or the PEFT policy with the adapter disabled."""
+    import sys
+
+    if "trl" not in sys.modules:  # a trainer of TRL's cannot exist without trl imported
+        return False
+    from trl import DPOTrainer
+
+    return isinstance(trainer, DPOTrainer)
+
+
+def trl_version():
+    """The installed TRL version, or None when TRL is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return Version(version("trl"))
+    except PackageNotFoundError:
+        return None
+
+
+def is_peft_model(model) -> bool:
+    """Whether `model` is a PEFT `PeftModel` (whose adapter can be switched off to give the base model)."""
+    return type(model).__module__.startswith("peft") and callable(getattr(model, "disable_adapter", None))
+
+
+def trainer_unwrapped_model(trainer, model):
+    """The model inside the DDP/Accelerate wrapper a trainer hands to `compute_loss`."""
+    accelerator = getattr(trainer, "accelerator", None)
+    return accelerator.unwrap_model(model) if accelerator is not None else model
+
+
+def reference_adapter(peft_model):
+    """A context manager in which a PEFT policy computes as its reference: TRL's convention (an adapter named
+    "ref" when there is one, else every adapter disabled), else PEFT's own `disable_adapter()`."""
+    if "ref" in getattr(peft_model, "peft_config", {}):
+        from trl.trainer.utils import use_adapter
+
+        return use_adapter(peft_model, adapter_name="ref")
+    return peft_model.disable_adapter()
+
+
+def trainer_precomputes_reference(trainer) -> bool:
+    """Whether a TRL trainer reads precomputed per-sequence reference log-prob sums from the batch."""
+    return bool(getattr(trainer, "precompute_ref_logps", False))
+
+
+def trainer_prepare_inputs(trainer, inputs):
+    """A batch moved to the trainer's device as its own steps do (the private `Trainer._prepare_inputs`)."""
+    return trainer._prepare_inputs(inputs)
+
+
+def trainer_truncation_mode(trainer) -> str:
+    """How the trainer's preference collator cuts long sequences ("keep_start" or "keep_end")."""
+    return getattr(getattr(trainer, "args", None), "truncation_mode", "keep_start") or "keep_start"
+
+
+#: The trainer method that fills `_signature_columns` (the dataset columns kept by `remove_unused_columns`).
+SIGNATURE_COLUMNS_METHOD = "_set_signature_columns_if_needed"
+
+
+def add_signature_columns(trainer, columns) -> list[str]:
+    """Add `columns` to the trainer's kept dataset columns if they are already decided; returns those added (so
+    that they can be removed again). Before they are decided, wrap `SIGNATURE_COLUMNS_METHOD` and call this after."""
+    current = trainer.__dict__.get("_signature_columns")
+    if current is None:
+        return []
+    added = [column for column in columns if column not in current]
+    trainer._signature_columns = list(current) + added
+    return added
+
+
+def remove_signature_columns(trainer, columns) -> None:
+    """Take `columns` (added by `add_signature_columns`) out of the trainer's kept dataset columns again."""
+    current = trainer.__dict__.get("_signature_columns")
+    if current is not None:
+        trainer._signature_columns = [column for column in current if column not in columns]
+
+
 def attention_function(implementation: str | None, module):
     """The attention function transformers runs for `implementation` inside `module` (an attention module).
 

@@ -43,7 +43,9 @@ class PatchContext:
 
     def __init__(self, model: torch.nn.Module, handle: PatchHandle):
         self.model = model
-        self.adapter = arch.adapter_for(model)
+        # a trainer target (training techniques) has no architecture of its own: its techniques find the model
+        # inside it themselves, per step (the trainer may wrap it for DDP)
+        self.adapter = None if compat.is_trainer(model) else arch.adapter_for(model)
         self.handle = handle
         #: scratch space where techniques of one recipe meet (e.g. drafters sharing one speculative engine)
         self.shared: dict[str, Any] = {}
@@ -195,6 +197,22 @@ def _check_claims(model: torch.nn.Module, techniques: list[Any]) -> None:
             in_recipe.setdefault(claim, technique)
 
 
+def _check_target_kind(target: Any, techniques: list[Any], is_trainer: bool) -> None:
+    """Refuse a trainer technique (class attribute `target = "trainer"`) on a model and a model technique on a
+    trainer, saying which object to patch instead."""
+    for technique in techniques:
+        wants_trainer = getattr(technique, "target", "model") == "trainer"
+        if wants_trainer and not is_trainer:
+            raise UnsupportedModelError(
+                f"{technique.name} patches a trainer's loss, so it needs a transformers Trainer (TRL's DPOTrainer "
+                f"included), not a {type(target).__name__}: build your trainer and call hfpatch.patch(trainer, ...) "
+                "before trainer.train()")
+        if is_trainer and not wants_trainer:
+            raise UnsupportedModelError(
+                f"{technique.name} patches a model, not a trainer ({type(target).__name__}): call "
+                "hfpatch.patch(trainer.model, ...) instead")
+
+
 def patch(
     model: torch.nn.Module,
     recipe: str | Recipe | dict,
@@ -207,7 +225,9 @@ def patch(
     """Apply a recipe to `model` in place and return a handle to inspect or undo it.
 
     Args:
-        model: a transformers model (or a PEFT `PeftModel` wrapping one).
+        model: a transformers model (or a PEFT `PeftModel` wrapping one); for a training technique (family
+            "training", e.g. `token_dpo`), the `transformers.Trainer` (TRL's `DPOTrainer` included) whose loss it
+            replaces, patched before `trainer.train()`.
         recipe: a built-in recipe name, a local `.json` file or directory, a Hub repo id, a `Recipe`, or a
             dict in the recipe format.
         revision: branch, tag or commit of a Hub recipe.
@@ -228,13 +248,15 @@ def patch(
         >>> handle.unpatch()
     """
     compat.warn_if_untested()
-    target = arch.unwrap_model(model)
-    if not isinstance(target, torch.nn.Module):
-        raise TypeError(f"patch() takes a torch model, got {type(model).__name__}")
+    is_trainer = compat.is_trainer(model)
+    target = model if is_trainer else arch.unwrap_model(model)
+    if not is_trainer and not isinstance(target, torch.nn.Module):
+        raise TypeError(f"patch() takes a torch model or a transformers Trainer, got {type(model).__name__}")
     recipe_obj = resolve_recipe(recipe, revision=revision, trust_resources=trust_resources)
     if overrides:
         recipe_obj = recipe_obj.with_overrides(overrides)
     techniques = recipe_obj.build_techniques(tokenizer=model_tokenizer)
+    _check_target_kind(model, techniques, is_trainer)
     kind = arch.model_type(target)
     recipe_obj.check_requirements(kind)
     for technique in techniques:
@@ -244,7 +266,9 @@ def patch(
     _check_claims(target, techniques)
 
     handle = PatchHandle(target, recipe_obj, techniques)
-    if not _ACTIVE.get(target):
+    if is_trainer:
+        pass  # a trainer is not copied or pickled as a patched model is: no copy hooks on it
+    elif not _ACTIVE.get(target):
         # The first patch on a model installs the copy hooks; its undo is the first recorded, so they go when
         # the last patch comes off.
         _install_copy_hooks(target, handle._context)

@@ -3,3 +3,4 @@ from . import generation  # noqa: F401
 from . import tokenizer  # noqa: F401
 from . import attention  # noqa: F401
 from . import compute  # noqa: F401
+from . import training  # noqa: F401
