@@ -375,3 +375,11 @@ def cache_layer_length(cache, layer_idx: int) -> int:
     if cache is None:
         return 0
     return int(cache.get_seq_length(layer_idx))
+
+def llava_next_num_crops(config, image_size) -> int:
+    """How many tower-sized crops LLaVA-NeXT cuts an image of `image_size` (height, width) into, base image
+    included (transformers' own `image_size_to_num_patches`, which its `get_image_features` uses)."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    return int(image_size_to_num_patches(image_size=image_size, grid_pinpoints=config.image_grid_pinpoints,
+                                         patch_size=config.vision_config.image_size))

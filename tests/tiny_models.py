@@ -40,6 +40,12 @@ def tiny_config(kind: str):
         vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                num_attention_heads=4, image_size=28, patch_size=14)
         return transformers.LlavaConfig(vision_config=vision, text_config=_text_config("llama"), image_token_id=127)
+    if kind == "llava_next":
+        # 3x3 patches per 42x42 crop; an image is cut into up to 2x2 crops plus the base image
+        vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, image_size=42, patch_size=14)
+        return transformers.LlavaNextConfig(vision_config=vision, text_config=_text_config("llama"), image_token_id=127,
+                                            image_grid_pinpoints=[[42, 84], [84, 42], [84, 84]])
     if kind in ("qwen2_vl", "qwen2_5_vl"):
         cls = transformers.Qwen2VLConfig if kind == "qwen2_vl" else transformers.Qwen2_5_VLConfig
         text = dict(_TEXT, rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0})

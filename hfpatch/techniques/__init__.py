@@ -3,4 +3,5 @@ from . import generation  # noqa: F401
 from . import tokenizer  # noqa: F401
 from . import attention  # noqa: F401
 from . import compute  # noqa: F401
+from . import vision  # noqa: F401
 from . import training  # noqa: F401

@@ -1,0 +1,312 @@
+"""Visual-token pruning (family "vision"): selection functions, budgets, and the patch inside generate.
+
+The reference for every pruned run is the unpatched model run on the hand-pruned sequence: the same kept
+positions cut out of the merged input embeddings (survivors keep their original position ids, shorter rows are
+left-padded) and given to the unpatched model's own `generate` as `inputs_embeds`.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+import hfpatch
+from hfpatch.errors import RecipeError, UnsupportedModelError
+from hfpatch.techniques.vision.hiprune import hiprune_select
+
+IMAGE = 127  # the tiny models' image token id
+NEW = 5
+
+
+def recipe(kind: str, **params) -> dict:
+    return {"hfpatch_version": "1.0", "name": f"test-{kind}", "techniques": [{"type": kind, **params}]}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# hiprune_select on fixed tensors
+
+
+def test_hiprune_select_anchor_buffers_registers():
+    # 4x4 grid; budget 10 with alpha 0.5 -> round(10 * 0.5 / 5) = 1 anchor, 4 buffers, 5 registers
+    obj = torch.zeros(16)
+    obj[5] = 1.0  # row 1, col 1
+    deep = torch.arange(16, dtype=torch.float)  # registers: the highest indices not yet taken
+    kept = hiprune_select(obj, deep, (4, 4), 10, alpha=0.5)
+    assert kept.tolist() == sorted([5, 4, 6, 1, 9] + [15, 14, 13, 12, 11])
+
+
+def test_hiprune_select_grid_edges_do_not_wrap():
+    # anchor at row 0, col 3 of a 4x4 grid: neighbours are 2 (left) and 7 (down); 4 (the next row's start) and
+    # -1 / out of grid are not neighbours
+    obj = torch.zeros(16)
+    obj[3] = 1.0
+    deep = -torch.arange(16, dtype=torch.float)  # registers: the lowest indices not yet taken
+    kept = hiprune_select(obj, deep, (4, 4), 5, alpha=1.0)  # 1 anchor, 2 buffers, 2 registers
+    assert kept.tolist() == sorted([3, 2, 7, 0, 1])
+    # anchor at the bottom-left corner (row 3, col 0): right 13 and up 8 only
+    obj = torch.zeros(16)
+    obj[12] = 1.0
+    assert hiprune_select(obj, torch.zeros(16), (4, 4), 3, alpha=1.0).tolist() == [8, 12, 13]
+
+
+def test_hiprune_select_buffers_are_deduplicated_and_cut_at_the_budget():
+    # two adjacent anchors (5 and 6 on a 4x4 grid) share no buffer with each other: 5's right is the anchor 6
+    obj = torch.zeros(16)
+    obj[5], obj[6] = 2.0, 1.0
+    deep = torch.zeros(16)
+    # budget 10, alpha 1 -> 2 anchors; buffers of 5: 4, (6 taken), 1, 9; of 6: (5 taken), 7, 2, 10 -> 8 + 2 registers
+    kept = hiprune_select(obj, deep, (4, 4), 10, alpha=1.0)
+    assert set([5, 6, 4, 1, 9, 7, 2, 10]) <= set(kept.tolist()) and len(kept) == 10
+    # budget 3, alpha 1 -> 1 anchor (round(0.6)); only its first two buffers fit (left, right), no registers
+    assert hiprune_select(obj, deep, (4, 4), 3, alpha=1.0).tolist() == [4, 5, 6]
+
+
+def test_hiprune_select_small_and_full_budgets():
+    obj, deep = torch.rand(16), torch.rand(16)
+    # round(4 * 0.1 / 5) = 0 anchors: all registers, the top-4 by deep score
+    assert hiprune_select(obj, deep, (4, 4), 4).tolist() == sorted(torch.topk(deep, 4).indices.tolist())
+    assert hiprune_select(obj, deep, (4, 4), 16).tolist() == list(range(16))
+    assert hiprune_select(obj, deep, (4, 4), 99).tolist() == list(range(16))
+    with pytest.raises(ValueError, match="budget must be >= 1"):
+        hiprune_select(obj, deep, (4, 4), 0)
+    with pytest.raises(ValueError, match=r"\[h \* w\]"):
+        hiprune_select(obj[:15], deep, (4, 4), 4)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# parameters and refusals
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"budget": 8, "keep_ratio": 0.5}, "exactly one of budget"),
+    ({}, "exactly one of budget"),
+    ({"budget": 0}, ">= 1"),
+    ({"keep_ratio": 0.0}, "> 0"),
+    ({"keep_ratio": 1.5}, "<= 1"),
+])
+@pytest.mark.parametrize("kind", ["hiprune", "random_prune"])
+def test_budget_and_keep_ratio_refusals(kind, params, message):
+    with pytest.raises(RecipeError, match=message):
+        hfpatch.patch(tiny_model("llava"), recipe(kind, **params))
+
+
+def test_unsupported_model_is_refused_by_name():
+    model = tiny_model("llama")
+    with pytest.raises(UnsupportedModelError, match="'llama'"):
+        hfpatch.patch(model, recipe("hiprune", budget=4))
+    assert hfpatch.active_patches(model) == []
+
+
+def test_vision_family_is_listed():
+    listed = {t["name"]: t for t in hfpatch.list_techniques()}
+    for name in ("hiprune", "random_prune"):
+        assert listed[name]["family"] == "vision"
+        assert {"budget", "keep_ratio"} <= {p["name"] for p in listed[name]["params"]}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# models, inputs and the hand-pruned reference
+
+
+def llava_inputs(model, images_per_row=(1, 1), lengths=(3, 5)):
+    """Left-padded rows `[text..., <image> x N per image, text...]` with different images per row."""
+    n = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for count, length in zip(images_per_row, lengths):
+        text = torch.randint(3, 100, (length + 2,), generator=gen).tolist()
+        row = [1] + text[:length // 2]
+        for _ in range(count):
+            row += [IMAGE] * n + text[length // 2: length // 2 + 1]
+        rows.append(row + text[-1:])
+    return _pad(rows) | {"pixel_values": torch.randn(sum(images_per_row), 3, 28, 28, generator=gen)}
+
+
+def llava_next_inputs(model, sizes=((42, 84), (84, 84))):
+    sizes = torch.tensor(sizes)
+    gen = torch.Generator().manual_seed(2)
+    pixel_values = torch.randn(len(sizes), 5, 3, 42, 42, generator=gen)
+    with torch.no_grad():
+        counts = [f.shape[0] for f in model.model.get_image_features(pixel_values, sizes).pooler_output]
+    rows = [[1, 7 + i] + [IMAGE] * count + [9, 10 + i] for i, count in enumerate(counts)]
+    return _pad(rows) | {"pixel_values": pixel_values, "image_sizes": sizes}
+
+
+def _pad(rows):
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([[0] * (width - len(row)) + row for row in rows])
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def merged_embeddings(model, inputs):
+    """The unpatched model's merged input embeddings (text embeddings with image features scattered in)."""
+    inner = model.model
+    extra = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
+    with torch.no_grad():
+        features = inner.get_image_features(inputs["pixel_values"], **extra).pooler_output
+        embeds = inner.get_input_embeddings()(inputs["input_ids"])
+        features = torch.cat(list(features))
+        mask = inputs["input_ids"] == IMAGE
+        return embeds.masked_scatter(mask.unsqueeze(-1), features)
+
+
+def hand_pruned(model, inputs, keep):
+    """The reference sequence: kept positions of the merged embeddings, rows left-padded to the longest."""
+    embeds = merged_embeddings(model, inputs)
+    mask = inputs["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # what generate builds
+    width = int(keep.sum(1).max())
+    out_embeds = torch.zeros(keep.shape[0], width, embeds.shape[-1])
+    out_mask = torch.zeros(keep.shape[0], width, dtype=torch.long)
+    out_positions = torch.zeros(keep.shape[0], width, dtype=torch.long)
+    for row in range(keep.shape[0]):
+        index = torch.nonzero(keep[row]).flatten()
+        start = width - len(index)
+        out_embeds[row, start:] = embeds[row, index]
+        out_mask[row, start:] = mask[row, index]
+        out_positions[row, start:] = positions[row, index]
+    return out_embeds, out_mask, out_positions
+
+
+def generate(model, **inputs):
+    return model.generate(**inputs, max_new_tokens=NEW, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True)
+
+
+def assert_generate_matches_reference(kind, technique, inputs_fn, **params):
+    model = tiny_model(kind)
+    reference_model = copy.deepcopy(model)
+    inputs = inputs_fn(model)
+    handle = hfpatch.patch(model, recipe(technique, **params))
+    out = generate(model, **inputs)
+    keep = handle.technique(technique).last_keep
+    stats = handle.stats[technique]
+    assert stats["pruned"] and stats["fallback"] is None
+    assert stats["tokens_after"] < stats["tokens_before"]
+    assert keep.sum() < keep.numel()
+    assert keep[inputs["input_ids"] != IMAGE].all()  # every text (and padding) token stays
+
+    embeds, mask, positions = hand_pruned(reference_model, inputs, keep)
+    ref = generate(reference_model, inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+    assert torch.equal(out.sequences[:, inputs["input_ids"].shape[1]:], ref.sequences)
+    for got, want in zip(out.logits, ref.logits):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    return handle, stats
+
+
+# ------------------------------------------------------------------------------------------------------------
+# generate against the hand-pruned reference
+
+
+@pytest.mark.parametrize("technique", ["hiprune", "random_prune"])
+def test_llava_generate_batch_one(technique):
+    _, stats = assert_generate_matches_reference(
+        "llava", technique, lambda m: {k: v[:1] for k, v in llava_inputs(m, (1,), (3,)).items()}, budget=2)
+    assert [(image["tokens"], image["kept"]) for image in stats["images"]] == [(4, 2)]
+    assert stats["prefill_seconds"] > 0
+
+
+@pytest.mark.parametrize("technique", ["hiprune", "random_prune"])
+def test_llava_generate_padded_batch_of_two(technique):
+    _, stats = assert_generate_matches_reference("llava", technique, llava_inputs, keep_ratio=0.5)
+    assert [image["row"] for image in stats["images"]] == [0, 1]
+    assert stats["kept_fraction"] == 0.5
+
+
+def test_llava_several_images_per_prompt_repads_rows():
+    # row 0 has two images, row 1 one: after pruning row 1 is shorter and is padded on the left
+    _, stats = assert_generate_matches_reference(
+        "llava", "hiprune", lambda m: llava_inputs(m, (2, 1), (3, 4)), budget=1)
+    assert [image["row"] for image in stats["images"]] == [0, 0, 1]
+    assert stats["tokens_after"] == 3
+
+
+@pytest.mark.parametrize("technique", ["hiprune", "random_prune"])
+def test_llava_next_generate_batch_one(technique):
+    _, stats = assert_generate_matches_reference(
+        "llava_next", technique, lambda m: {k: v[:1] for k, v in llava_next_inputs(m, ((42, 84),)).items()},
+        budget=4)
+    # 9 base tokens + a 3x6 high-resolution grid + 3 newlines: the newlines are kept on top of the budget
+    assert [(i["tokens"], i["selectable"], i["kept"]) for i in stats["images"]] == [(30, 27, 7)]
+
+
+@pytest.mark.parametrize("technique", ["hiprune", "random_prune"])
+def test_llava_next_padded_batch_of_two_different_sizes(technique):
+    handle, stats = assert_generate_matches_reference("llava_next", technique, llava_next_inputs, keep_ratio=0.25)
+    model = handle.model
+    inputs = llava_next_inputs(model)
+    keep = handle.technique(technique).last_keep
+    newline = model.model.image_newline
+    embeds = merged_embeddings(model, inputs)
+    is_newline = (embeds == newline).all(-1)
+    assert is_newline.sum() > 0 and keep[is_newline].all()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# identity, round trip, second instance
+
+
+@pytest.mark.parametrize("kind, inputs_fn", [("llava", llava_inputs), ("llava_next", llava_next_inputs)])
+@pytest.mark.parametrize("technique", ["hiprune", "random_prune"])
+def test_full_budget_gives_unpatched_logits(kind, inputs_fn, technique):
+    model = tiny_model(kind)
+    inputs = inputs_fn(model)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    handle = hfpatch.patch(model, recipe(technique, budget=1000))
+    with torch.no_grad():
+        got = model(**inputs).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert handle.stats[technique]["kept_fraction"] == 1.0 and not handle.stats[technique]["pruned"]
+
+
+@pytest.mark.parametrize("technique", ["hiprune", "random_prune"])
+def test_unpatch_restores_and_second_instance_untouched(technique):
+    model, other = tiny_model("llava"), tiny_model("llava")
+    inputs = llava_inputs(model)
+    forward = model.model.forward
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    impl = model.config.vision_config._attn_implementation
+    handle = hfpatch.patch(model, recipe(technique, budget=1))
+    with torch.no_grad():
+        pruned = model(**inputs).logits
+        assert pruned.shape[1] < expected.shape[1]
+        torch.testing.assert_close(other(**inputs).logits, expected, rtol=0, atol=0)  # same seed, untouched
+    assert "forward" not in vars(other.model)
+    handle.unpatch()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=0)
+    assert model.model.forward == forward and "forward" not in vars(model.model)
+    assert "get_image_features" not in vars(model.model)
+    assert model.config.vision_config._attn_implementation == impl
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_text_only_calls_pass_through():
+    model = tiny_model("llava")
+    ids = torch.tensor([[1, 5, 6, 7]])
+    expected = model.generate(ids, max_new_tokens=3, do_sample=False)
+    handle = hfpatch.patch(model, recipe("hiprune", budget=1))
+    assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False), expected)
+    assert not handle.stats["hiprune"]["pruned"] and handle.stats["hiprune"]["fallback"] is None
+
+
+def test_precomputed_features_from_before_the_patch_fall_back_with_a_reason():
+    model = tiny_model("llava")
+    inputs = llava_inputs(model)
+    with torch.no_grad():
+        features = model.model.get_image_features(inputs["pixel_values"], return_dict=True)
+        expected = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                         mm_encoder_outputs={"image": features}).logits
+    handle = hfpatch.patch(model, recipe("random_prune", budget=1))
+    with torch.no_grad():
+        got = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                    mm_encoder_outputs={"image": features}).logits
+    torch.testing.assert_close(got, expected)
+    assert "mm_encoder_outputs" in handle.stats["random_prune"]["fallback"]
