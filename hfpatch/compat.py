@@ -272,7 +272,11 @@ TESTED_TRL = (">=1.16", "<1.17")
 
 def is_trainer(obj) -> bool:
     """Whether `obj` is a `transformers.Trainer` (TRL's trainers are subclasses)."""
-    return isinstance(obj, transformers.Trainer)
+    import sys
+
+    # `transformers.Trainer` is a lazy import that costs seconds: without it imported, no trainer exists
+    module = sys.modules.get("transformers.trainer")
+    return module is not None and isinstance(obj, module.Trainer)
 
 
 def is_trl_preference_trainer(trainer) -> bool:

@@ -218,8 +218,13 @@ class TrainerTechnique(Technique):
         if self._is_trl:
             version = compat.trl_version()
             self._info["trl"] = str(version)
-        self._info["reference"] = ("trainer.ref_model" if getattr(trainer, "ref_model", None) is not None
-                                   else "policy with its PEFT adapter disabled")
+        if getattr(trainer, "ref_model", None) is not None:
+            self._info["reference"] = "trainer.ref_model"
+        elif "ref" in getattr(trainer.model, "peft_config", {}):
+            # TRL loads a copy of an adapter being trained again under the name "ref"
+            self._info["reference"] = "the policy's PEFT adapter named 'ref'"
+        else:
+            self._info["reference"] = "policy with its PEFT adapter disabled"
         if compat.trainer_precomputes_reference(trainer):
             self._info["precomputed_reference"] = ("ignored: TRL precomputes per-sequence sums only; per-token "
                                                    "reference values are computed in the loss")
