@@ -15,7 +15,9 @@ from tiny_models import tiny_model
 import hfpatch
 from hfpatch.techniques.generation.token_recycling import TokenRecycling
 
-RECIPES = [entry["name"] for entry in hfpatch.list_recipes()]
+# vision recipes patch VLMs only: tests/test_vision_pruning.py copies a patched LLaVA
+RECIPES = [entry["name"] for entry in hfpatch.list_recipes()
+           if not {t.family for t in hfpatch.recipe.resolve_recipe(entry["name"]).build_techniques()} & {"vision"}]
 # a repetitive prompt (so drafts get accepted) longer than the sparse budget (so decode steps are sparse)
 PROMPT = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7, 8]])
 NEW = 8

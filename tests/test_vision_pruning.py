@@ -14,10 +14,14 @@ from tiny_models import tiny_model
 
 import hfpatch
 from hfpatch.errors import RecipeError, UnsupportedModelError
+from hfpatch.kernels.diverse_select import diverse_select
 from hfpatch.techniques.vision.hiprune import hiprune_select
+from hfpatch.techniques.vision.pool_prune import pool_select, pooled_grid
 
 IMAGE = 127  # the tiny models' image token id
 NEW = 5
+SELECTORS = ["hiprune", "divprune", "random_prune"]  # techniques that keep a subset of the original tokens
+ALL = SELECTORS + ["pool_prune"]
 
 
 def recipe(kind: str, **params) -> dict:
@@ -75,6 +79,27 @@ def test_hiprune_select_small_and_full_budgets():
         hiprune_select(obj[:15], deep, (4, 4), 4)
 
 
+def test_pool_select_hand_worked():
+    features = torch.arange(16, dtype=torch.float).view(16, 1)  # a 4x4 grid holding its own index
+    index, pooled = pool_select(features, (4, 4), 4)  # 2x2 windows
+    assert index.tolist() == [0, 2, 8, 10]
+    assert pooled.flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
+    index, pooled = pool_select(features, (4, 4), 1)
+    assert index.tolist() == [0] and pooled.flatten().tolist() == [7.5]
+    assert pooled_grid((4, 4), 5) == (2, 2)  # the largest square-ish grid within the budget
+    assert pooled_grid((2, 6), 3) == (1, 3)
+    index, pooled = pool_select(features, (4, 4), 16)
+    assert index.tolist() == list(range(16)) and torch.equal(pooled, features)
+
+
+def test_divprune_first_pick_and_greedy_on_fixed_points():
+    # the first pick is the token whose nearest neighbour is farthest (3: alone on the left); then farthest-point
+    points = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [-1.0, 0.05]])
+    assert diverse_select(points, 1).tolist() == [3]
+    assert diverse_select(points, 2).tolist() == [0, 3]
+    assert diverse_select(points, 3).tolist() == [0, 2, 3]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # parameters and refusals
 
@@ -86,7 +111,7 @@ def test_hiprune_select_small_and_full_budgets():
     ({"keep_ratio": 0.0}, "> 0"),
     ({"keep_ratio": 1.5}, "<= 1"),
 ])
-@pytest.mark.parametrize("kind", ["hiprune", "random_prune"])
+@pytest.mark.parametrize("kind", ALL)
 def test_budget_and_keep_ratio_refusals(kind, params, message):
     with pytest.raises(RecipeError, match=message):
         hfpatch.patch(tiny_model("llava"), recipe(kind, **params))
@@ -101,7 +126,7 @@ def test_unsupported_model_is_refused_by_name():
 
 def test_vision_family_is_listed():
     listed = {t["name"]: t for t in hfpatch.list_techniques()}
-    for name in ("hiprune", "random_prune"):
+    for name in ALL:
         assert listed[name]["family"] == "vision"
         assert {"budget", "keep_ratio"} <= {p["name"] for p in listed[name]["params"]}
 
@@ -153,9 +178,21 @@ def merged_embeddings(model, inputs):
         return embeds.masked_scatter(mask.unsqueeze(-1), features)
 
 
-def hand_pruned(model, inputs, keep):
+def pooled_embeddings(model, inputs, budget):
+    """Merged embeddings with pool_prune's replacement: each image's pooled tokens written into their slots."""
+    embeds = merged_embeddings(model, inputs).clone()
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    slots = torch.nonzero((inputs["input_ids"] == IMAGE).flatten()).flatten().view(-1, side * side)
+    flat = embeds.view(-1, embeds.shape[-1])
+    for image in slots:
+        index, pooled = pool_select(flat[image], (side, side), budget)
+        flat[image[index]] = pooled
+    return embeds
+
+
+def hand_pruned(model, inputs, keep, embeds=None):
     """The reference sequence: kept positions of the merged embeddings, rows left-padded to the longest."""
-    embeds = merged_embeddings(model, inputs)
+    embeds = merged_embeddings(model, inputs) if embeds is None else embeds
     mask = inputs["attention_mask"]
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # what generate builds
     width = int(keep.sum(1).max())
@@ -176,7 +213,7 @@ def generate(model, **inputs):
                           return_dict_in_generate=True)
 
 
-def assert_generate_matches_reference(kind, technique, inputs_fn, **params):
+def assert_generate_matches_reference(kind, technique, inputs_fn, reference_embeds=None, **params):
     model = tiny_model(kind)
     reference_model = copy.deepcopy(model)
     inputs = inputs_fn(model)
@@ -189,7 +226,8 @@ def assert_generate_matches_reference(kind, technique, inputs_fn, **params):
     assert keep.sum() < keep.numel()
     assert keep[inputs["input_ids"] != IMAGE].all()  # every text (and padding) token stays
 
-    embeds, mask, positions = hand_pruned(reference_model, inputs, keep)
+    merged = None if reference_embeds is None else reference_embeds(reference_model, inputs)
+    embeds, mask, positions = hand_pruned(reference_model, inputs, keep, merged)
     ref = generate(reference_model, inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
     assert torch.equal(out.sequences[:, inputs["input_ids"].shape[1]:], ref.sequences)
     for got, want in zip(out.logits, ref.logits):
@@ -201,7 +239,7 @@ def assert_generate_matches_reference(kind, technique, inputs_fn, **params):
 # generate against the hand-pruned reference
 
 
-@pytest.mark.parametrize("technique", ["hiprune", "random_prune"])
+@pytest.mark.parametrize("technique", SELECTORS)
 def test_llava_generate_batch_one(technique):
     _, stats = assert_generate_matches_reference(
         "llava", technique, lambda m: {k: v[:1] for k, v in llava_inputs(m, (1,), (3,)).items()}, budget=2)
@@ -209,11 +247,33 @@ def test_llava_generate_batch_one(technique):
     assert stats["prefill_seconds"] > 0
 
 
-@pytest.mark.parametrize("technique", ["hiprune", "random_prune"])
+@pytest.mark.parametrize("technique", SELECTORS)
 def test_llava_generate_padded_batch_of_two(technique):
     _, stats = assert_generate_matches_reference("llava", technique, llava_inputs, keep_ratio=0.5)
     assert [image["row"] for image in stats["images"]] == [0, 1]
     assert stats["kept_fraction"] == 0.5
+
+
+@pytest.mark.parametrize("budget", [1, 2])
+def test_llava_pool_prune_generate_matches_hand_pooled_reference(budget):
+    _, stats = assert_generate_matches_reference(
+        "llava", "pool_prune", llava_inputs, reference_embeds=lambda m, i: pooled_embeddings(m, i, budget),
+        budget=budget)
+    assert [image["kept"] for image in stats["images"]] == [budget, budget]
+
+
+def test_divprune_keeps_what_diverse_select_picks():
+    model = tiny_model("llava")
+    inputs = llava_inputs(model)
+    handle = hfpatch.patch(model, recipe("divprune", budget=2))
+    with torch.no_grad():
+        model(**inputs)
+        features = model.model.get_image_features(inputs["pixel_values"]).pooler_output
+    keep = handle.technique("divprune").last_keep
+    slots = inputs["input_ids"] == IMAGE
+    for row, image in enumerate(features):
+        assert keep[row][slots[row]].nonzero().flatten().tolist() == diverse_select(image, 2).tolist()
+    assert handle.stats["divprune"]["kernel"] in ("torch", "triton", "reference")
 
 
 def test_llava_several_images_per_prompt_repads_rows():
@@ -224,7 +284,7 @@ def test_llava_several_images_per_prompt_repads_rows():
     assert stats["tokens_after"] == 3
 
 
-@pytest.mark.parametrize("technique", ["hiprune", "random_prune"])
+@pytest.mark.parametrize("technique", SELECTORS)
 def test_llava_next_generate_batch_one(technique):
     _, stats = assert_generate_matches_reference(
         "llava_next", technique, lambda m: {k: v[:1] for k, v in llava_next_inputs(m, ((42, 84),)).items()},
@@ -233,7 +293,7 @@ def test_llava_next_generate_batch_one(technique):
     assert [(i["tokens"], i["selectable"], i["kept"]) for i in stats["images"]] == [(30, 27, 7)]
 
 
-@pytest.mark.parametrize("technique", ["hiprune", "random_prune"])
+@pytest.mark.parametrize("technique", SELECTORS)
 def test_llava_next_padded_batch_of_two_different_sizes(technique):
     handle, stats = assert_generate_matches_reference("llava_next", technique, llava_next_inputs, keep_ratio=0.25)
     model = handle.model
@@ -245,12 +305,21 @@ def test_llava_next_padded_batch_of_two_different_sizes(technique):
     assert is_newline.sum() > 0 and keep[is_newline].all()
 
 
+def test_llava_next_pool_prune_pools_each_grid_and_keeps_newlines():
+    model = tiny_model("llava_next")
+    inputs = {k: v[:1] for k, v in llava_next_inputs(model, ((42, 84),)).items()}
+    handle = hfpatch.patch(model, recipe("pool_prune", budget=4))
+    model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    # budget 4 shared 1 : 3 by the grids' sizes (9 base, 3x6 high-res): 1x1 + 1x3 pooled tokens, + 3 newlines
+    assert [(i["tokens"], i["kept"]) for i in handle.stats["pool_prune"]["images"]] == [(30, 7)]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # identity, round trip, second instance
 
 
 @pytest.mark.parametrize("kind, inputs_fn", [("llava", llava_inputs), ("llava_next", llava_next_inputs)])
-@pytest.mark.parametrize("technique", ["hiprune", "random_prune"])
+@pytest.mark.parametrize("technique", ALL)
 def test_full_budget_gives_unpatched_logits(kind, inputs_fn, technique):
     model = tiny_model(kind)
     inputs = inputs_fn(model)
@@ -263,7 +332,7 @@ def test_full_budget_gives_unpatched_logits(kind, inputs_fn, technique):
     assert handle.stats[technique]["kept_fraction"] == 1.0 and not handle.stats[technique]["pruned"]
 
 
-@pytest.mark.parametrize("technique", ["hiprune", "random_prune"])
+@pytest.mark.parametrize("technique", ALL)
 def test_unpatch_restores_and_second_instance_untouched(technique):
     model, other = tiny_model("llava"), tiny_model("llava")
     inputs = llava_inputs(model)
@@ -310,3 +379,45 @@ def test_precomputed_features_from_before_the_patch_fall_back_with_a_reason():
                     mm_encoder_outputs={"image": features}).logits
     torch.testing.assert_close(got, expected)
     assert "mm_encoder_outputs" in handle.stats["random_prune"]["fallback"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# built-in recipes and copies
+
+
+@pytest.mark.parametrize("name, technique", [("hiprune", "hiprune"), ("hiprune-11", "hiprune"),
+                                             ("divprune", "divprune"), ("random-prune", "random_prune"),
+                                             ("pool-prune", "pool_prune")])
+def test_builtin_recipes_prune_a_llava(name, technique):
+    model = tiny_model("llava")
+    inputs = llava_inputs(model)
+    handle = hfpatch.patch(model, name, **({"budget": 1} if name == "hiprune" else {}))
+    model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert [image["kept"] for image in handle.stats[technique]["images"]] == [1, 1]
+    handle.unpatch()
+
+
+def test_switching_a_ratio_recipe_to_a_budget_needs_the_ratio_cleared():
+    model = tiny_model("llava")
+    with pytest.raises(RecipeError, match="budget=64, keep_ratio=None"):
+        hfpatch.patch(model, "hiprune-33", budget=2)
+    handle = hfpatch.patch(model, "hiprune-33", budget=2, keep_ratio=None)
+    assert handle.technique("hiprune").params.budget == 2
+
+
+@pytest.mark.parametrize("technique", ["hiprune", "divprune"])
+def test_deepcopy_of_a_patched_llava_prunes_on_its_own(technique):
+    # (no pickle: an unpatched LLaVA that has encoded an image cannot be pickled either, transformers' output
+    # capturing hook on its vision tower is a local function)
+    model = tiny_model("llava")
+    inputs = llava_inputs(model)
+    handle = hfpatch.patch(model, recipe(technique, budget=2))
+    expected = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    for clone in (copy.deepcopy(model),):
+        (clone_handle,) = hfpatch.active_patches(clone)
+        assert clone_handle is not handle
+        assert torch.equal(clone.generate(**inputs, max_new_tokens=3, do_sample=False), expected)
+        assert clone_handle.stats[technique]["pruned"]
+        hfpatch.unpatch(clone)
+        assert "forward" not in vars(clone.model)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), expected)
