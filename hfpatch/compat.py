@@ -387,3 +387,16 @@ def llava_next_num_crops(config, image_size) -> int:
 
     return int(image_size_to_num_patches(image_size=image_size, grid_pinpoints=config.image_grid_pinpoints,
                                          patch_size=config.vision_config.image_size))
+
+
+def cache_visible_length(cache, layer_idx: int, query_length: int) -> int:
+    """Keys one cache layer hands to attention in a step of `query_length` new tokens (all it holds plus the new
+    ones, or a sliding-window layer's window): the cache layer's own `get_mask_sizes`, which takes the query
+    length in 5.24 and the new tokens' cache positions in earlier versions."""
+    layer = cache.layers[layer_idx]
+    if "cache_position" in inspect.signature(layer.get_mask_sizes).parameters:
+        import torch
+
+        past = int(layer.get_seq_length())
+        return int(layer.get_mask_sizes(torch.arange(past, past + query_length))[0])
+    return int(layer.get_mask_sizes(query_length)[0])

@@ -8,7 +8,7 @@ import hfpatch
 import hfpatch.techniques.vision.fastv  # noqa: F401  (registers fastv)
 from hfpatch.errors import HfpatchError, RecipeError, UnsupportedModelError
 from hfpatch.techniques.vision.in_llm import build_event, visual_spans
-from tiny_models import tiny_model
+from tiny_models import tiny_config, tiny_model
 
 LLAVA_IMAGE = 127
 QWEN_IMAGE, QWEN_START, QWEN_END = 120, 122, 123
@@ -31,6 +31,13 @@ def qwen_inputs(seed: int = 0, text=(6, 7)):
             "image_grid_thw": torch.tensor([[1, 4, 4]]), "mm_token_type_ids": (ids == QWEN_IMAGE).int()}
 
 
+def gemma3_inputs(seed: int = 0, text=(6, 7)):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([[1, 5, 125] + [127] * 4 + [126] + list(text)])
+    return {"input_ids": ids, "token_type_ids": (ids == 127).long(),
+            "pixel_values": torch.randn(1, 3, 28, 28, generator=generator)}
+
+
 def left_pad_batch(rows: list[dict], pad: int = 0) -> dict:
     """Two single-row inputs as one left-padded batch (pixels concatenated in row order)."""
     length = max(r["input_ids"].shape[1] for r in rows)
@@ -40,8 +47,9 @@ def left_pad_batch(rows: list[dict], pad: int = 0) -> dict:
         gap = length - len(ids)
         batch["input_ids"].append(torch.cat([torch.full((gap,), pad), ids]))
         batch["attention_mask"].append(torch.cat([torch.zeros(gap, dtype=torch.long), torch.ones(len(ids), dtype=torch.long)]))
-        if "mm_token_type_ids" in r:
-            batch.setdefault("mm_token_type_ids", []).append(torch.cat([torch.zeros(gap, dtype=torch.int), r["mm_token_type_ids"][0]]))
+        for key in ("mm_token_type_ids", "token_type_ids"):
+            if key in r:
+                batch.setdefault(key, []).append(torch.cat([torch.zeros(gap, dtype=r[key].dtype), r[key][0]]))
     out = {key: torch.stack(value) for key, value in batch.items()}
     for key in ("pixel_values", "image_grid_thw"):
         if key in rows[0]:
@@ -49,7 +57,7 @@ def left_pad_batch(rows: list[dict], pad: int = 0) -> dict:
     return out
 
 
-INPUTS = {"llava": llava_inputs, "qwen2_vl": qwen_inputs, "qwen2_5_vl": qwen_inputs}
+INPUTS = {"llava": llava_inputs, "qwen2_vl": qwen_inputs, "qwen2_5_vl": qwen_inputs, "gemma3": gemma3_inputs}
 
 
 def generate(model, inputs, n=5):
@@ -90,7 +98,7 @@ def test_build_event_row_with_nothing_to_drop_keeps_dropped_tokens_dead():
 # ---------------------------------------------------------------------------------------------------------
 # FastV on tiny models
 
-@pytest.mark.parametrize("kind", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("kind", ["llava", "qwen2_vl", "gemma3"])
 def test_full_budget_is_identity(kind):
     model = tiny_model(kind)
     inputs = INPUTS[kind]()
@@ -157,7 +165,8 @@ def test_generate_equals_reference_loop_on_hand_pruned_sequence():
 
 
 @pytest.mark.parametrize("kind,implementation", [("llava", "sdpa"), ("llava", "eager"), ("qwen2_vl", "sdpa"),
-                                                 ("qwen2_vl", "eager"), ("qwen2_5_vl", "sdpa")])
+                                                 ("qwen2_vl", "eager"), ("qwen2_5_vl", "sdpa"), ("gemma3", "sdpa"),
+                                                 ("gemma3", "eager")])
 def test_padded_batch_rows_equal_their_single_runs(kind, implementation):
     model = tiny_model(kind)
     model.set_attn_implementation(implementation)
@@ -171,6 +180,24 @@ def test_padded_batch_rows_equal_their_single_runs(kind, implementation):
     assert stats["pruned"] and stats["kept_visual_tokens"] == [1, 1]
     # the short row has 3 pads; both rows drop 3 visual tokens, so the short row keeps pads as dead slots
     assert stats["dead_slots"] == 3
+    length = batch["input_ids"].shape[1]
+    for row, single in enumerate(singles):
+        assert out[row, length:].tolist() == single.tolist()
+
+
+def test_gemma3_sliding_layers_after_k_past_the_window():
+    # layers 1 and 2 slide (window 16) and run on the pruned sequence; 20 new tokens take the sequence past the
+    # window, where each pruned sliding layer's mask is rebuilt over original positions
+    config = tiny_config("gemma3")
+    config.text_config.num_hidden_layers = 3
+    config.text_config.layer_types = ["full_attention", "sliding_attention", "sliding_attention"]
+    model = tiny_model("gemma3", config=config)
+    long_row, short_row = gemma3_inputs(seed=1, text=(6, 7, 8, 9)), gemma3_inputs(seed=2, text=(9,))
+    with hfpatch.patch(model, recipe(budget=1, layer=1)) as handle:
+        singles = [generate(model, row, n=20)[0, row["input_ids"].shape[1]:] for row in (long_row, short_row)]
+        batch = left_pad_batch([long_row, short_row])
+        out = generate(model, batch, n=20)
+        assert handle.stats["fastv"]["pruned"]
     length = batch["input_ids"].shape[1]
     for row, single in enumerate(singles):
         assert out[row, length:].tolist() == single.tolist()

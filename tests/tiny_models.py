@@ -29,7 +29,7 @@ def _text_config(kind: str):
 
 
 TEXT_KINDS = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gpt2")
-VLM_KINDS = ("llava", "qwen2_vl", "qwen2_5_vl")
+VLM_KINDS = ("llava", "qwen2_vl", "qwen2_5_vl", "gemma3")
 ALL_KINDS = TEXT_KINDS + VLM_KINDS
 
 
@@ -46,6 +46,14 @@ def tiny_config(kind: str):
                                                num_attention_heads=4, image_size=42, patch_size=14)
         return transformers.LlavaNextConfig(vision_config=vision, text_config=_text_config("llama"), image_token_id=127,
                                             image_grid_pinpoints=[[42, 84], [84, 42], [84, 84]])
+    if kind == "gemma3":
+        # SigLIP tower: 4x4 patches pooled to mm_tokens_per_image=4 tokens per image; the outer model builds the
+        # text model's masks from token_type_ids (bidirectional inside an image)
+        vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                 num_attention_heads=4, image_size=28, patch_size=7)
+        return transformers.Gemma3Config(text_config=_text_config("gemma3_text"), vision_config=vision,
+                                         mm_tokens_per_image=4, image_token_id=127, boi_token_id=125,
+                                         eoi_token_id=126)
     if kind in ("qwen2_vl", "qwen2_5_vl"):
         cls = transformers.Qwen2VLConfig if kind == "qwen2_vl" else transformers.Qwen2_5_VLConfig
         text = dict(_TEXT, rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0})

@@ -59,6 +59,12 @@ SPECS: dict[str, ArchSpec] = {
         vision_tower="model.vision_tower", vision_layers="encoder.layers", vision_attention="self_attn",
         projector="model.multi_modal_projector", vision_sub_config="vision_config",
     ),
+    "gemma3": ArchSpec(
+        family="vlm", language_model="model.language_model", layers="layers", attention="self_attn",
+        embed_tokens="embed_tokens", final_norm="norm", text_sub_config="text_config",
+        vision_tower="model.vision_tower", vision_layers="encoder.layers", vision_attention="self_attn",
+        projector="model.multi_modal_projector", vision_sub_config="vision_config",
+    ),
     "qwen2_vl": _QWEN_VL,
     "qwen2_5_vl": _QWEN_VL,
 }

@@ -43,7 +43,7 @@ SUPPORTED_IMPLEMENTATIONS = (None, "eager", "sdpa")
 
 
 #: VLM types whose language model the pruner has been tested on (tiny models of each in tests)
-IN_LLM_MODEL_TYPES = frozenset({"llava", "llava_next", "qwen2_vl", "qwen2_5_vl"})
+IN_LLM_MODEL_TYPES = frozenset({"llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "gemma3"})
 
 
 def visual_token_ids(model) -> tuple[int, ...]:
@@ -227,6 +227,8 @@ class InLLMPruner:
         self.visual_token_ids = torch.tensor(sorted(visual_token_ids), dtype=torch.long)
         self.layers = adapter.decoder_layers()
         self.num_layers = len(self.layers)
+        # a sliding-window layer's mask is rebuilt at decode steps with its window over original positions
+        self.sliding_windows = [getattr(attention, "sliding_window", None) for attention in adapter.attention_modules()]
         self._mask_kind = "float" if implementation in (None, "eager") else "bool"
         delegate_name = implementation
 
@@ -363,18 +365,43 @@ class InLLMPruner:
         return self._with_hidden(hidden, args, kwargs)
 
     def _slice_decode(self, index, event, hidden, cache, args, kwargs):
+        """A step on a cache that holds the pruned prompt: this layer's mask is built here, from what the prefill
+        recorded (the given one takes its length from the first full- or sliding-attention layer's cache, which
+        may be a pruned layer or not, so its columns cannot be trusted)."""
         q_len = hidden.shape[1]
         if index == event.layer:
             self._check_cache(event, cache, q_len)
         kwargs = dict(kwargs)
-        mask = kwargs.get("attention_mask")
-        batch = hidden.shape[0]
-        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-            added = torch.arange(event.length, mask.shape[-1], device=mask.device).expand(batch, -1)
-            mask = _slice_mask(mask, torch.cat([event.keep.to(mask.device), added], dim=1))
-        columns = compat.cache_layer_length(cache, index) + q_len
-        kwargs["attention_mask"] = self._mask_dead(mask, event, hidden, columns, prefill=False)
+        kwargs["attention_mask"] = self._decode_mask(index, event, hidden, cache)
         return self._with_hidden(hidden, args, kwargs)
+
+    def _decode_mask(self, index: int, event: PruneEvent, hidden: torch.Tensor, cache):
+        """[B, 1, q, C] mask of a pruned layer's step: the layer's cached slots (kept prompt slots, then every
+        token added since) as sequence positions; dead slots and padding masked, causal among the new tokens,
+        and the sliding window (over original positions) on a sliding-window layer. None when nothing is masked."""
+        batch, q_len = hidden.shape[:2]
+        device = hidden.device
+        held = compat.cache_layer_length(cache, index)  # before this step's write
+        added = held - event.kept_len
+        positions = torch.cat([event.keep.to(device),
+                               torch.arange(event.length, event.length + added + q_len, device=device).expand(batch, -1)], 1)
+        blocked = torch.zeros(positions.shape, dtype=torch.bool, device=device)
+        if event.dead is not None:
+            blocked[:, : event.kept_len] = event.dead.to(device)
+        visible = compat.cache_visible_length(cache, index, q_len)
+        positions, blocked = positions[:, -visible:], blocked[:, -visible:]
+        window = self.sliding_windows[index]
+        query_positions = torch.arange(event.length + added, event.length + added + q_len, device=device)
+        allowed = (positions[:, None, :] <= query_positions[None, :, None]) & ~blocked[:, None, :]
+        if window is not None:  # the window counts original positions, dropped ones included
+            allowed &= query_positions[None, :, None] - positions[:, None, :] < window
+        if q_len == 1 and bool(allowed.all()):
+            return None
+        allowed = allowed[:, None]
+        if self._mask_kind == "bool":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=hidden.dtype, device=device).masked_fill(
+            ~allowed, torch.finfo(hidden.dtype).min)
 
     def _check_cache(self, event: PruneEvent, cache, q_len: int) -> None:
         if cache is None:
