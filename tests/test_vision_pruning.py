@@ -350,7 +350,7 @@ def test_unpatch_restores_and_second_instance_untouched(technique):
     handle.unpatch()
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=0)
-    assert model.model.forward == forward and "forward" not in vars(model.model)
+    assert model.model.forward == forward and "forward" not in vars(model.model) and "forward" not in vars(model)
     assert "get_image_features" not in vars(model.model)
     assert model.config.vision_config._attn_implementation == impl
     assert model.state_dict().keys() == state.keys()
@@ -421,3 +421,28 @@ def test_deepcopy_of_a_patched_llava_prunes_on_its_own(technique):
         hfpatch.unpatch(clone)
         assert "forward" not in vars(clone.model)
     assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), expected)
+
+
+def test_a_call_with_labels_is_not_pruned_and_says_why():
+    model = tiny_model("llava")
+    inputs = llava_inputs(model)
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE, -100)
+    with torch.no_grad():
+        expected = model(**inputs, labels=labels)
+    handle = hfpatch.patch(model, recipe("hiprune", budget=1))
+    with torch.no_grad():
+        got = model(**inputs, labels=labels)
+    torch.testing.assert_close(got.loss, expected.loss)
+    assert got.logits.shape == expected.logits.shape
+    assert "labels" in handle.stats["hiprune"]["fallback"] and not handle.stats["hiprune"]["pruned"]
+    with torch.no_grad():
+        assert model(**inputs).logits.shape[1] < expected.logits.shape[1]  # without labels: pruned again
+    assert handle.stats["hiprune"]["pruned"] and handle.stats["hiprune"]["fallback"] is None
+
+
+def test_generate_without_a_cache_prunes_every_step_the_same_way():
+    model = tiny_model("llava")
+    inputs = llava_inputs(model)
+    hfpatch.patch(model, recipe("hiprune", budget=2))
+    cached = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False), cached)

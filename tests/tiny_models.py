@@ -29,7 +29,7 @@ def _text_config(kind: str):
 
 
 TEXT_KINDS = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gpt2")
-VLM_KINDS = ("llava", "qwen2_vl", "qwen2_5_vl", "gemma3")
+VLM_KINDS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "gemma3")
 ALL_KINDS = TEXT_KINDS + VLM_KINDS
 
 

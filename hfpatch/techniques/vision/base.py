@@ -171,6 +171,7 @@ class VisionPruningTechnique(Technique):
         self._recording: dict[int, torch.Tensor] | None = None
         self._recorded_layers: frozenset[int] = frozenset()
         self._layer_of: dict[int, int] = {}
+        self._skip: str | None = None  # why the current call must not be pruned (set by the outer forward)
         self.glue = None
         #: `[B, L]` bool: which positions of the last pruned prefill's merged sequence were kept (for inspection)
         self.last_keep: torch.Tensor | None = None
@@ -214,6 +215,9 @@ class VisionPruningTechnique(Technique):
         inner = self.glue.inner(model)
         ctx.record(primitives.wrap_method(
             inner, "forward", lambda original, *args, **kwargs: self._forward(model, original, args, kwargs)))
+        # a loss over labels needs every position of the sequence: such calls are not pruned (see _outer)
+        ctx.record(primitives.wrap_method(
+            model, "forward", lambda original, *args, **kwargs: self._outer(original, args, kwargs)))
         # generate() encodes the images before the prefill (mm_encoder_outputs): record scores and layouts there
         ctx.record(primitives.wrap_method(
             inner, self.glue.feature_method,
@@ -262,7 +266,10 @@ class VisionPruningTechnique(Technique):
                     ~attention_mask, torch.finfo(query.dtype).min)
             output, column_sums = attention_with_column_sums(query, key, value, float(scaling), attention_mask)
             # a mean over heads and queries: the paper's column-mean attention
-            self._recording[layer] = column_sums.float() / (query.shape[1] * query.shape[2])
+            sums = column_sums.float() / (query.shape[1] * query.shape[2])
+            # a tower that attends per image or per window (Qwen2-VL) calls a layer once per chunk, in sequence order
+            previous = self._recording.get(layer)
+            self._recording[layer] = sums if previous is None else torch.cat([previous, sums], dim=-1)
             return output.transpose(1, 2).contiguous(), None
         return compat.sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                              scaling=scaling, **kwargs)
@@ -288,12 +295,26 @@ class VisionPruningTechnique(Technique):
         object.__setattr__(outputs, _ENCODED, encoded)  # a plain attribute: not a field of the ModelOutput
         return outputs
 
+    def _outer(self, original, args, kwargs):
+        """The outer model's forward: a call with labels runs unpruned (the loss is over every input position, and
+        a pruned sequence would no longer line up with the labels)."""
+        if _bind(original, args, kwargs).get("labels") is None:
+            return original(*args, **kwargs)
+        self._skip = "labels were given: the loss needs every position of the sequence, so the call was not pruned"
+        try:
+            return original(*args, **kwargs)
+        finally:
+            self._skip = None
+
     def _forward(self, model, original, args, kwargs):
         inputs = _bind(original, args, kwargs)
         cache = inputs.get("cache", inputs.get("past_key_values"))
         past = int(cache.get_seq_length()) if cache is not None else 0
         glue = self.glue
-        if past == 0 and (glue.has_images(inputs) or glue.precomputed(inputs)):
+        if past == 0 and (glue.has_images(inputs) or glue.precomputed(inputs)) and self._skip:
+            self.reset_stats()
+            self._stats["fallback"] = self._skip
+        elif past == 0 and (glue.has_images(inputs) or glue.precomputed(inputs)):
             start = time.perf_counter()
             self.reset_stats()
             if glue.has_images(inputs):
@@ -372,7 +393,7 @@ class VisionPruningTechnique(Technique):
         # always pass a 2-D mask: with none, transformers reads gaps in position_ids as packed sequences
         new_mask = base_mask.gather(1, index.to(base_mask.device)).masked_fill(pad.to(base_mask.device), 0)
         if positions is None:
-            positions = torch.arange(length, device=embeds.device).unsqueeze(0)
+            positions = glue.full_positions(model, inputs, length, embeds.device)
         new_positions = glue.slice_positions(positions, index, pad)
         lang = glue.slice_sequence_inputs(lang, index, pad)
         out = original(**lang, inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=new_positions)
