@@ -400,3 +400,15 @@ def cache_visible_length(cache, layer_idx: int, query_length: int) -> int:
         past = int(layer.get_seq_length())
         return int(layer.get_mask_sizes(torch.arange(past, past + query_length))[0])
     return int(layer.get_mask_sizes(query_length)[0])
+
+
+def qwen_vision_window_index(visual, grid_thw):
+    """Qwen2.5-VL's vision tower runs its blocks on merge groups reordered into attention windows: the group order
+    it uses (`window_index`, global over the images), or None for a tower without windows (Qwen2-VL)."""
+    if not hasattr(visual, "fullatt_block_indexes"):
+        return None
+    from transformers.vision_utils import get_vision_window_index
+
+    window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
+                                              window_size=visual.window_size, patch_size=visual.patch_size)
+    return window_index

@@ -371,7 +371,10 @@ class VisionPruningTechnique(Technique):
         positions = lang.pop("position_ids", None)
         self._stats.update(sequence_length_before=length)
         if bool(keep.all()):
-            # nothing dropped (budgets cover every image): the model's own sequence, untouched
+            # nothing dropped (budgets cover every image): the model's own sequence, untouched; without input_ids
+            # the model cannot derive multi-row positions (Qwen2-VL's M-RoPE) itself, so the glue gives them
+            if positions is None:
+                positions = glue.full_positions(model, inputs, length, embeds.device)
             out = original(**lang, inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
             self._stats.update(sequence_length_after=length, prefill_seconds=time.perf_counter() - start)
             self._attach(out, encoded)

@@ -168,6 +168,17 @@ class FamilyGlue:
     def merge(self, model, inputs: dict[str, Any], features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def full_positions(self, model, inputs: dict[str, Any], length: int, device) -> torch.Tensor:
+        """Position ids of the whole (unpruned) sequence when the caller gave none: `0..L-1` here; a family with
+        multi-row positions (Qwen2-VL's M-RoPE) computes them as the model's own forward would."""
+        return torch.arange(length, device=device).unsqueeze(0)
+
+    def continued_positions(self, model, start: int, new: int, device) -> torch.Tensor:
+        """Position ids of `new` tokens continuing a pruned prompt whose original length (plus the tokens generated
+        since) is `start`, for a call without position ids (`generate` always passes them): `start..start+new-1`.
+        A family whose positions are offset from the sequence index (M-RoPE's rope_deltas) overrides this."""
+        return torch.arange(start, start + new, device=device).unsqueeze(0)
+
     def slice_positions(self, position_ids: torch.Tensor, index: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         """Positions of the kept sequence: `position_ids[b, index[b, j]]`, 0 where `pad[b, j]` (a left pad slot)."""
         batch = index.shape[0]
@@ -341,6 +352,85 @@ class LlavaNextGlue(LlavaGlue):
         return llava_next_num_crops(inner.config, image_size)
 
 
+class QwenVLGlue(FamilyGlue):
+    """Qwen2-VL / Qwen2.5-VL: per image a `t x h x w` patch grid that the merger folds into `(h/m) x (w/m)` tokens
+    (m = spatial_merge_size, 2), so each image token comes from the m*m tower tokens of its merge group (a score
+    per tower token, on the 4x finer pre-merge grid, becomes a score per image token through `source`).
+    Qwen2.5-VL's tower runs its blocks on merge groups reordered into windows (`compat.qwen_vision_window_index`):
+    `source` points into that block order. Positions are M-RoPE `[3, B, L]` (`[4, B, L]` under `generate`, with
+    a text row first) from the model's own `get_rope_index` on the whole sequence, sliced per row, so survivors
+    keep their coordinates; `rope_deltas` is set as the model's own forward sets it. Videos are not pruned."""
+
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    vision_inputs = ("pixel_values", "image_grid_thw")
+    #: HiPrune's object layer for Qwen2.5-VL is block 16 of 32
+    object_layer_fraction = 0.5
+
+    def vision_tower(self, model):
+        return model.model.visual
+
+    def deep_layer(self, model) -> int:
+        return len(self.vision_layers(model)) - 1  # the merger reads the last block's output
+
+    def encode(self, model, inputs):
+        return model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+
+    def describe(self, model, arguments, outputs):
+        from ...compat import qwen_vision_window_index
+
+        visual = self.vision_tower(model)
+        merge = visual.spatial_merge_size
+        unit = merge * merge
+        grid_thw = arguments.get("image_grid_thw")
+        features = outputs.pooler_output
+        sizes = [int(t) * (int(h) // merge) * (int(w) // merge) for t, h, w in grid_thw.tolist()]
+        if isinstance(features, torch.Tensor):
+            features = torch.split(features, sizes)
+        features = list(features)
+        window = qwen_vision_window_index(visual, grid_thw)
+        # block position of every merge group (original order -> order the tower's blocks run in)
+        block_group = None if window is None else torch.argsort(window.cpu())
+        layouts, offset = [], 0
+        for size, (t, h, w) in zip(sizes, grid_thw.tolist()):
+            groups = torch.arange(offset, offset + size)
+            if block_group is not None:
+                groups = block_group[groups]
+            source = groups.unsqueeze(-1) * unit + torch.arange(unit)
+            grid = (int(t) * (int(h) // merge), int(w) // merge)  # frames stacked as rows
+            layouts.append(ImageLayout(num_tokens=size, segments=[Segment(torch.arange(size), grid)],
+                                       fixed=torch.zeros(0, dtype=torch.long), source=source))
+            offset += size
+        return EncodedImages(features, layouts, outputs, 0)
+
+    def merge(self, model, inputs, features):
+        inner = model.model
+        input_ids = inputs.get("input_ids")
+        embeds = inputs.get("inputs_embeds")
+        if embeds is None:
+            embeds = inner.get_input_embeddings()(input_ids)
+        stacked = torch.cat(features, dim=0).to(embeds.device, embeds.dtype)
+        mask, _ = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=stacked)
+        return embeds.masked_scatter(mask, stacked), mask[..., 0]
+
+    def full_positions(self, model, inputs, length, device):
+        inner = model.model
+        positions, deltas = inner.get_rope_index(
+            inputs["input_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+            video_grid_thw=inputs.get("video_grid_thw"), attention_mask=inputs.get("attention_mask"),
+            mm_token_type_ids=inputs.get("mm_token_type_ids"))
+        inner.rope_deltas = deltas  # what the model's own forward records for its decode steps
+        return positions.to(device)
+
+    def slice_positions(self, position_ids, index, pad):
+        """`[k, B, L]` M-RoPE rows (or `[B, L]`) cut to the kept positions of each row; 0 on left pad slots."""
+        if position_ids.dim() == 2:
+            return super().slice_positions(position_ids, index, pad)
+        rows, batch = position_ids.shape[0], index.shape[0]
+        positions = position_ids.expand(rows, batch, -1)
+        gathered = positions.gather(2, index.to(positions.device).unsqueeze(0).expand(rows, -1, -1))
+        return gathered.masked_fill(pad.to(positions.device).unsqueeze(0), 0)
+
+
 _GLUE: dict[str, FamilyGlue] = {}
 
 
@@ -353,6 +443,7 @@ def register_glue(glue: FamilyGlue) -> FamilyGlue:
 
 register_glue(LlavaGlue())
 register_glue(LlavaNextGlue())
+register_glue(QwenVLGlue())
 
 
 def supported_model_types() -> frozenset[str]:
