@@ -124,3 +124,43 @@ def test_qwen_scores_map_merged_tokens_to_their_pre_merge_groups():
     # a score per tower token (in the tower's block order) becomes the mean over each token's group
     tower_scores = torch.arange(32, dtype=torch.float32)
     torch.testing.assert_close(layout.token_scores(tower_scores), layout.source.float().mean(-1))
+
+
+def gemma3_row(seed: int, text=(6, 7)):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([[1, 5, 125] + [127] * 4 + [126] + list(text)])
+    return {"input_ids": ids, "pixel_values": torch.randn(1, 3, 28, 28, generator=generator)}
+
+
+@pytest.mark.parametrize("technique", SELECTORS)
+def test_gemma3_padded_batch_rows_equal_their_single_runs(technique):
+    model = tiny_model("gemma3")
+    rows = [gemma3_row(1, text=(6, 7, 8, 9)), gemma3_row(2, text=(9,))]
+    with hfpatch.patch(model, recipe(technique, budget=2)) as handle:
+        singles = []
+        for row in rows:
+            inputs = dict(row, token_type_ids=(row["input_ids"] == 127).long())
+            singles.append(model.generate(**inputs, max_new_tokens=NEW, do_sample=False)[0, row["input_ids"].shape[1]:])
+        width = rows[0]["input_ids"].shape[1]
+        ids = torch.stack([torch.cat([torch.zeros(width - r["input_ids"].shape[1], dtype=torch.long), r["input_ids"][0]])
+                           for r in rows])
+        batch = {"input_ids": ids, "attention_mask": (torch.arange(width) >= torch.tensor([[0], [3]])).long(),
+                 "token_type_ids": (ids == 127).long(), "pixel_values": torch.cat([r["pixel_values"] for r in rows])}
+        out = model.generate(**batch, max_new_tokens=NEW, do_sample=False)
+        stats = handle.stats[technique]
+    assert stats["pruned"] and [image["kept"] for image in stats["images"]] == [2, 2]
+    for row, single in enumerate(singles):
+        assert out[row, width:].tolist() == single.tolist()
+
+
+def test_gemma3_full_budget_identity_and_pooled_sources():
+    model = tiny_model("gemma3")
+    row = gemma3_row(3)
+    inputs = dict(row, token_type_ids=(row["input_ids"] == 127).long())
+    logits = model(**inputs).logits
+    with hfpatch.patch(model, recipe("hiprune", budget=4)):
+        torch.testing.assert_close(model(**inputs).logits, logits, rtol=0, atol=1e-5)
+    outputs = model.model.get_image_features(row["pixel_values"], return_dict=True)
+    (layout,) = glue_for(model).describe(model, {}, outputs).layouts
+    # 4x4 patches pooled 2x2: token 0 reads patches 0, 1, 4, 5; token 3 reads 10, 11, 14, 15
+    assert layout.source[0].tolist() == [0, 1, 4, 5] and layout.source[3].tolist() == [10, 11, 14, 15]

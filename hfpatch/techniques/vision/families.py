@@ -431,6 +431,52 @@ class QwenVLGlue(FamilyGlue):
         return gathered.masked_fill(pad.to(positions.device).unsqueeze(0), 0)
 
 
+class Gemma3Glue(FamilyGlue):
+    """Gemma 3: a SigLIP tower's `p x p` patch grid average-pooled (kernel k = p / s) into an `s x s` grid of
+    `mm_tokens_per_image` tokens per image; each image token comes from a `k x k` block of tower tokens. The outer
+    model builds the language model's masks from `token_type_ids` (bidirectional inside an image), which the
+    base slices with the sequence, so survivors of an image still see each other."""
+
+    model_types = ("gemma3",)
+    vision_inputs = ("pixel_values",)
+
+    def vision_tower(self, model):
+        return model.model.vision_tower
+
+    def deep_layer(self, model) -> int:
+        return len(self.vision_layers(model)) - 1  # the projector reads the tower's last hidden state
+
+    def encode(self, model, inputs):
+        return model.model.get_image_features(inputs["pixel_values"], return_dict=True)
+
+    def describe(self, model, arguments, outputs):
+        projector = model.model.multi_modal_projector
+        side, patches = projector.tokens_per_side, projector.patches_per_image
+        kernel = patches // side
+        features = list(outputs.pooler_output)
+        rows = torch.arange(side).repeat_interleave(side)
+        cols = torch.arange(side).repeat(side)
+        offsets = torch.arange(kernel)
+        # tower tokens (row-major over the p x p patch grid) of each pooled token's k x k block
+        block = ((rows[:, None, None] * kernel + offsets[None, :, None]) * patches
+                 + cols[:, None, None] * kernel + offsets[None, None, :]).reshape(side * side, -1)
+        tower_tokens = patches * patches
+        layouts = [ImageLayout(num_tokens=side * side, segments=[Segment(torch.arange(side * side), (side, side))],
+                               fixed=torch.zeros(0, dtype=torch.long), source=block + number * tower_tokens)
+                   for number in range(len(features))]
+        return EncodedImages(features, layouts, outputs, tower_tokens)
+
+    def merge(self, model, inputs, features):
+        inner = model.model
+        input_ids = inputs.get("input_ids")
+        embeds = inputs.get("inputs_embeds")
+        if embeds is None:
+            embeds = inner.get_input_embeddings()(input_ids)
+        stacked = torch.cat(features, dim=0).to(embeds.device, embeds.dtype)
+        mask = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=stacked)
+        return embeds.masked_scatter(mask, stacked), mask[..., 0]
+
+
 _GLUE: dict[str, FamilyGlue] = {}
 
 
@@ -444,6 +490,7 @@ def register_glue(glue: FamilyGlue) -> FamilyGlue:
 register_glue(LlavaGlue())
 register_glue(LlavaNextGlue())
 register_glue(QwenVLGlue())
+register_glue(Gemma3Glue())
 
 
 def supported_model_types() -> frozenset[str]:
