@@ -210,6 +210,7 @@ class VisionPruningTechnique(Technique):
 
     def apply(self, model, ctx) -> None:
         self.glue = glue_for(model)
+        self._model = weakref.proxy(model)  # for the glue's position hooks; a proxy keeps no model alive
         self._states = weakref.WeakKeyDictionary()
         self.reset_stats()
         inner = self.glue.inner(model)
@@ -356,8 +357,8 @@ class VisionPruningTechnique(Technique):
             mask = torch.cat([state.compact_mask, ones], 1)
         inputs = dict(inputs, attention_mask=mask)
         if inputs.get("position_ids") is None:
-            start = state.original_length + generated
-            inputs["position_ids"] = torch.arange(start, start + new, device=reference.device).unsqueeze(0)
+            inputs["position_ids"] = self.glue.continued_positions(self._model, state.original_length + generated,
+                                                                   new, reference.device)
         return inputs
 
     def _prefill(self, model, original, inputs, cache, encoded: EncodedImages, start: float):
