@@ -249,3 +249,12 @@ def test_refusals():
         hfpatch.patch(tiny_model("llava"), recipe(budget=2, layer=2))
     with pytest.raises(UnsupportedModelError, match="llama"):
         hfpatch.patch(tiny_model("llama"), recipe(budget=2, layer=1))
+
+
+def test_builtin_recipes_patch_by_name():
+    model = tiny_model("llava")
+    for name, kept in (("fastv", 2), ("fastv-25", 1)):
+        # the tiny model has 2 decoder layers, so the paper's K=2 is overridden to K=1
+        with hfpatch.patch(model, name, layer=1) as handle:
+            generate(model, llava_inputs(), n=2)
+            assert handle.stats["fastv"]["kept_visual_tokens"] == [kept]
