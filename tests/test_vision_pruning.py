@@ -446,3 +446,33 @@ def test_generate_without_a_cache_prunes_every_step_the_same_way():
     hfpatch.patch(model, recipe("hiprune", budget=2))
     cached = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False), cached)
+
+
+def test_a_hand_written_decode_loop_without_positions_continues_at_original_positions():
+    """A loop over forward (no generate): the caller passes the uncompacted mask and no position ids; the patch
+    compacts the mask and continues the positions where the unpruned sequence would."""
+    model = tiny_model("llava")
+    reference_model = copy.deepcopy(model)
+    inputs = llava_inputs(model)
+    handle = hfpatch.patch(model, recipe("hiprune", keep_ratio=0.5))
+    mask = inputs["attention_mask"]
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        keep = handle.technique("hiprune").last_keep
+        embeds, ref_mask, positions = hand_pruned(reference_model, inputs, keep)
+        # the unpatched model's positions without position ids ignore padding: 0..L-1, sliced
+        positions = torch.arange(mask.shape[1]).expand_as(mask)[keep].view(2, -1)
+        ref = reference_model(inputs_embeds=embeds, attention_mask=ref_mask, position_ids=positions, use_cache=True)
+        cache, ref_cache = out.cache, ref.cache
+        for step in range(3):
+            torch.testing.assert_close(out.logits[:, -1], ref.logits[:, -1], rtol=1e-5, atol=1e-5)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones_like(token)], 1)
+            ref_mask = torch.cat([ref_mask, torch.ones_like(token)], 1)
+            out = model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True)
+            next_position = torch.full_like(token, inputs["input_ids"].shape[1] + step)
+            ref = reference_model(input_ids=token, attention_mask=ref_mask, position_ids=next_position,
+                                  cache=ref_cache, use_cache=True)
+        torch.testing.assert_close(out.logits[:, -1], ref.logits[:, -1], rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="a mask of the original sequence"):
+            model(input_ids=token, attention_mask=mask[:, 3:], cache=cache)  # neither length
