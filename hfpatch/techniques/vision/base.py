@@ -153,10 +153,16 @@ def _bind(original, args: tuple, kwargs: dict) -> dict[str, Any]:
 class VisionPruningTechnique(Technique):
     """Base of the techniques that keep a subset of each image's visual tokens before the language model.
 
-    Subclasses set `name`, `summary`, `Params` (a `PruningParams` subclass) and implement `select`. Set
-    `attention_layers` (via `scored_layers`) to have the column-mean attention of some vision layers recorded
-    during the tower's forward (HiPrune); those layers run the `attention_with_column_sums` kernel, every other
-    vision layer and every language layer keeps its attention.
+    Subclasses set `name`, `summary`, `Params` (a `PruningParams` subclass) and implement `select`. A technique
+    that reads vision attention (HiPrune) sets `needs_attention_scores = True` and names the layers in
+    `scored_layers`: the vision sub-config then selects an attention function that runs those layers through the
+    `attention_with_column_sums` kernel while the tower encodes images, and transformers' sdpa everywhere else
+    (a tower loaded with eager attention therefore runs sdpa while patched: equal up to float rounding). The
+    language model's attention is never touched.
+
+    Calls that are not pruned, each with the reason in `stats()["fallback"]`: a call with `labels` (the loss
+    needs every position), images passed as `mm_encoder_outputs` computed before patching, images in a call
+    that continues a cache. Text-only calls pass through unchanged.
     """
 
     family = "vision"

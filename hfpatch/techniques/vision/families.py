@@ -179,12 +179,6 @@ class FamilyGlue:
         A family whose positions are offset from the sequence index (M-RoPE's rope_deltas) overrides this."""
         return torch.arange(start, start + new, device=device).unsqueeze(0)
 
-    def continued_positions(self, model, start: int, new: int, device) -> torch.Tensor:
-        """Position ids of `new` tokens continuing a pruned prompt whose original length (plus the tokens generated
-        since) is `start`, for a call without position ids (`generate` always passes them): `start..start+new-1`.
-        A family whose positions are offset from the sequence index (M-RoPE's rope_deltas) overrides this."""
-        return torch.arange(start, start + new, device=device).unsqueeze(0)
-
     def slice_positions(self, position_ids: torch.Tensor, index: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         """Positions of the kept sequence: `position_ids[b, index[b, j]]`, 0 where `pad[b, j]` (a left pad slot)."""
         batch = index.shape[0]
