@@ -174,6 +174,14 @@ def keep_cache_positions(cache, keep) -> None:
             layer.cumulative_length = len(keep)
 
 
+def load_causal_lm(repo: str, revision: str | None, dtype):
+    """A causal LM from a Hub repo id (or local folder) at `revision`, in eval mode. Repository code is never
+    run (`trust_remote_code=False`): a model that needs it fails to load with transformers' own error."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(repo, revision=revision, dtype=dtype,
+                                                              trust_remote_code=False)
+    return model.eval()
+
+
 def decoder_only_generate_output(*, sequences, scores, logits, cache):
     """A `GenerateDecoderOnlyOutput`, with the cache under this version's field name (`cache` from 5.24)."""
     import dataclasses

@@ -126,7 +126,7 @@ class PatchHandle:
         """
         entries, tensors, metadata = [], {}, {}
         for technique in self.techniques:
-            entries.append({"type": technique.name, **params_to_dict(technique.params)})
+            entries.append({"type": technique.name, **technique.export_params()})
             own_tensors, own_metadata = technique.export_tensors(tokenizer)
             tensors.update({f"{technique.name}/{key}": value for key, value in own_tensors.items()})
             metadata.update({f"{technique.name}/{key}": value for key, value in own_metadata.items()})

@@ -327,6 +327,11 @@ class Technique:
         self.tensors = dict(tensors)
         self.tensor_metadata = dict(metadata)
 
+    def export_params(self) -> dict[str, Any]:
+        """The parameters `handle.to_recipe()` stores (plain JSON data). A technique given a non-data override
+        at patch time (a loaded draft model) exports a reference to it, or nothing, instead."""
+        return params_to_dict(self.params)
+
     def export_tensors(self, tokenizer=None) -> tuple[dict[str, Any], dict[str, str]]:
         """Tensors (and string metadata) to store in a recipe's payload, e.g. a warmed draft table.
 

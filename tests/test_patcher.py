@@ -281,7 +281,9 @@ def test_every_builtin_recipe_round_trips_exactly(recipe):
     before = _snapshot(model)
     prompt = inputs["input_ids"][:1]
     expected = model.generate(prompt, max_new_tokens=4, do_sample=False)
-    with hfpatch.patch(model, recipe):
+    from test_draft_model import builtin_recipe_overrides
+
+    with hfpatch.patch(model, recipe, **builtin_recipe_overrides(recipe, model)):
         model.generate(prompt, max_new_tokens=4, do_sample=False)
     _assert_same(model, before, logits_before, inputs)
     assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False), expected)

@@ -147,9 +147,14 @@ class Drafter:
     name = "drafter"
     #: how many top tokens per tree node `update` wants (0: none)
     topk_wanted = 0
+    #: True: `start` also receives the call's `CallInfo` (its generation config and the target's cache)
+    wants_call_info = False
 
     def start(self, prompt: list[int]) -> Any:
-        """A new generate call begins with this prompt; returns that call's drafting state (or None)."""
+        """A new generate call begins with this prompt; returns that call's drafting state (or None).
+
+        A drafter with `wants_call_info = True` is called as `start(prompt, info)` with a `CallInfo`.
+        """
         return None
 
     def draft(self, tree: DraftTree, context: list[int], *state: Any) -> None:
@@ -164,6 +169,17 @@ class Drafter:
 
     def stats(self) -> dict[str, Any]:
         return {}
+
+
+@dataclasses.dataclass
+class CallInfo:
+    """What a drafter asking for it (`Drafter.wants_call_info`) learns as a call starts."""
+
+    #: the call's prepared generation config (do_sample, temperature, ...)
+    generation_config: Any
+    #: the target's KV cache of this call: after every step it holds exactly the accepted sequence but its
+    #: last token; a drafter may read it (early exit shares its first layers), never write to it
+    cache: Any
 
 
 def _with_state(method, *args: Any, state: Any = None):
@@ -394,9 +410,11 @@ class SpeculativeEngine:
         """Tell the drafters and the tree policy that a call begins, keeping the per-call state each returns
         in the new call's state; the call's clock starts last."""
         states = []
+        info = CallInfo(generation_config, cache)
         for (drafter, _), lock in zip(self.drafters, self._drafter_locks):
             with lock:
-                states.append(drafter.start(list(out.context)))
+                states.append(drafter.start(list(out.context), info) if drafter.wants_call_info
+                              else drafter.start(list(out.context)))
         policy_state = None
         if self.tree_policy is not None:
             with self._policy_lock:

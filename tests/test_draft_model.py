@@ -1,0 +1,260 @@
+"""The draft_model drafter (chain, DySpec tree, Recursive SD siblings) on the speculative engine."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_speculative import _chi_square_p_value, _prompts, _stats
+from tiny_models import TEXT_KINDS, tiny_config, tiny_model, word_level_tokenizer
+
+import hfpatch
+from hfpatch import compat
+from hfpatch.errors import PatchError, RecipeError
+from hfpatch.techniques.generation.draft_model import DraftModelDrafter
+from hfpatch.techniques.generation.engine import CallInfo
+from hfpatch.techniques.generation.tree import DraftTree
+
+SHAPES = {"chain": {"tree": "chain", "draft_length": 4},
+          # min_probability 0: a tiny random draft spreads its probability thinly over 128 ids
+          "dynamic": {"tree": "dynamic", "max_nodes": 12, "width": 4, "min_probability": 0.0}}
+
+
+def _recipe(**params) -> dict:
+    return {"hfpatch_version": "1.0", "name": "draft-test", "techniques": [{"type": "draft_model", **params}]}
+
+
+def _target(kind: str, seed: int = 0):
+    config = tiny_config(kind)
+    if kind == "gemma3_text":
+        config.sliding_window = 256  # inside the window: the sliding case is tests/test_sliding_window_spec.py
+    return tiny_model(kind, seed=seed, config=config)
+
+
+def _draft_for(target, kind: str):
+    """A shallower draft (1 layer instead of 2) of the same vocabulary that shares the target's embeddings and
+    first layer, so it agrees with the target often enough for drafts to be accepted."""
+    config = copy.deepcopy(target.config)
+    if kind == "gpt2":
+        config.n_layer = 1
+    else:
+        config.num_hidden_layers = 1
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:1]
+    draft = tiny_model(kind, seed=1, config=config)
+    own = target.state_dict()
+    draft.load_state_dict({k: own[k] if k in own and own[k].shape == v.shape else v
+                           for k, v in draft.state_dict().items()})
+    return draft
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("kind", TEXT_KINDS)
+def test_greedy_token_identical_on_every_decoder_family(kind, shape):
+    target = _target(kind)
+    draft = _draft_for(target, kind)
+    prompts = _prompts(3, seed=len(kind))
+    lengths = [1, 9, 30]
+    expected = [target.generate(p, max_new_tokens=n, do_sample=False) for p, n in zip(prompts, lengths)]
+    with hfpatch.patch(target, _recipe(**SHAPES[shape]), draft_model=draft) as handle:
+        for p, n, ref in zip(prompts, lengths, expected):
+            out = target.generate(p, max_new_tokens=n, do_sample=False)
+            assert torch.equal(out, ref), (kind, shape, n)
+            stats = _stats(handle)
+            assert stats["fallback"] is None and stats["new_tokens"] == n
+        assert stats["forwards"] < n, "no draft was ever accepted: the test would not exercise the tree path"
+        assert stats["drafters"]["draft_model"]["kv_kept_from_tree"] > 0
+    assert "generate" not in target.__dict__
+
+
+@pytest.mark.slow
+def test_sampling_distribution_matches_vanilla():
+    model = tiny_model("llama", seed=3)
+    draft = _draft_for(model, "llama")
+    prompt = torch.tensor([[5, 17, 33, 5, 17]])
+    kwargs = dict(max_new_tokens=3, do_sample=True, temperature=0.7, top_k=4)
+    runs = 300
+
+    def sample_counts(seed0: int, **extra) -> dict:
+        counts: dict = {}
+        for i in range(runs):
+            torch.manual_seed(seed0 + i)
+            seq = tuple(model.generate(prompt, **{**kwargs, **extra})[0, -3:].tolist())
+            counts[seq] = counts.get(seq, 0) + 1
+        return counts
+
+    vanilla = sample_counts(0)
+    # Recursive SD: siblings drawn without replacement (Gumbel-top-k) from the draft's distribution
+    with hfpatch.patch(model, _recipe(**SHAPES["dynamic"], siblings="auto"), draft_model=draft) as handle:
+        patched = sample_counts(10_000)
+        stats = _stats(handle)
+        assert stats["fallback"] is None
+    # one verification step per run here (3 new tokens: the prefill's, a drafted one and a bonus token)
+    assert stats["drafters"]["draft_model"]["accepted_tokens"] > 0.4 * runs, "drafts were rarely accepted"
+    assert _chi_square_p_value(vanilla, patched) > 1e-3
+    assert _chi_square_p_value(vanilla, sample_counts(20_000, top_k=2)) < 1e-3  # the test can tell
+
+
+def test_sampling_leaves_the_global_generator_as_plain_decoding_does():
+    """Gumbel siblings come from the drafter's own generator, so a seeded sampled call with a draft that is the
+    target's copy (every draft accepted) returns exactly plain decoding's sample."""
+    model = tiny_model("qwen2", seed=2)
+    prompt = _prompts(1, seed=8)[0]
+    kwargs = dict(max_new_tokens=12, do_sample=True, temperature=0.9)
+    torch.manual_seed(7)
+    ref = model.generate(prompt, **kwargs)
+    with hfpatch.patch(model, _recipe(**SHAPES["dynamic"], siblings="gumbel"), draft_model=copy.deepcopy(model)):
+        torch.manual_seed(7)
+        out = model.generate(prompt, **kwargs)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_eos_and_max_new_tokens_cut_inside_accepted_runs(shape):
+    model = tiny_model("llama", seed=4)
+    draft = copy.deepcopy(model)  # the same weights: every drafted token is accepted, so the cuts fall inside runs
+    prompt = _prompts(1, seed=3)[0]
+    free_run = model.generate(prompt, max_new_tokens=30, do_sample=False)[0, prompt.shape[1]:].tolist()
+    eos = free_run[6]
+    cut = free_run.index(eos) + 1
+    ref = model.generate(prompt, max_new_tokens=30, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    assert ref.shape[1] == prompt.shape[1] + cut
+    expected = {n: model.generate(prompt, max_new_tokens=n, do_sample=False) for n in (2, 3, 6, 7)}
+    with hfpatch.patch(model, _recipe(**SHAPES[shape]), draft_model=draft) as handle:
+        out = model.generate(prompt, max_new_tokens=30, do_sample=False, eos_token_id=eos, pad_token_id=0)
+        assert torch.equal(out, ref)
+        assert _stats(handle)["forwards"] < _stats(handle)["new_tokens"], "the EOS was not inside an accepted run"
+        for n, want in expected.items():
+            assert torch.equal(model.generate(prompt, max_new_tokens=n, do_sample=False), want)
+            assert _stats(handle)["new_tokens"] == n
+
+
+def test_draft_cache_rolls_back_to_the_accepted_path():
+    """After a partial acceptance the draft's cache holds exactly the KV of the accepted sequence (the cached
+    context and the accepted drafted nodes, moved from their tree slots), as a fresh prefill would."""
+    target = tiny_model("llama")
+    draft = _draft_for(target, "llama")
+    drafter = DraftModelDrafter(draft, "dynamic", draft_length=4, branching=3, width=4, min_probability=0.0,
+                                siblings="top")
+    call = drafter.start([], CallInfo(target.generation_config, None))
+    context = _prompts(1, seed=6)[0][0].tolist()
+    tree = DraftTree(context[-1], max_nodes=10)
+    drafter.draft(tree, context, call)
+    assert tree.num_drafted == 10
+    # the target accepts the path to the deepest node whose parent was expanded, then a token not drafted
+    node = max((n for n in range(1, len(tree)) if call.slots[n] is not None), key=lambda n: tree.depths[n])
+    accepted = [tree.tokens[n] for n in tree.path_to(node)]
+    assert len(accepted) >= 2 and call.slots[node] != len(context)  # not simply the next cache slot
+    bonus = next(t for t in range(3, 100) if t not in tree.children[node])
+    new_context = context + accepted + [bonus]
+    drafter.draft(DraftTree(bonus, max_nodes=0), new_context, call)  # a zero budget drafts nothing
+    drafter.draft(DraftTree(bonus, max_nodes=1), new_context, call)
+    assert drafter.kept_from_tree == len(accepted)
+    fresh = compat.new_dynamic_cache(draft.config)
+    with torch.no_grad():
+        draft(torch.tensor([new_context]), **{compat.cache_kwarg(draft): fresh, "use_cache": True})
+    n = len(new_context)
+    for mine, theirs in zip(call.cache.layers, fresh.layers):
+        torch.testing.assert_close(mine.keys[..., :n, :], theirs.keys, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(mine.values[..., :n, :], theirs.values, rtol=1e-4, atol=1e-5)
+
+
+def test_vocabulary_mismatch_is_refused():
+    target = tiny_model("llama")
+    bigger = tiny_model("llama", seed=1)
+    bigger.resize_token_embeddings(130)
+    with pytest.raises(PatchError, match="output vocabulary has 130 ids, the target's 128"):
+        hfpatch.patch(target, "draft-model", draft_model=bigger)
+    other_eos = tiny_model("llama", seed=1)
+    other_eos.generation_config.eos_token_id = 5
+    with pytest.raises(PatchError, match="special token ids differ"):
+        hfpatch.patch(target, "draft-model", draft_model=other_eos)
+    same = tiny_model("llama", seed=1)
+    tok_a, tok_b = word_level_tokenizer(128, "apple pear"), word_level_tokenizer(128, "pear apple")
+    with pytest.raises(PatchError, match="draft's tokenizer .* is not the target's"):
+        hfpatch.patch(target, "draft-model", draft_model=same, target_tokenizer=tok_a, draft_tokenizer=tok_b)
+    with hfpatch.patch(target, "draft-model", draft_model=same, target_tokenizer=tok_a,
+                       draft_tokenizer=word_level_tokenizer(128, "apple pear")) as handle:
+        assert "fingerprints match" in handle.stats["draft_model"]["vocabulary_check"]
+    assert "generate" not in target.__dict__
+
+
+def test_no_draft_is_a_clear_error():
+    with pytest.raises(PatchError, match="no draft model: pass one at patch time"):
+        hfpatch.patch(tiny_model("llama"), "dyspec")
+    with pytest.raises(RecipeError, match="draft_model must be a loaded model or a Hub repo id"):
+        hfpatch.patch(tiny_model("llama"), "dyspec", draft_model=3.5)
+
+
+def test_unpatch_second_instance_and_batch_fallback():
+    a, b = tiny_model("llama"), tiny_model("llama")
+    draft = _draft_for(a, "llama")
+    prompt = _prompts(1)[0]
+    expected_b = b.generate(prompt, max_new_tokens=6, do_sample=False)
+    batch = torch.cat([prompt, prompt])
+    ref_batch = a.generate(batch, max_new_tokens=6, do_sample=False)
+    original = type(a).generate
+    with hfpatch.patch(a, "dyspec", draft_model=draft) as handle:
+        assert "generate" not in b.__dict__
+        assert torch.equal(b.generate(prompt, max_new_tokens=6, do_sample=False), expected_b)
+        assert "fallback" not in _stats(handle)  # b's call never reached a's engine
+        assert torch.equal(a.generate(batch, max_new_tokens=6, do_sample=False), ref_batch)
+        assert "batch size 2" in _stats(handle)["fallback"]
+    assert "generate" not in a.__dict__ and a.generate.__func__ is original
+
+
+def test_to_recipe_exports_a_hub_reference_never_the_model():
+    target = tiny_model("llama")
+    draft = _draft_for(target, "llama")
+    with hfpatch.patch(target, "dyspec", draft_model=draft) as handle:
+        entry = handle.to_recipe().techniques[0]
+    assert entry["draft_model"] is None and entry["target_tokenizer"] is None
+    draft.config._name_or_path = "someone/tiny-draft"
+    draft.config._commit_hash = "a" * 40
+    with hfpatch.patch(target, "dyspec", draft_model=draft) as handle:
+        recipe = handle.to_recipe()
+    entry = recipe.techniques[0]
+    assert (entry["draft_model"], entry["draft_revision"]) == ("someone/tiny-draft", "a" * 40)
+    assert recipe.to_dict()["techniques"][0]["tree"] == "dynamic"
+
+
+def test_draft_named_by_hub_id_and_revision(hub_server, tmp_path):
+    target = tiny_model("llama")
+    draft = _draft_for(target, "llama")
+    repo = hub_server.new_repo_id("tiny-draft")
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo, exist_ok=True)
+    draft.save_pretrained(tmp_path / "draft")
+    commit = api.upload_folder(repo_id=repo, folder_path=str(tmp_path / "draft")).oid
+    prompt = _prompts(1, seed=2)[0]
+    ref = target.generate(prompt, max_new_tokens=10, do_sample=False)
+    with hfpatch.patch(target, "dyspec", draft_model=repo, draft_revision=commit) as handle:
+        assert torch.equal(target.generate(prompt, max_new_tokens=10, do_sample=False), ref)
+        entry = handle.to_recipe().techniques[0]
+    assert (entry["draft_model"], entry["draft_revision"]) == (repo, commit)
+
+
+def builtin_recipe_overrides(recipe: str, model) -> dict:
+    """Patch-time arguments a built-in recipe needs on a tiny model of tests/tiny_models.py: recipes with a
+    draft_model technique need a draft (a shallower model of the same vocabulary)."""
+    types = {t["type"] for t in hfpatch.recipe.resolve_recipe(recipe).techniques}
+    if "draft_model" not in types:
+        return {}
+    kind = model.config.model_type
+    return {"draft_model": _draft_for(model, kind)}
+
+
+def test_copies_of_a_patch_with_a_loaded_draft_come_out_unpatched_with_a_warning():
+    """A loaded draft without a Hub reference cannot be written into the recipe a copy is patched from, so the
+    copy is the unpatched model and the warning says how to patch it."""
+    model = tiny_model("llama")
+    prompt = _prompts(1)[0]
+    expected = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    hfpatch.patch(model, "draft-model", draft_model=_draft_for(model, "llama"))
+    with pytest.warns(RuntimeWarning, match="no draft model: pass one at patch time"):
+        clone = copy.deepcopy(model)
+    assert hfpatch.active_patches(clone) == [] and "generate" not in clone.__dict__
+    assert torch.equal(clone.generate(prompt, max_new_tokens=6, do_sample=False), expected)
+    hfpatch.unpatch(model)
