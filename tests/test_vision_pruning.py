@@ -476,3 +476,21 @@ def test_a_hand_written_decode_loop_without_positions_continues_at_original_posi
         torch.testing.assert_close(out.logits[:, -1], ref.logits[:, -1], rtol=1e-5, atol=1e-5)
         with pytest.raises(ValueError, match="a mask of the original sequence"):
             model(input_ids=token, attention_mask=mask[:, 3:], cache=cache)  # neither length
+
+
+def test_a_peft_wrapped_llava_is_pruned_and_restored():
+    peft = pytest.importorskip("peft")
+    model = tiny_model("llava")
+    inputs = llava_inputs(model)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=r".*language_model.*\.(q_proj|v_proj)",
+                                                      init_lora_weights=False))
+    expected = lora.generate(**inputs, max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        logits = lora(**inputs).logits
+    handle = hfpatch.patch(lora, recipe("hiprune", budget=1))
+    with torch.no_grad():
+        assert lora(**inputs).logits.shape[1] == logits.shape[1] - 3  # one image per row, 4 -> 1 token
+    lora.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert handle.stats["hiprune"]["tokens_after"] == 2
+    handle.unpatch()
+    assert torch.equal(lora.generate(**inputs, max_new_tokens=3, do_sample=False), expected)
