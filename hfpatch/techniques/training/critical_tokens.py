@@ -199,7 +199,9 @@ def resolve_target_modules(model: torch.nn.Module, target_modules: Sequence[str]
 
 def _probe(weight: torch.Tensor) -> list[float]:
     flat = weight.detach().reshape(-1)
-    index = torch.linspace(0, flat.numel() - 1, _PROBE_VALUES).round().long().to(flat.device)
+    # integer arithmetic: a float32 linspace over tens of millions of values rounds past the last index
+    index = torch.tensor([i * (flat.numel() - 1) // (_PROBE_VALUES - 1) for i in range(_PROBE_VALUES)],
+                         device=flat.device)
     return [float(v) for v in flat[index].to(torch.float32).cpu()]
 
 

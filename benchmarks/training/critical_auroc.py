@@ -1,0 +1,211 @@
+"""Does cDPO's critical-token estimator find the mistake? AUROC against the first locally wrong step.
+
+SmolLM2-135M-Instruct (the bundled asset) answers addition/subtraction chains from reasoning-gym's
+``chain_sum`` in a step format (``23 + 60 = 83`` per line, then ``Answer: N``), so every step of a wrong
+answer can be checked exactly (`hfpatch.apps.reasoning_data.check_chain`). Problems are split before
+anything is tuned: tuning problems (generator seed S) give the samples the two contrastive LoRA adapters are
+trained on (all distinct correct answers -> positive, all distinct wrong ones -> negative, per problem);
+evaluation problems (seed S + 1, questions that also occur in tuning dropped) give the wrong answers scored.
+
+For each wrong evaluation answer whose first wrong step was located, the tokens of the first wrong field of
+that step (e.g. the digits of a wrong result) are the positives, the tokens before it (the correct prefix of
+the answer) the negatives; later tokens are left out (they may be consequences of the error). Token scores:
+- critical: cDPO's rejected weight 1 - s_t, s_t = softmax((1+b) log p_pos - b log p_neg)[y_t];
+- -log p: the base model's surprisal of the token; entropy: the base model's predictive entropy there;
+- uniform: every token the same weight (DPO), AUROC 0.5 by construction.
+AUROC is pooled over all tokens (95% interval from 1000 bootstrap resamples of answers), and also averaged
+per answer. The same is reported on the tuning problems' wrong answers (in-sample, for contrast).
+
+    python benchmarks/training/critical_auroc.py --out docs/results/critical_auroc.json
+
+Keep it to CPU minutes: the defaults sample 6 answers for each of 64 + 64 three-term one-digit problems
+(SmolLM2-135M gets about one in five right; with two digits it almost never does).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hfpatch.apps import assets
+from hfpatch.apps import reasoning_data as rd
+from hfpatch.apps.bench.common import describe_machine, machine_line
+from hfpatch.techniques.training import critical_tokens as ct
+
+
+def auroc(positives: list[float], negatives: list[float]) -> float:
+    """P(score of a positive > score of a negative), ties counting one half (Mann-Whitney U / n_pos n_neg)."""
+    if not positives or not negatives:
+        return float("nan")
+    scores = torch.tensor(positives + negatives, dtype=torch.float64)
+    order = scores.argsort()
+    ranks = torch.empty_like(scores)
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    # average ranks over ties
+    unique, inverse = torch.unique(scores, return_inverse=True)
+    sums = torch.zeros(len(unique), dtype=torch.float64).index_add_(0, inverse, ranks)
+    counts = torch.zeros(len(unique), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(ranks))
+    ranks = (sums / counts)[inverse]
+    n_pos, n_neg = len(positives), len(negatives)
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def token_labels(tokenizer, prompt: str, answer: str, span: tuple[int, int]) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, completion ids, label per completion token: 1 error, 0 correct prefix, -1 left out)."""
+    prompt_ids, completion_ids = ct.encode_completion(tokenizer, prompt, answer)
+    text = prompt + answer + (tokenizer.eos_token or "")
+    encoded = tokenizer(text, return_offsets_mapping=True)
+    assert encoded["input_ids"][: len(prompt_ids) + len(completion_ids)] == prompt_ids + completion_ids
+    offsets = encoded["offset_mapping"][len(prompt_ids): len(prompt_ids) + len(completion_ids)]
+    start, end = span[0] + len(prompt), span[1] + len(prompt)
+    labels = []
+    for a, b in offsets:
+        if b <= a or a >= len(prompt) + len(answer):
+            labels.append(-1)  # EOS and zero-width tokens
+        elif a < end and b > start:
+            labels.append(1)
+        elif b <= start:
+            labels.append(0)
+        else:
+            labels.append(-1)
+    return prompt_ids, completion_ids, labels
+
+
+def score_answers(model, tokenizer, positive, negative, items, b: float, batch_size: int = 16):
+    """Per answer: labels and the four token scores over its completion tokens."""
+    results = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for start in range(0, len(items), batch_size):
+        chunk = items[start: start + batch_size]
+        encoded = [(p, c) for p, c, _ in chunk]
+        ids, attention, labels_mask = ct._batch(encoded, pad, torch.device("cpu"))
+        s = ct.critical_token_weights(model, positive, negative, ids, attention, labels_mask, b=b)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=attention).logits[:, :-1].float(), -1)
+        surprisal = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        for row, (p, c, labels) in enumerate(chunk):
+            lo, hi = len(p), len(p) + len(c)
+            results.append({"labels": labels, "critical": (1 - s[row, lo:hi]).tolist(),
+                            "-log p": surprisal[row, lo - 1: hi - 1].tolist(),
+                            "entropy": entropy[row, lo - 1: hi - 1].tolist(), "uniform": [1.0] * len(c)})
+    return results
+
+
+METHODS = ("critical", "-log p", "entropy", "uniform")
+
+
+def summarise(results, seed: int = 0, resamples: int = 1000) -> dict:
+    def pooled(answers, method):
+        pos = [v for a in answers for v, l in zip(a[method], a["labels"]) if l == 1]
+        neg = [v for a in answers for v, l in zip(a[method], a["labels"]) if l == 0]
+        return auroc(pos, neg)
+
+    out = {"answers": len(results), "positive_tokens": sum(l == 1 for a in results for l in a["labels"]),
+           "negative_tokens": sum(l == 0 for a in results for l in a["labels"])}
+    rng = random.Random(seed)
+    for method in METHODS:
+        boot = sorted(pooled([results[rng.randrange(len(results))] for _ in results], method)
+                      for _ in range(resamples))
+        per_answer = [auroc([v for v, l in zip(a[method], a["labels"]) if l == 1],
+                            [v for v, l in zip(a[method], a["labels"]) if l == 0]) for a in results]
+        per_answer = [x for x in per_answer if x == x]
+        out[method] = {"auroc": round(pooled(results, method), 4),
+                       "ci95": [round(boot[int(0.025 * resamples)], 4), round(boot[int(0.975 * resamples) - 1], 4)],
+                       "per_answer_mean": round(sum(per_answer) / max(1, len(per_answer)), 4)}
+    return out
+
+
+def located(problems, samples, tokenizer):
+    """Distinct wrong answers with a located first wrong step, as (prompt ids, completion ids, labels)."""
+    items = []
+    for problem in problems:
+        for answer in dict.fromkeys(samples.get(problem.id, [])):
+            check = rd.check_chain(problem, answer)
+            if check.correct or check.error_span is None:
+                continue
+            p, c, labels = token_labels(tokenizer, rd.prompt_for(problem), answer, check.error_span)
+            if 1 in labels and 0 in labels:
+                items.append((p, c, labels))
+    return items
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n-tuning", type=int, default=64)
+    parser.add_argument("--n-evaluation", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=6, help="answers sampled per problem")
+    parser.add_argument("--terms", type=int, default=3, help="numbers per chain")
+    parser.add_argument("--digits", type=int, default=1, help="largest number of digits per number")
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--max-new-tokens", type=int, default=28)
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--alpha", type=float, default=16.0)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--b", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (on a shared machine more threads were slower: contention)")
+    parser.add_argument("--out", type=Path, help="write the results (JSON) here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    timings = {}
+    model, tokenizer = assets.load_smollm2()
+    tuning, evaluation = rd.fixed_splits(rd.arithmetic_problems, n_tuning=args.n_tuning,
+                                         n_evaluation=args.n_evaluation, seed=args.seed, min_terms=args.terms,
+                                         max_terms=args.terms, max_digits=args.digits)
+    t = time.perf_counter()
+    samples = rd.sample_answers(model, tokenizer, tuning + evaluation, n_samples=args.samples,
+                                temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    timings["sampling_s"] = round(time.perf_counter() - t, 1)
+
+    def accuracy(problems):
+        texts = [(p, x) for p in problems for x in samples[p.id]]
+        return round(sum(rd.is_correct(p, x) for p, x in texts) / len(texts), 4)
+
+    correct, wrong = [], []
+    for problem in tuning:
+        for answer in dict.fromkeys(samples[problem.id]):
+            (correct if rd.is_correct(problem, answer) else wrong).append((rd.prompt_for(problem), answer))
+    t = time.perf_counter()
+    positive, negative = ct.train_contrastive_adapters(model, tokenizer, correct, wrong, r=args.r, alpha=args.alpha,
+                                                       lr=args.lr, epochs=args.epochs, seed=args.seed)
+    timings["adapters_s"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    report = {}
+    for name, problems in (("evaluation", evaluation), ("tuning (in-sample)", tuning)):
+        items = located(problems, samples, tokenizer)
+        report[name] = summarise(score_answers(model, tokenizer, positive, negative, items, args.b), seed=args.seed)
+    timings["scoring_s"] = round(time.perf_counter() - t, 1)
+    timings["total_s"] = round(time.perf_counter() - started, 1)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    result = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "machine": machine_line(describe_machine()),
+              "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+              "settings": vars(args) | {"out": str(args.out) if args.out else None},
+              "problems": {"tuning": len(tuning), "evaluation": len(evaluation)},
+              "sample_accuracy": {"tuning": accuracy(tuning), "evaluation": accuracy(evaluation)},
+              "adapter_training_answers": {"correct": len(correct), "wrong": len(wrong)},
+              "pairs": {"tuning": len(rd.build_pairs(tuning, samples)),
+                        "evaluation": len(rd.build_pairs(evaluation, samples))},
+              "auroc": report, "timings": timings}
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
