@@ -100,7 +100,8 @@ def test_padding_does_not_change_weights():
 
 def _snapshot(model):
     return ({k: v.clone() for k, v in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()}, model.training,
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            [(n, m.training) for n, m in model.named_modules()],
             [(n, len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()],
             {n: type(m) for n, m in model.named_modules()})
 
@@ -113,6 +114,7 @@ def _assert_same(model, snap):
 
 def test_scoring_leaves_a_plain_model_as_it_was():
     model = tiny_model("llama").train()  # inside a trainer the model is in train mode
+    model.model.layers[1].eval()  # a part kept in eval on purpose stays so
     model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
     pos, neg = _fixed_adapters(model)
     ids = torch.randint(4, 128, (2, 6))
@@ -120,6 +122,7 @@ def test_scoring_leaves_a_plain_model_as_it_was():
     with torch.no_grad():
         logits = model.eval()(input_ids=ids).logits
     model.train()
+    model.model.layers[1].eval()
     ct.critical_token_weights(model, pos, neg, ids, torch.ones_like(ids), torch.ones_like(ids))
     _assert_same(model, before)
     with torch.no_grad():
@@ -155,6 +158,7 @@ def test_training_restores_the_model_and_separates_right_from_wrong(tok):
     with torch.no_grad():  # a random tiny head cannot be confident (logits ~0.1); scale it so LoRA can learn
         model.lm_head.weight.mul_(50)
     model.lm_head.weight.requires_grad_(False)
+    model.model.layers[0].mlp.train()  # mixed modes come back as they were
     before = _snapshot(model)
     correct = [(f"{a} + {b} =", f" {a + b}") for a in range(4) for b in range(4) if a + b < 10]
     wrong = [(p, f" {(int(p[0]) + int(p[4]) + 3) % 10}") for p, _ in correct]

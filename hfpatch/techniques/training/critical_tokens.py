@@ -303,6 +303,18 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(unwrap_model(model).parameters()).device
 
 
+@contextlib.contextmanager
+def _modes_kept(model: torch.nn.Module) -> Iterator[None]:
+    """Restore every submodule's own train/eval flag on exit (``model.train(flag)`` would set them all alike,
+    and a model can hold submodules kept in eval on purpose, e.g. a frozen tower)."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def _progress(iterable, *, total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -317,6 +329,36 @@ def _is_peft(model: torch.nn.Module) -> bool:
     return type(model).__module__.startswith("peft") or hasattr(model, "peft_config")
 
 
+def _fit(peft_model, tokenizer, encoded, *, lr: float, epochs: int, batch_size: int, seed: int, desc: str,
+         progress: bool) -> None:
+    """The training loop: AdamW on the trainable (LoRA) parameters, mean NLL of the completion tokens."""
+    peft_model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    order = random.Random(seed)
+    device = _device(peft_model)
+    steps = epochs * math.ceil(len(encoded) / batch_size)
+    bar = _progress(range(steps), total=steps, desc=desc, enabled=progress)
+    batches = iter(())
+    for _ in bar:
+        chunk = next(batches, None)
+        if chunk is None:  # next epoch: a fresh shuffle
+            index = list(range(len(encoded)))
+            order.shuffle(index)
+            batches = iter([index[i: i + batch_size] for i in range(0, len(index), batch_size)])
+            chunk = next(batches)
+        ids, attention, labels = _batch([encoded[i] for i in chunk], _pad_id(tokenizer), device)
+        logits = peft_model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        mask = labels[:, 1:]
+        loss = (nll * mask).sum() / mask.sum().clamp(min=1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+
+
 def _train_one(model, tokenizer, pairs, targets: list[str], *, r: int, alpha: float, lr: float, epochs: int,
                batch_size: int, seed: int, desc: str, progress: bool) -> dict[str, torch.Tensor]:
     """Train one LoRA adapter on ``pairs`` (NLL of the completion tokens) and return its state dict with
@@ -324,44 +366,20 @@ def _train_one(model, tokenizer, pairs, targets: list[str], *, r: int, alpha: fl
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
     encoded = [encode_completion(tokenizer, p, a) for p, a in pairs]
-    device = _device(model)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    was_training = model.training
     torch.manual_seed(seed)
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none")
-    peft_model = get_peft_model(model, config)
-    try:
-        peft_model.train()
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        order = random.Random(seed)
-        steps = epochs * math.ceil(len(encoded) / batch_size)
-        bar = _progress(range(steps), total=steps, desc=desc, enabled=progress)
-        batches = iter(())
-        for _ in bar:
-            chunk = next(batches, None)
-            if chunk is None:  # next epoch: a fresh shuffle
-                index = list(range(len(encoded)))
-                order.shuffle(index)
-                batches = iter([index[i: i + batch_size] for i in range(0, len(index), batch_size)])
-                chunk = next(batches)
-            ids, attention, labels = _batch([encoded[i] for i in chunk], _pad_id(tokenizer), device)
-            logits = peft_model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
-            target = ids[:, 1:]
-            mask = labels[:, 1:]
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-            loss = (nll * mask).sum() / mask.sum().clamp(min=1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-        state = get_peft_model_state_dict(peft_model)
-    finally:
-        peft_model.unload()  # puts the original projection modules back (same objects, same weights)
-        for name, p in model.named_parameters():
-            p.requires_grad_(flags.get(name, p.requires_grad))
-        model.train(was_training)
+    with _modes_kept(model):
+        peft_model = get_peft_model(model, config)  # injects LoRA layers into `model` in place
+        try:
+            _fit(peft_model, tokenizer, encoded, lr=lr, epochs=epochs, batch_size=batch_size, seed=seed, desc=desc,
+                 progress=progress)
+            state = get_peft_model_state_dict(peft_model)
+        finally:
+            peft_model.unload()  # puts the original projection modules back (same objects, same weights)
+            # peft froze every base parameter; give each its own flag back
+            for name, p in model.named_parameters():
+                p.requires_grad_(flags.get(name, p.requires_grad))
     prefix = "base_model.model."
     return {key.removeprefix(prefix): value.detach().to("cpu", torch.float32).clone() for key, value in state.items()}
 
@@ -453,16 +471,14 @@ def _lora_hooks(model: torch.nn.Module, adapter: LoraState) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _base_eval(model: torch.nn.Module) -> Iterator[None]:
-    """The base model in eval mode: PEFT adapters disabled (``disable_adapter()``), dropout off; both restored."""
-    was_training = model.training
+    """The base model in eval mode: PEFT adapters disabled (``disable_adapter()``), dropout off; both restored
+    (every submodule's own train/eval flag included)."""
     disable = getattr(model, "disable_adapter", None)
     scope = disable() if callable(disable) and type(model).__module__.startswith("peft") else contextlib.nullcontext()
-    model.eval()
-    try:
+    with _modes_kept(model):
+        model.eval()
         with scope:
             yield
-    finally:
-        model.train(was_training)
 
 
 def _log_probs(model, input_ids, attention_mask) -> torch.Tensor:
