@@ -172,3 +172,32 @@ def test_plain_trainer_without_a_reference_is_refused(tmp_path):
     with hfpatch.patch(trainer, TOKEN_DPO) as handle:
         trainer.train()
         assert handle.stats["token_dpo"]["reference"] == "trainer.ref_model"
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
+    """`accelerate launch --num_processes 2` on CPU (gloo): the same loss, metrics and update as one process."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = str(Path(__file__).resolve().parent / "ddp_token_dpo.py")
+    with socket.socket() as s:  # a free port for the rendezvous (several test runs may share the machine)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    one = subprocess.run([sys.executable, script, str(tmp_path / "one.pt")], capture_output=True, text=True,
+                         timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "--main_process_port", str(port), script, str(tmp_path / "two.pt")],
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert (a["world"], b["world"]) == (1, 2)
+    assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+    assert b["margins"] == pytest.approx(a["margins"], abs=1e-6)
+    assert b["weights"] == pytest.approx(a["weights"], abs=1e-6)
+    for name, value in a["state"].items():
+        torch.testing.assert_close(b["state"][name], value, rtol=0, atol=1e-6, msg=name)
