@@ -72,7 +72,7 @@ def test_generators_and_fixed_splits():
     again = rd.fixed_splits(rd.arithmetic_problems, n_tuning=20, n_evaluation=20, seed=5, min_terms=3,
                             max_terms=3, max_digits=2)
     assert (tuning, evaluation) == again  # fixed: the same problems on every run
-    assert len(tuning) == 20 and 0 < len(evaluation) <= 20
+    assert len(tuning) == 20 and 18 <= len(evaluation) <= 20  # a few shared questions at most
     assert not {p.question for p in tuning} & {p.question for p in evaluation}
     for problem in tuning + evaluation:
         assert len(problem.terms) == 3 and len(problem.ops) == 2

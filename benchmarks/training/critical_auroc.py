@@ -5,7 +5,7 @@ SmolLM2-135M-Instruct (the bundled asset) answers addition/subtraction chains fr
 answer can be checked exactly (`hfpatch.apps.reasoning_data.check_chain`). Problems are split before
 anything is tuned: tuning problems (generator seed S) give the samples the two contrastive LoRA adapters are
 trained on (all distinct correct answers -> positive, all distinct wrong ones -> negative, per problem);
-evaluation problems (seed S + 1, questions that also occur in tuning dropped) give the wrong answers scored.
+evaluation problems (seed S + 10^6, questions that also occur in tuning dropped) give the wrong answers scored.
 
 For each wrong evaluation answer whose first wrong step was located, the tokens of the first wrong field of
 that step (e.g. the digits of a wrong result) are the positives, the tokens before it (the correct prefix of
@@ -156,6 +156,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="write the results (JSON) here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    try:  # the commit the run starts from (the tree may move on while it runs)
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=False).stdout.strip()
+    except OSError:
+        commit = ""
     started = time.perf_counter()
     timings = {}
     model, tokenizer = assets.load_smollm2()
@@ -186,11 +191,6 @@ def main(argv=None) -> int:
         report[name] = summarise(score_answers(model, tokenizer, positive, negative, items, args.b), seed=args.seed)
     timings["scoring_s"] = round(time.perf_counter() - t, 1)
     timings["total_s"] = round(time.perf_counter() - started, 1)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=False).stdout.strip()
-    except OSError:
-        commit = ""
     result = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "machine": machine_line(describe_machine()),
               "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
               "settings": vars(args) | {"out": str(args.out) if args.out else None},

@@ -154,14 +154,21 @@ def gsm_problems(n: int, seed: int) -> list[Problem]:
     return problems
 
 
+#: Generator seed offset of the evaluation split. reasoning-gym seeds item i with ``Random(seed + i)``, so the
+#: seeds S and S + 1 give the same problems shifted by one: the evaluation seed must be far from the tuning one.
+EVALUATION_SEED_OFFSET = 1_000_000
+
+
 def fixed_splits(make: Callable[..., list[Problem]], *, n_tuning: int, n_evaluation: int,
                  seed: int = 0, **kwargs: Any) -> tuple[list[Problem], list[Problem]]:
-    """Tuning and evaluation problems from separate generator seeds (``seed`` and ``seed + 1``), fixed before
-    anything is tuned; an evaluation problem whose question also occurs in the tuning split is dropped, so
-    the two never share a question."""
+    """Tuning and evaluation problems from disjoint generator streams (seed ``seed`` and
+    ``seed + EVALUATION_SEED_OFFSET``), fixed before anything is tuned; an evaluation problem whose question
+    also occurs in the tuning split is dropped, so the two never share a question."""
+    if n_tuning >= EVALUATION_SEED_OFFSET:
+        raise ValueError(f"at most {EVALUATION_SEED_OFFSET - 1} tuning problems, got {n_tuning}")
     tuning = make(n_tuning, seed, **kwargs)
     seen = {p.question for p in tuning}
-    evaluation = [p for p in make(n_evaluation, seed + 1, **kwargs) if p.question not in seen]
+    evaluation = [p for p in make(n_evaluation, seed + EVALUATION_SEED_OFFSET, **kwargs) if p.question not in seen]
     return tuning, evaluation
 
 
