@@ -282,7 +282,7 @@ def patch(
             note = f" (and {len(errors)} undo error(s) while restoring: {errors!r})" if errors else ""
             raise PatchError(
                 f"technique {technique.name!r} failed on model type {kind!r}: {type(exc).__name__}: {exc}; "
-                f"the model was restored{note}"
+                f"the {'trainer' if is_trainer else 'model'} was restored{note}"
             ) from exc
     handle.active = True
     _ACTIVE.setdefault(target, []).append(handle)

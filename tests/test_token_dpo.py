@@ -156,3 +156,69 @@ def test_critical_weights_without_adapters_are_refused_clearly(tmp_path):
     with pytest.raises(hfpatch.errors.PatchError, match="critical"):
         hfpatch.patch(trainer, hfpatch.Recipe([{"type": "token_dpo", "weights": "critical"}]))
     assert "compute_loss" not in trainer.__dict__
+
+
+def _contrastive_adapters(model, seed=0):
+    """Two random LoRA adapters on the model's MLP projections, as `hfpatch critical-tokens` would save them."""
+    from hfpatch.techniques.training import critical_tokens as ct
+
+    targets = ct.mlp_target_modules(model)
+    config = ct.AdapterConfig(r=2, alpha=4.0, target_modules=tuple(targets),
+                              base_model=ct.base_model_fingerprint(model, targets))
+    g = torch.Generator().manual_seed(seed)
+    sides = []
+    for _ in range(2):
+        state = {}
+        for target in targets:
+            module = model.get_submodule(target)
+            state[f"{target}.lora_A.weight"] = torch.randn(2, module.in_features, generator=g)
+            state[f"{target}.lora_B.weight"] = torch.randn(module.out_features, 2, generator=g)
+        sides.append(ct.LoraState(state, config))
+    return sides
+
+
+def test_critical_weights_are_scored_in_the_loss_from_the_recipe_adapters(tmp_path):
+    from hfpatch.techniques.training import critical_tokens as ct
+
+    trainer = dpo_trainer(tmp_path / "run", rows=preference_rows(4), ref_model=tiny_model("llama", seed=1).eval())
+    positive, negative = _contrastive_adapters(trainer.model)
+    tensors, metadata = ct.adapters_to_tensors(positive, negative)
+    recipe = hfpatch.Recipe([{"type": "token_dpo", "weights": "critical", "critical_b": 1.0}],
+                            tensors={f"token_dpo/{k}": v for k, v in tensors.items()},
+                            tensor_metadata={f"token_dpo/{k}": v for k, v in metadata.items()})
+    recipe.save_pretrained(tmp_path / "recipe")  # the adapters travel as the recipe's payload
+    batch = first_batch(trainer)
+    pairs = batch["input_ids"].shape[0] // 2
+    with torch.no_grad(), hfpatch.patch(trainer, str(tmp_path / "recipe")) as handle:
+        ours = trainer.compute_loss(trainer.model, batch)
+        s = ct.critical_token_weights(trainer.model, positive, negative, batch["input_ids"][pairs:],
+                                      batch["attention_mask"][pairs:], batch["completion_mask"][pairs:].bool())
+        weights = torch.ones(batch["input_ids"].shape)
+        weights[pairs:] = 1.0 - s
+        kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        logps = trainer.model(**kwargs, labels=labels, fused_lm_head=True).log_probs
+        ref = trainer.ref_model(**kwargs, labels=labels, fused_lm_head=True).log_probs
+        mask = batch["completion_mask"][:, 1:].bool()
+        want = losses.sequence_dpo_loss(logps, ref, mask, weights[:, 1:], beta=0.1).mean()
+        uniform = losses.sequence_dpo_loss(logps, ref, mask, None, beta=0.1).mean()
+        stats = handle.stats["token_dpo"]
+    assert ours.item() == pytest.approx(want.item(), abs=1e-6)
+    assert abs(ours.item() - uniform.item()) > 1e-5
+    rejected = mask[pairs:]
+    mean_weight = ((weights[pairs:, 1:] * rejected).sum(1) / rejected.sum(1)).mean().item()
+    assert stats["weights/rejected_mean"] == pytest.approx(mean_weight, abs=1e-6)
+
+
+def test_critical_adapters_of_another_base_model_are_refused(tmp_path):
+    from hfpatch.techniques.training import critical_tokens as ct
+
+    trainer = dpo_trainer(tmp_path, rows=preference_rows(4))
+    positive, negative = _contrastive_adapters(tiny_model("llama", seed=7))
+    tensors, metadata = ct.adapters_to_tensors(positive, negative)
+    recipe = hfpatch.Recipe([{"type": "token_dpo", "weights": "critical"}],
+                            tensors={f"token_dpo/{k}": v for k, v in tensors.items()},
+                            tensor_metadata={f"token_dpo/{k}": v for k, v in metadata.items()})
+    with pytest.raises(hfpatch.errors.PatchError):
+        hfpatch.patch(trainer, recipe)
+    assert "compute_loss" not in vars(trainer)

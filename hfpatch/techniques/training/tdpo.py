@@ -12,7 +12,7 @@ policy and the reference instead of TRL's fused log-prob head: memory grows with
 rewards/margins plus ``kl/chosen`` and ``kl/rejected`` (sequential KL per completion).
 
 Example:
-    >>> handle = hfpatch.patch(trainer, "tdpo")          # TDPO2, alpha 0.5, beta 0.1
+    >>> handle = hfpatch.patch(trainer, hfpatch.Recipe([{"type": "tdpo"}]))   # TDPO2, alpha 0.5, beta 0.1
     >>> trainer.train()
 """
 from __future__ import annotations

@@ -18,7 +18,8 @@ the sigmoid per aligned completion position and averages (see `losses`).
 
 Example:
     >>> trainer = trl.DPOTrainer(model=model, ref_model=ref, args=config, train_dataset=pairs, processing_class=tok)
-    >>> handle = hfpatch.patch(trainer, "cdpo")          # weights from the "rejected_weights" column
+    >>> recipe = hfpatch.Recipe([{"type": "token_dpo", "weights": "column", "column": "rejected_weights"}])
+    >>> handle = hfpatch.patch(trainer, recipe)          # weights from the "rejected_weights" column
     >>> trainer.train()
     >>> handle.stats["token_dpo"]["rewards/margins"]
     >>> handle.unpatch()                                 # the trainer's own DPO loss again
@@ -81,6 +82,9 @@ class TokenDPO(TrainerTechnique):
     def apply(self, trainer, ctx) -> None:
         if self.params.weights == "critical":
             self._critical = _load_critical(self)
+            critical_tokens, positive, _ = self._critical
+            # adapters trained on another base model would score garbage: refuse at patch time
+            critical_tokens.check_base_model(positive, compat.trainer_unwrapped_model(trainer, trainer.model))
         super().apply(trainer, ctx)
         self._info["weights"] = self.params.weights
         self._info["form"] = self.params.form
@@ -137,10 +141,6 @@ def _load_critical(technique: TokenDPO):
         raise RecipeError(
             "token_dpo(weights='critical') needs hfpatch.techniques.training.critical_tokens, which this build "
             f"lacks ({exc}); score tokens offline with `hfpatch critical-tokens` and use weights='column'") from exc
-    if not hasattr(critical_tokens, "critical_token_weights") or not hasattr(critical_tokens, "adapters_from_tensors"):
-        raise RecipeError("token_dpo(weights='critical'): this build's critical_tokens module has no "
-                          "critical_token_weights/adapters_from_tensors; use weights='column' with weights written "
-                          "by `hfpatch critical-tokens`")
     if not technique.tensors:
         raise RecipeError(
             "token_dpo(weights='critical') needs the two contrastive adapters in the recipe's tensor payload (a "
