@@ -164,3 +164,24 @@ def test_gemma3_full_budget_identity_and_pooled_sources():
     (layout,) = glue_for(model).describe(model, {}, outputs).layouts
     # 4x4 patches pooled 2x2: token 0 reads patches 0, 1, 4, 5; token 3 reads 10, 11, 14, 15
     assert layout.source[0].tolist() == [0, 1, 4, 5] and layout.source[3].tolist() == [10, 11, 14, 15]
+
+
+def test_qwen_plain_decode_loop_continues_m_rope_positions():
+    from hfpatch import compat
+
+    model = tiny_model("qwen2_vl")
+    row = qwen_row(5, text=(6, 7, 8))
+    inputs = dict(row, mm_token_type_ids=(row["input_ids"] == QWEN_IMAGE).int())
+    length = inputs["input_ids"].shape[1]
+    with hfpatch.patch(model, recipe("divprune", budget=1)):
+        expected = model.generate(**inputs, max_new_tokens=4, do_sample=False)[0, length:].tolist()
+        # a hand-written loop: no position ids, the uncompacted mask; positions must continue from the whole
+        # sequence plus the rope_deltas of its M-RoPE grid
+        out = model(**inputs, attention_mask=torch.ones(1, length, dtype=torch.long), use_cache=True)
+        cache, mask, tokens = compat.output_cache(out), torch.ones(1, length, dtype=torch.long), []
+        for _ in range(4):
+            token = out.logits[:, -1].argmax(-1)
+            tokens.append(int(token))
+            mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], 1)
+            out = model(input_ids=token[:, None], attention_mask=mask, **{compat.cache_kwarg(model): cache})
+    assert tokens == expected

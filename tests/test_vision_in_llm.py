@@ -258,3 +258,78 @@ def test_builtin_recipes_patch_by_name():
         with hfpatch.patch(model, name, layer=1) as handle:
             generate(model, llava_inputs(), n=2)
             assert handle.stats["fastv"]["kept_visual_tokens"] == [kept]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ToDRE: stage 1 (k-center before the language model) and stage 2 (all visual tokens dropped inside it)
+
+def four_layer_llava():
+    config = tiny_config("llava")
+    config.text_config.num_hidden_layers = 4
+    return tiny_model("llava", config=config)
+
+
+def test_todre_stage_one_alone_is_k_center_selection():
+    from hfpatch.kernels.diverse_select import diverse_select
+
+    model = tiny_model("llava")
+    inputs = llava_inputs(seed=4)
+    features = model.model.get_image_features(inputs["pixel_values"], return_dict=True).pooler_output[0]
+    with hfpatch.patch(model, recipe("todre", budget=2, threshold=0.0)) as handle:
+        generate(model, inputs, n=2)
+        keep = handle.technique("todre").last_keep
+        assert "stage2" not in handle.stats["todre"]
+    expected = diverse_select(features, 2, method="k_center")
+    image_positions = torch.nonzero(inputs["input_ids"][0] == LLAVA_IMAGE).flatten()
+    assert keep[0, image_positions].nonzero().flatten().tolist() == expected.tolist()
+
+
+def test_todre_stage_two_drops_every_visual_token_at_the_first_layer_below_threshold():
+    model = four_layer_llava()
+    inputs = llava_inputs(seed=5)
+    # shares of layers 0, 1, 2 with stage 2 observing but never firing
+    with hfpatch.patch(model, recipe("todre", budget=4, threshold=1e-9, start_layer=1)) as handle:
+        generate(model, inputs, n=1)
+        shares = handle.stats["todre"]["stage2"]["visual_attention_share"]
+    assert len(shares) == 3
+    threshold = sorted(shares)[1] + 1e-6  # below it: the two smallest shares
+    expected_layer = 1 + next(i for i, share in enumerate(shares) if share < threshold)
+    handle = hfpatch.patch(model, recipe("todre", budget=4, threshold=threshold, start_layer=1))
+    out = generate(model, inputs, n=5)
+    stage2 = handle.stats["todre"]["stage2"]
+    handle.unpatch()
+    assert stage2["pruned"] and stage2["layer"] == expected_layer and stage2["kept_visual_tokens"] == [0]
+    # generate == the unpatched layers run by hand with the image gone from that layer on
+    ids = inputs["input_ids"]
+    text = torch.nonzero(ids[0] != LLAVA_IMAGE).flatten()
+    sequence = ids
+    for _ in range(5):
+        token = _reference_next_token(model, sequence, inputs["pixel_values"], text, expected_layer)
+        sequence = torch.cat([sequence, torch.tensor([[token]])], dim=1)
+    assert out[0, ids.shape[1]:].tolist() == sequence[0, ids.shape[1]:].tolist()
+
+
+def test_todre_both_stages_on_a_padded_batch_rows_equal_single_runs():
+    model = four_layer_llava()
+    long_row, short_row = llava_inputs(seed=1, text=(6, 7, 8, 9)), llava_inputs(seed=2, text=(9,))
+    with hfpatch.patch(model, recipe("todre", budget=2, threshold=1.0, start_layer=2)) as handle:
+        singles = [generate(model, row)[0, row["input_ids"].shape[1]:] for row in (long_row, short_row)]
+        batch = left_pad_batch([long_row, short_row])
+        out = generate(model, batch)
+        stats = handle.stats["todre"]
+    assert stats["tokens_after"] == 4 and stats["stage2"]["layer"] == 2
+    assert stats["stage2"]["visual_tokens"] == [2, 2] and stats["stage2"]["kept_visual_tokens"] == [0, 0]
+    length = batch["input_ids"].shape[1]
+    for row, single in enumerate(singles):
+        assert out[row, length:].tolist() == single.tolist()
+
+
+def test_todre_unpatch_restores():
+    model = four_layer_llava()
+    inputs = llava_inputs()
+    reference = model(**inputs).logits
+    handle = hfpatch.patch(model, recipe("todre", keep_ratio=0.5, threshold=1.0))
+    assert model(**inputs).logits.shape[1] < reference.shape[1]  # stage 1 shortens the sequence
+    handle.unpatch()
+    torch.testing.assert_close(model(**inputs).logits, reference, rtol=0, atol=0)
+    assert not any(layer._forward_pre_hooks for layer in model.model.language_model.layers)

@@ -7,5 +7,6 @@ the techniques.
 from . import random_prune  # noqa: F401
 from . import hiprune  # noqa: F401
 from . import fastv  # noqa: F401
+from . import todre  # noqa: F401
 from . import divprune  # noqa: F401
 from . import pool_prune  # noqa: F401

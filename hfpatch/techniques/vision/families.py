@@ -421,6 +421,15 @@ class QwenVLGlue(FamilyGlue):
         inner.rope_deltas = deltas  # what the model's own forward records for its decode steps
         return positions.to(device)
 
+    def continued_positions(self, model, start, new, device):
+        """M-RoPE positions `[3, B, new]` of tokens after a pruned prompt: `start..` plus each row's `rope_deltas`
+        (recorded from the whole sequence), as the model's own decode steps compute them."""
+        positions = torch.arange(start, start + new, device=device).view(1, 1, -1)
+        deltas = model.model.rope_deltas
+        if deltas is not None:
+            positions = positions + deltas.to(device).view(1, -1, 1)
+        return positions.expand(3, -1, -1)
+
     def slice_positions(self, position_ids, index, pad):
         """`[k, B, L]` M-RoPE rows (or `[B, L]`) cut to the kept positions of each row; 0 on left pad slots."""
         if position_ids.dim() == 2:

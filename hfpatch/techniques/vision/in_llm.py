@@ -93,8 +93,10 @@ class LayerAttention:
         self.softcap = softcap
         self._last: torch.Tensor | None = None
 
+    @torch.no_grad()
     def _probs(self, rows: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities [B, Hq, R, L] of the query rows `rows` (1-D index) over every key."""
+        """Softmax probabilities [B, Hq, R, L] of the query rows `rows` (1-D index) over every key (scores for a
+        choice, never part of a gradient)."""
         query = self.query[:, :, rows].float()
         groups = query.shape[1] // self.key.shape[1]
         key = self.key.float().repeat_interleave(groups, dim=1)
@@ -270,6 +272,16 @@ class InLLMPruner:
         else:
             self._visual = torch.isin(input_ids, self.visual_token_ids.to(input_ids.device))
         self._valid = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
+
+    def set_masks(self, visual: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Say directly which positions of the sequence the language model is about to read are visual tokens and
+        which are real (not padding): for a technique that changed the sequence after `input_ids` were read."""
+        self._visual = visual.bool()
+        self._valid = None if valid is None else valid.bool()
+
+    def padding_mask(self) -> torch.Tensor | None:
+        """The `[B, L]` mask of real positions of the current call's `input_ids` (None when none was given)."""
+        return self._valid
 
     def _outer_pre_hook(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
