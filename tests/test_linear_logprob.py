@@ -167,6 +167,23 @@ def test_all_rows_ignored_and_custom_ignore_index(impl):
 
 
 @pytest.mark.parametrize("impl", IMPL_PARAMS)
+def test_mixed_precision_inputs(small_tiles, impl):
+    # bfloat16 hidden states from an autocast backbone with a float32 lm_head (and bias): float32 logits, each
+    # gradient in its input's dtype.
+    inputs = make(13, 16, 300, torch.float32, ref=True)
+    inputs["hidden"] = inputs["hidden"].bfloat16()
+    inputs["reference_hidden"] = inputs["reference_hidden"].bfloat16()
+    (logp, kl), grads = grads_of(impl, inputs, 13)
+    (t_logp, t_kl), t_grads = truth_grads(inputs, 13)
+    close(logp, t_logp, FWD_TOL[torch.bfloat16])
+    close(kl, t_kl, FWD_TOL[torch.bfloat16])
+    assert grads["hidden"].dtype == torch.bfloat16 and grads["weight"].dtype == torch.float32
+    close(grads["hidden"], t_grads["hidden"], GRAD_TOL[torch.bfloat16])
+    close(grads["weight"], t_grads["weight"], GRAD_TOL[torch.float32])
+    close(grads["bias"], t_grads["bias"], GRAD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 def test_leading_dims_are_kept(small_tiles, impl):
     inputs = make(12, 8, 140, torch.float32, ignore=(3,))
     batched = dict(inputs, hidden=inputs["hidden"].view(3, 4, 8), labels=inputs["labels"].view(3, 4))
@@ -250,7 +267,9 @@ def test_tiled_paths_save_no_logits_for_backward(small_tiles, impl):
     (dict(weight=torch.zeros(50, 7)), ValueError, r"hidden's last dim 8 != weight's H 7"),
     (dict(labels=torch.zeros(4, dtype=torch.long)), ValueError, r"labels \(4,\) must have hidden's leading shape"),
     (dict(labels=torch.zeros(3)), TypeError, r"labels must hold integer token ids"),
-    (dict(hidden=torch.zeros(3, 8, dtype=torch.bfloat16)), TypeError, r"hidden is torch.bfloat16 but weight is"),
+    (dict(hidden=torch.zeros(3, 8, dtype=torch.float64)), TypeError, r"hidden \(torch.float64\) and weight"),
+    (dict(reference_hidden=torch.zeros(3, 8, dtype=torch.int32), reference_weight=torch.zeros(50, 8)), TypeError,
+     r"reference_hidden \(torch.int32\) and reference_weight \(torch.float32\) must be float32"),
     (dict(bias=torch.zeros(49)), ValueError, r"bias must be a \[V\] = \[50\] tensor"),
     (dict(reference_hidden=torch.zeros(3, 8)), ValueError, r"needs both reference_hidden and reference_weight"),
     (dict(reference_hidden=torch.zeros(3, 8), reference_weight=torch.zeros(40, 8)), ValueError,

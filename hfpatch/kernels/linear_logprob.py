@@ -25,6 +25,11 @@ Implementations (one op, ``dispatch`` picks and reports which ran):
 - ``triton``: the same tiling with cuBLAS matmuls (float32 output from bfloat16/float16 inputs) and Triton kernels
   for the fold (forward, one pass per tile row) and the tile-to-gradient step (backward).
 
+Dtypes: float32, float16, bfloat16, mixed as mixed precision gives them (bfloat16 hidden states from an autocast
+backbone, a float32 lm_head): the logits are float32 on every path (on CUDA the 16-bit operands stay 16-bit in
+the matmul, as autocast would run it, with float32 accumulation and output); gradients come back in each input's
+dtype.
+
 Rows whose label is ``ignore_index`` are dropped before the tiles (their cost is zero) and give 0 (log-prob and
 KL) and no gradient. Every label outside ``[0, V)`` that is not ``ignore_index`` is an ``IndexError`` on every
 path (one device sync per call). Logits are assumed finite (a ``-inf`` bias entry is not supported by the tiled
@@ -59,6 +64,10 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TOKEN_CHUNK = 2048
 TILE_ELEMENTS = 1 << 22
 VOCAB_ALIGN = 128
+# On a GPU each tile is a cuBLAS matmul plus two kernel launches: 4096 x 4096 tiles (64 MiB of float32) keep the
+# matmuls large and the launches few, still a fraction of TRL's 4096 x 32768 tile.
+CUDA_TOKEN_CHUNK = 4096
+CUDA_TILE_ELEMENTS = 1 << 24
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -74,9 +83,6 @@ def _check_args(hidden, weight, labels, bias, ignore_index, reference_hidden, re
     if hidden.dtype not in _SUPPORTED_DTYPES or weight.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"{name}: hidden ({hidden.dtype}) and weight ({weight.dtype}) must be float32, float16 "
                         "or bfloat16")
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"{name}: hidden is {hidden.dtype} but weight is {weight.dtype}; cast one of them (the "
-                        "lm_head's dtype is the usual choice)")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"{name}: labels must hold integer token ids (int64), got {labels.dtype}")
     if weight.dim() != 2 or hidden.dim() < 1:
@@ -94,8 +100,8 @@ def _check_args(hidden, weight, labels, bias, ignore_index, reference_hidden, re
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"{name}: bias must be a [V] = [{weight.shape[0]}] tensor, got "
                              f"{getattr(bias, 'shape', bias)!r}")
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"{name}: bias is {bias.dtype} but weight is {weight.dtype}")
+        if bias.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"{name}: bias is {bias.dtype}: float32, float16 or bfloat16")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{name}: ignore_index must be an int, got {ignore_index!r}")
     if (reference_hidden is None) != (reference_weight is None):
@@ -103,9 +109,9 @@ def _check_args(hidden, weight, labels, bias, ignore_index, reference_hidden, re
                          f"{'reference_hidden' if reference_weight is None else 'reference_weight'})")
     if reference_hidden is not None:
         rh, rw = reference_hidden, reference_weight
-        if rh.dtype != rw.dtype or rh.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(f"{name}: reference_hidden ({rh.dtype}) and reference_weight ({rw.dtype}) must share "
-                            "one of float32, float16, bfloat16")
+        if rh.dtype not in _SUPPORTED_DTYPES or rw.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"{name}: reference_hidden ({rh.dtype}) and reference_weight ({rw.dtype}) must be "
+                            "float32, float16 or bfloat16")
         if rw.dim() != 2 or rw.shape[0] != weight.shape[0]:
             raise ValueError(f"{name}: reference_weight {tuple(rw.shape)} must be [V, H_ref] with the policy's "
                              f"V = {weight.shape[0]} (the KL needs one vocabulary)")
@@ -189,9 +195,11 @@ def linear_logprob_reference(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _tile_shape(n_tokens: int, vocab: int) -> tuple[int, int]:
-    tokens = max(1, min(n_tokens, TOKEN_CHUNK))
-    cols = max(VOCAB_ALIGN, (TILE_ELEMENTS // tokens) // VOCAB_ALIGN * VOCAB_ALIGN)
+def _tile_shape(n_tokens: int, vocab: int, device: torch.device | None = None) -> tuple[int, int]:
+    on_gpu = device is not None and device.type == "cuda"
+    chunk, elements = (CUDA_TOKEN_CHUNK, CUDA_TILE_ELEMENTS) if on_gpu else (TOKEN_CHUNK, TILE_ELEMENTS)
+    tokens = max(1, min(n_tokens, chunk))
+    cols = max(VOCAB_ALIGN, (elements // tokens) // VOCAB_ALIGN * VOCAB_ALIGN)
     return tokens, min(vocab, cols)
 
 
@@ -248,7 +256,7 @@ def _forward_pass(h, w, b, labels, rh, rw, fold):
     if with_ref:
         stats[3].fill_(float("-inf"))
     if n:
-        tokens, cols = _tile_shape(n, vocab)
+        tokens, cols = _tile_shape(n, vocab, h.device)
         buf = torch.empty(tokens * cols, dtype=torch.float32, device=dev)
         rbuf = torch.empty(tokens * cols, dtype=torch.float32, device=dev) if with_ref else None
         h_op, rh_op = _operand(h), (_operand(rh) if with_ref else None)
@@ -287,7 +295,7 @@ def _backward_pass(h, w, b, labels, lse, rh, rw, ref_lse, g_logp, g_kl, needs, f
         return grad_h, grad_w, grad_b
     g_logp = torch.zeros(n, dtype=torch.float32, device=dev) if g_logp is None else g_logp.float().contiguous()
     g_kl = None if not with_ref else g_kl.float().contiguous()
-    tokens, cols = _tile_shape(n, vocab)
+    tokens, cols = _tile_shape(n, vocab, h.device)
     buf = torch.empty(tokens * cols, dtype=torch.float32, device=dev)
     rbuf = torch.empty(tokens * cols, dtype=torch.float32, device=dev) if with_ref else None
     # On CUDA the 16-bit gradient GEMMs run on tensor cores from a 16-bit copy of the tile (as TRL does).
