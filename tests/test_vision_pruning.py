@@ -494,3 +494,22 @@ def test_a_peft_wrapped_llava_is_pruned_and_restored():
     assert handle.stats["hiprune"]["tokens_after"] == 2
     handle.unpatch()
     assert torch.equal(lora.generate(**inputs, max_new_tokens=3, do_sample=False), expected)
+
+
+@pytest.mark.parametrize("options", [{"num_beams": 2}, {"num_beams": 2, "num_return_sequences": 2}])
+@pytest.mark.parametrize("technique", ["hiprune", "random_prune"])
+def test_generate_repeating_the_images_per_sequence_prunes_each_copy_alike(technique, options):
+    model = tiny_model("llava")
+    reference_model = copy.deepcopy(model)
+    inputs = llava_inputs(model)
+    handle = hfpatch.patch(model, recipe(technique, budget=2))
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False, **options)
+    stats = handle.stats[technique]
+    assert stats["pruned"] and [image["row"] for image in stats["images"]] == [0, 1, 2, 3]
+    keep = handle.technique(technique).last_keep
+    # rows 2k and 2k + 1 repeat prompt k: same tokens kept; the reference generates from the hand-pruned prompts
+    assert torch.equal(keep[0], keep[1]) and torch.equal(keep[2], keep[3])
+    embeds, mask, positions = hand_pruned(reference_model, inputs, keep[::2])
+    ref = reference_model.generate(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                   max_new_tokens=3, do_sample=False, **options)
+    assert torch.equal(out[:, inputs["input_ids"].shape[1]:], ref)

@@ -135,6 +135,33 @@ class _SequenceState:
 _ENCODED = "_hfpatch_encoded_images"
 
 
+def _current_images(encoded: EncodedImages | None, outputs) -> tuple[EncodedImages | None, str | None]:
+    """The encoded images as the forward receives them, or (None, why not).
+
+    `generate` with `num_return_sequences` or beams repeats each prompt's images in place on the feature output
+    (`pooler_output` becomes `[A, B, A, B]`, the same tensor objects repeated) after the feature call described
+    them; each repeated image gets the layout (and the scores) of the image it repeats.
+    """
+    if encoded is None:
+        return None, ("the images came as mm_encoder_outputs that this patch did not see being computed "
+                      "(computed before patching, or copied); they are not pruned")
+    current = list(getattr(outputs, "pooler_output", encoded.features))
+    # a feature tensor's identity is its memory, not the Python object: a pooler_output that is one tensor
+    # (Gemma 3: [images, tokens, D]) gives new row views every time it is listed
+    def same(tensor):
+        return tensor.data_ptr(), tuple(tensor.shape), tensor.dtype
+
+    if len(current) == len(encoded.features) and all(same(a) == same(b) for a, b in zip(current, encoded.features)):
+        return encoded, None
+    described = {same(features): number for number, features in enumerate(encoded.features)}
+    numbers = [described.get(same(features)) for features in current]
+    if None in numbers:
+        return None, ("the image features were changed after the vision tower ran (not a repetition of the encoded "
+                      "images); they are not pruned")
+    return dataclasses.replace(encoded, features=current, layouts=[encoded.layouts[n] for n in numbers],
+                               numbers=numbers), None
+
+
 def _bind(original, args: tuple, kwargs: dict) -> dict[str, Any]:
     """The call's arguments by name (positional ones named from the original's signature)."""
     if not args:
@@ -331,10 +358,10 @@ class VisionPruningTechnique(Technique):
             encoded = getattr(outputs, _ENCODED, None)
             if encoded is not None and not glue.has_images(inputs):
                 start -= encoded.seconds  # generate() ran the tower before this call: count it in the prefill
+            encoded, problem = _current_images(encoded, outputs)
             if encoded is not None:
                 return self._prefill(model, original, inputs, cache, encoded, start)
-            self._stats["fallback"] = ("the images came as mm_encoder_outputs that this patch did not see being "
-                                       "computed (computed before patching, or copied); they are not pruned")
+            self._stats["fallback"] = problem
         state = self._states.get(cache) if cache is not None and past > 0 else None
         if state is not None:
             if glue.has_images(inputs) or glue.precomputed(inputs):
@@ -432,7 +459,8 @@ class VisionPruningTechnique(Technique):
         replaced = False
         cursor = 0
         images = []
-        for number, (features, layout) in enumerate(zip(encoded.features, encoded.layouts)):
+        for position, (features, layout) in enumerate(zip(encoded.features, encoded.layouts)):
+            number = encoded.numbers[position] if encoded.numbers else position
             positions = flat_positions[cursor: cursor + layout.num_tokens].to(keep.device)
             cursor += layout.num_tokens
             selectable = layout.num_selectable

@@ -99,6 +99,9 @@ class EncodedImages:
     scores: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     #: wall time of the feature call (vision tower and projector)
     seconds: float = 0.0
+    #: per entry of `features`, the number of the encoded image it is (None: entry i is image i); set when
+    #: generate repeats the images of each prompt for several sequences per prompt
+    numbers: list[int] | None = None
 
 
 class FamilyGlue:

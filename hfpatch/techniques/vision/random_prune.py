@@ -1,7 +1,7 @@
 """random_prune: keep a seeded uniform random subset of each image's visual tokens.
 
 A baseline every pruning method must beat (UniPruneBench finds random pruning a strong one). The choice is
-reproducible: the generator is seeded with `seed` at every prefill and images draw in placeholder order.
+reproducible: each image draws from a generator seeded with `seed` and the image's number in the call.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from .base import ImageTokens, PruningParams, Selection, VisionPruningTechnique
 
 @dataclasses.dataclass
 class RandomPruneParams(PruningParams):
-    seed: int = param(0, ge=0, help="seed of the generator drawing the kept tokens (re-seeded at every prefill)")
+    seed: int = param(0, ge=0, le=2**31, help="seed of the generators drawing the kept tokens (one per image, "
+                                               "seeded from seed and the image's number)")
 
 
 @register
@@ -27,11 +28,10 @@ class RandomPrune(VisionPruningTechnique):
     summary = "visual-token pruning baseline: a seeded random subset of each image's tokens (lossy)"
     Params = RandomPruneParams
 
-    def _prefill(self, *args, **kwargs):
-        self._generator = torch.Generator().manual_seed(self.params.seed)
-        return super()._prefill(*args, **kwargs)
-
     def select(self, image: ImageTokens, budget: int) -> Selection:
+        # one generator per image, seeded from (seed, image number): the same image drawn again (generate repeats
+        # a prompt's images for several sequences) keeps the same tokens
+        generator = torch.Generator().manual_seed(self.params.seed * 1_000_003 + image.number)
         selectable = torch.cat([segment.index for segment in image.layout.segments])
-        pick = torch.randperm(len(selectable), generator=self._generator)[:budget]
+        pick = torch.randperm(len(selectable), generator=generator)[:budget]
         return Selection(selectable[pick].sort().values)
