@@ -331,6 +331,25 @@ def reference_adapter(peft_model):
     return peft_model.disable_adapter()
 
 
+#: Text-config fields by which some architectures change the logits after `lm_head` (Gemma 2 soft-capping,
+#: Cohere/Granite/Falcon-H1 scaling); where one is set, `hidden @ lm_head.weight.T` is not the logits.
+LOGIT_TRANSFORM_FIELDS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                          "logits_scaling")
+
+
+def logit_transform(model) -> str:
+    """Which logit transform after the output head `model` applies ("field=value"), or "" when none."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return ""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for field in LOGIT_TRANSFORM_FIELDS:
+        value = getattr(text, field, None)
+        if value is not None and value != 1:
+            return f"{field}={value}"
+    return ""
+
+
 def trainer_precomputes_reference(trainer) -> bool:
     """Whether a TRL trainer reads precomputed per-sequence reference log-prob sums from the batch."""
     return bool(getattr(trainer, "precompute_ref_logps", False))

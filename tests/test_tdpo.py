@@ -74,10 +74,12 @@ def test_tdpo2_stops_the_gradient_of_the_chosen_kl():
         assert rejected.abs().sum() > 0
 
 
-def test_tdpo_on_the_dpo_trainer_matches_the_function(tmp_path):
+@pytest.mark.parametrize("kernel", [True, False])
+def test_tdpo_on_the_dpo_trainer_matches_the_function(tmp_path, kernel):
     trainer = dpo_trainer(tmp_path, ref_model=tiny_model("llama", seed=1).eval())
     batch = first_batch(trainer)
-    with torch.no_grad(), hfpatch.patch(trainer, hfpatch.Recipe([{"type": "tdpo", "variant": "tdpo1", "beta": 0.3}])) as h:
+    recipe = hfpatch.Recipe([{"type": "tdpo", "variant": "tdpo1", "beta": 0.3, "kernel": kernel}])
+    with torch.no_grad(), hfpatch.patch(trainer, recipe) as h:
         ours = trainer.compute_loss(trainer.model, batch)
         kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         logprobs = torch.log_softmax(trainer.model(**kwargs).logits[:, :-1].float(), -1)
@@ -88,6 +90,20 @@ def test_tdpo_on_the_dpo_trainer_matches_the_function(tmp_path):
     want = _transcribed(logprobs.double(), ref_logprobs.double(), tokens, mask, 0.3, 0.0, "tdpo1")
     assert ours.item() == pytest.approx(sum(want) / len(want), abs=1e-5)
     assert stats["kl/chosen"] > 0 and stats["kl/rejected"] > 0 and "rewards/margins" in stats
+    assert stats["logprobs"].startswith("hfpatch linear_logprob kernel" if kernel else "full logits")
+
+
+def test_tdpo_kernel_and_full_logits_give_the_same_gradients(tmp_path):
+    trainer = dpo_trainer(tmp_path, ref_model=tiny_model("llama", seed=1).eval())
+    batch = first_batch(trainer)
+    grads = {}
+    for kernel in (True, False):
+        with hfpatch.patch(trainer, hfpatch.Recipe([{"type": "tdpo", "kernel": kernel}])):
+            loss = trainer.compute_loss(trainer.model, batch)
+            grads[kernel] = (loss.item(), torch.autograd.grad(loss, list(trainer.model.parameters())))
+    assert grads[True][0] == pytest.approx(grads[False][0], abs=1e-6)
+    for got, want in zip(grads[True][1], grads[False][1]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_tdpo2_with_alpha_zero_is_trls_sigmoid_dpo(tmp_path):

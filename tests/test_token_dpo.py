@@ -72,18 +72,24 @@ def test_token_loss_ignores_garbage_outside_the_mask():
     assert torch.equal(losses.sequence_dpo_loss(dirty, ref, mask), losses.sequence_dpo_loss(logps, ref, mask))
 
 
-def test_uniform_sequence_form_equals_trl_sigmoid_loss(tmp_path):
+@pytest.mark.parametrize("kernel", [True, False])
+def test_uniform_sequence_form_equals_trl_sigmoid_loss(tmp_path, kernel):
     # a reference that differs from the policy, so the loss is not the trivial log 2
     trainer = dpo_trainer(tmp_path, ref_model=tiny_model("llama", seed=1).eval())
     batch = first_batch(trainer)
-    with torch.no_grad():
-        trl_loss = trainer.compute_loss(trainer.model, batch)
-        with hfpatch.patch(trainer, hfpatch.Recipe([{"type": "token_dpo", "weights": "uniform"}])) as handle:
-            ours = trainer.compute_loss(trainer.model, batch)
-            stats = handle.stats["token_dpo"]
+    trl_loss = trainer.compute_loss(trainer.model, batch)
+    trl_grads = torch.autograd.grad(trl_loss, list(trainer.model.parameters()))
+    recipe = hfpatch.Recipe([{"type": "token_dpo", "weights": "uniform", "kernel": kernel}])
+    with hfpatch.patch(trainer, recipe) as handle:
+        ours = trainer.compute_loss(trainer.model, batch)
+        grads = torch.autograd.grad(ours, list(trainer.model.parameters()))
+        stats = handle.stats["token_dpo"]
     assert abs(trl_loss.item() - math.log(2)) > 1e-3
     assert ours.item() == pytest.approx(trl_loss.item(), abs=1e-6)
-    assert stats["logprobs"] == "TRL fused LM head" and stats["reference"] == "trainer.ref_model"
+    for got, want in zip(grads, trl_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    source = "hfpatch linear_logprob kernel" if kernel else "TRL fused LM head; not the kernel: kernel=False"
+    assert stats["logprobs"].startswith(source) and stats["reference"] == "trainer.ref_model"
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert key in stats
 
@@ -222,3 +228,21 @@ def test_critical_adapters_of_another_base_model_are_refused(tmp_path):
     with pytest.raises(hfpatch.errors.PatchError):
         hfpatch.patch(trainer, recipe)
     assert "compute_loss" not in vars(trainer)
+
+
+def test_a_model_that_caps_its_logits_falls_back_to_trls_head_and_says_why(tmp_path):
+    from tiny_models import tiny_config
+
+    config = tiny_config("gemma3_text")
+    config.final_logit_softcapping = 3.0  # small, so capping changes the log-probs
+    trainer = dpo_trainer(tmp_path, rows=preference_rows(4), model=tiny_model("gemma3_text", config=config),
+                          ref_model=tiny_model("gemma3_text", seed=1, config=config).eval())
+    batch = first_batch(trainer)
+    with torch.no_grad():
+        trl_loss = trainer.compute_loss(trainer.model, batch)
+        with hfpatch.patch(trainer, hfpatch.Recipe([{"type": "token_dpo"}])) as handle:
+            ours = trainer.compute_loss(trainer.model, batch)
+            stats = handle.stats["token_dpo"]
+    assert ours.item() == pytest.approx(trl_loss.item(), abs=1e-6)
+    assert stats["logprobs"].startswith("TRL fused LM head; not the kernel")
+    assert "final_logit_softcapping=3.0" in stats["logprobs"]

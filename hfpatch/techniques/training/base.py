@@ -30,8 +30,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from ... import compat, primitives
+from ... import arch, compat, primitives
 from ...technique import Technique
+from . import losses
 
 #: The batch key carrying per-token weights (``[2B, T]``, aligned with ``input_ids``).
 WEIGHTS_KEY = "hfpatch_token_weights"
@@ -315,9 +316,8 @@ class TrainerTechnique(Technique):
         if fused:
             outputs = model(**batch.model_kwargs, use_cache=False, labels=batch.labels, fused_lm_head=True)
             length = batch.input_ids.shape[1] - 1
-            # TRL's fused head leaves prompt and padding positions at 0; where() keeps that exact
+            # prompt-learning PEFT prepends virtual positions (as in TRL's own loss): keep the real tokens' ones
             return outputs.log_probs[:, -length:]
-        self._info["logprobs"] = "full logits (log-softmax + gather)"
         logprobs = self._forward_logprobs(model, batch)
         return logprobs.gather(-1, batch.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
@@ -336,24 +336,88 @@ class TrainerTechnique(Technique):
             with compat.reference_adapter(policy):
                 return fn(trainer.model)
 
-    def token_logps(self, trainer, model, batch: PreferenceBatch) -> torch.Tensor:
-        """The policy's per-token log-probabilities ``[2B, T - 1]`` (TRL's fused head on a TRL trainer)."""
-        if self._is_trl:
-            self._info["logprobs"] = "TRL fused LM head"
-        return self._forward_token_logps(model, batch, fused=self._is_trl)
+    # ----- the fused linear log-prob kernel -------------------------------------------------------
+    def _kernel_heads(self, trainer, *, kl: bool):
+        """(policy head, reference head) when the kernel can compute this trainer's log-probs exactly, else
+        (None, why): the head must be a plain Linear whose output is the logits (no soft-capping or scaling)."""
+        if not getattr(self.params, "kernel", False):
+            return None, "kernel=False"
+        from ... import kernels
 
-    def reference_token_logps(self, trainer, batch: PreferenceBatch) -> torch.Tensor:
-        """The reference's per-token log-probabilities ``[2B, T - 1]``, without gradients."""
-        return self._reference_call(trainer, lambda ref: self._forward_token_logps(ref, batch, fused=self._is_trl))
+        if "linear_logprob" not in kernels.list_kernels():
+            return None, "this build has no linear_logprob kernel"
+        policy = compat.trainer_unwrapped_model(trainer, trainer.model)
+        ref_model = getattr(trainer, "ref_model", None)
+        models = [policy, policy if ref_model is None else compat.trainer_unwrapped_model(trainer, ref_model)]
+        heads = []
+        for model in models:
+            head = model.get_output_embeddings()
+            if type(head) is not torch.nn.Linear:
+                return None, (f"the output head is a {type(head).__name__} (e.g. an adapter on lm_head), not a "
+                              "plain Linear")
+            transform = compat.logit_transform(model)
+            if transform:
+                return None, f"the model changes its logits after the head ({transform})"
+            heads.append(head)
+        if kl and heads[1].bias is not None:
+            return None, "the KL pass takes no reference lm_head bias"
+        return tuple(heads), ""
 
-    def logprobs(self, trainer, model, batch: PreferenceBatch) -> torch.Tensor:
-        """The policy's full next-token log-distributions ``[2B, T - 1, V]`` (needs the logits)."""
-        self._info["logprobs"] = "full logits (log-softmax)"
-        return self._forward_logprobs(model, batch)
+    def _final_hidden(self, model, batch: PreferenceBatch) -> torch.Tensor:
+        """The final (normed) hidden states of every position but the last, ``[2B, T - 1, H]``; the forward
+        computes the logits of one position only where the model takes `logits_to_keep`."""
+        kwargs = dict(batch.model_kwargs, use_cache=False, output_hidden_states=True)
+        inner = arch.unwrap_model(compat.trainer_unwrapped_model(self._trainer(), model))
+        if compat.forward_accepts(inner, "logits_to_keep"):
+            kwargs["logits_to_keep"] = 1
+        return model(**kwargs).hidden_states[-1][:, :-1]
 
-    def reference_logprobs(self, trainer, batch: PreferenceBatch) -> torch.Tensor:
-        """The reference's full next-token log-distributions ``[2B, T - 1, V]``, without gradients."""
-        return self._reference_call(trainer, lambda ref: self._forward_logprobs(ref, batch))
+    def token_values(self, trainer, model, batch: PreferenceBatch, *, kl: bool = False):
+        """Per-token values of the policy and its reference on the batch's next-token positions:
+        ``(logps [2B, T-1], ref_logps [2B, T-1], seq_kl [2B] or None)``; ``seq_kl`` (with ``kl=True``) is the
+        sequential ``KL(pi_ref || pi)`` over completion tokens.
+
+        With `kernel=True` (and a model it serves) hfpatch's fused linear log-prob kernel computes them from the
+        final hidden states and the lm_head in vocabulary tiles, the KL in the same pass, never building the
+        ``[tokens, vocab]`` logits; otherwise TRL's fused head (log-probs on a TRL trainer) or the full logits.
+        ``stats()["logprobs"]`` says which ran and why.
+        """
+        heads, why = self._kernel_heads(trainer, kl=kl)
+        mask = batch.mask
+        if heads is not None:
+            from ... import kernels
+
+            head, ref_head = heads
+            hidden = self._final_hidden(model, batch)
+            ref_hidden = self._reference_call(trainer, lambda ref: self._final_hidden(ref, batch))
+            labels = batch.input_ids[:, 1:].masked_fill(~mask, -100).reshape(-1)
+            flat, ref_flat = hidden.reshape(-1, hidden.shape[-1]), ref_hidden.reshape(-1, ref_hidden.shape[-1])
+            choice = kernels.linear_logprob.choose(flat, head.weight, labels, bias=head.bias)
+            self._info["logprobs"] = f"hfpatch linear_logprob kernel: {choice.backend} ({choice.reason})"
+            shape = mask.shape
+            seq_kl = None
+            if kl:
+                logps, token_kl = kernels.linear_logprob(flat, head.weight, labels, bias=head.bias,
+                                                         reference_hidden=ref_flat,
+                                                         reference_weight=ref_head.weight)
+                seq_kl = token_kl.view(shape).sum(dim=1)  # 0 off the completion (ignored labels)
+            else:
+                logps = kernels.linear_logprob(flat, head.weight, labels, bias=head.bias)
+            with torch.no_grad():
+                ref_logps = kernels.linear_logprob(ref_flat, ref_head.weight, labels, bias=ref_head.bias)
+            return logps.view(shape), ref_logps.view(shape), seq_kl
+        if kl:
+            self._info["logprobs"] = f"full logits (log-softmax); not the kernel: {why}"
+            logprobs = self._forward_logprobs(model, batch)
+            ref_logprobs = self._reference_call(trainer, lambda ref: self._forward_logprobs(ref, batch))
+            targets = batch.input_ids[:, 1:].unsqueeze(-1)
+            seq_kl = losses.sequential_kl(ref_logprobs, logprobs, mask)
+            return (logprobs.gather(-1, targets).squeeze(-1), ref_logprobs.gather(-1, targets).squeeze(-1), seq_kl)
+        source = "TRL fused LM head" if self._is_trl else "full logits (log-softmax + gather)"
+        self._info["logprobs"] = f"{source}; not the kernel: {why}"
+        logps = self._forward_token_logps(model, batch, fused=self._is_trl)
+        ref_logps = self._reference_call(trainer, lambda ref: self._forward_token_logps(ref, batch, fused=self._is_trl))
+        return logps, ref_logps, None
 
     @staticmethod
     def reward_metrics(beta: float, chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor,

@@ -7,8 +7,9 @@ next-token distributions:
 - TDPO1: ``-log s(beta * ((D^w - D^l) + KL^w - KL^l))``
 - TDPO2: ``-log s(beta * ((D^w - D^l) + alpha * (sg(KL^w) - KL^l)))`` (the paper's default; ``sg`` = no gradient)
 
-The KL needs the full distributions, so this loss runs the ordinary forward (logits ``[2B, T, V]``) of the
-policy and the reference instead of TRL's fused log-prob head: memory grows with the vocabulary. Metrics: TRL's
+The KL needs both full distributions: with ``kernel=True`` hfpatch's fused linear log-prob kernel computes the
+log-probs and the KL per position in one pass over vocabulary tiles (from the final hidden states and lm_head);
+otherwise the ordinary forward builds the logits ``[2B, T, V]`` of policy and reference. Metrics: TRL's
 rewards/margins plus ``kl/chosen`` and ``kl/rejected`` (sequential KL per completion).
 
 Example:
@@ -31,6 +32,9 @@ class TDPOParams:
                          choices=("tdpo1", "tdpo2"))
     alpha: float = param(0.5, help="TDPO2's weight of the sequential-KL term (ignored by tdpo1)", ge=0.0, le=100.0)
     beta: float = param(0.1, help="DPO temperature beta", gt=0.0, le=100.0)
+    kernel: bool = param(True, help="log-probs and the per-position KL from hfpatch's fused linear log-prob kernel in "
+                         "one tiled pass (no [tokens, vocab] logits); False, or a model it cannot serve (stats say "
+                         "why): the full logits of policy and reference")
 
 
 @register
@@ -46,13 +50,8 @@ class TDPO(TrainerTechnique):
         self._info["variant"] = self.params.variant
 
     def loss(self, trainer, model, batch):
-        logprobs = self.logprobs(trainer, model, batch)
-        ref_logprobs = self.reference_logprobs(trainer, batch)
-        targets = batch.input_ids[:, 1:].unsqueeze(-1)
-        logps = logprobs.gather(-1, targets).squeeze(-1)
-        ref_logps = ref_logprobs.gather(-1, targets).squeeze(-1)
+        logps, ref_logps, seq_kl = self.token_values(trainer, model, batch, kl=True)
         mask = batch.mask
-        seq_kl = losses.sequential_kl(ref_logprobs, logprobs, mask)
         per_pair = losses.tdpo_loss(logps, ref_logps, mask, seq_kl, beta=self.params.beta, alpha=self.params.alpha,
                                     variant=self.params.variant)
         chosen, rejected = losses.sequence_logratios(logps, ref_logps, mask)
