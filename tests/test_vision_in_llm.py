@@ -333,3 +333,41 @@ def test_todre_unpatch_restores():
     handle.unpatch()
     torch.testing.assert_close(model(**inputs).logits, reference, rtol=0, atol=0)
     assert not any(layer._forward_pre_hooks for layer in model.model.language_model.layers)
+
+
+def test_rows_with_images_of_different_sizes_keep_dropped_tokens_dead():
+    # row 0: a 4x8 image (8 tokens), row 1: a 4x4 image (4 tokens) and one pad; with budget 1 row 0 drops 7 of its
+    # 14 positions and row 1 only 4 of 14 (3 tokens and the pad), so both keep 10 slots: row 0 keeps 3 of its
+    # dropped visual tokens as dead slots (masked for every query)
+    model = tiny_model("qwen2_vl")
+    first = qwen_inputs(seed=1, text=(6, 7))
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.tensor([[1, 5, QWEN_START] + [QWEN_IMAGE] * 8 + [QWEN_END] + [6, 7]])
+    first = {"input_ids": ids, "pixel_values": torch.randn(32, 3 * 2 * 14 * 14, generator=generator),
+             "image_grid_thw": torch.tensor([[1, 4, 8]]), "mm_token_type_ids": (ids == QWEN_IMAGE).int()}
+    second = qwen_inputs(seed=3, text=(9, 9, 9, 9, 9))
+    with hfpatch.patch(model, recipe(budget=1, layer=1)) as handle:
+        singles = [generate(model, row)[0, row["input_ids"].shape[1]:] for row in (first, second)]
+        batch = left_pad_batch([first, second])
+        batch["image_grid_thw"] = torch.cat([first["image_grid_thw"], second["image_grid_thw"]])
+        out = generate(model, batch)
+        stats = handle.stats["fastv"]
+    assert stats["visual_tokens"] == [8, 4] and stats["kept_visual_tokens"] == [1, 1]
+    assert stats["pruned_sequence_length"] == 10 and stats["dead_slots"] == 3
+    length = batch["input_ids"].shape[1]
+    for row, single in enumerate(singles):
+        assert out[row, length:].tolist() == single.tolist()
+
+
+def test_several_images_per_prompt_keep_budget_each():
+    model = tiny_model("llava")
+    generator = torch.Generator().manual_seed(6)
+    ids = torch.tensor([[1, 5] + [LLAVA_IMAGE] * 4 + [6] + [LLAVA_IMAGE] * 4 + [7, 8]])
+    inputs = {"input_ids": ids, "pixel_values": torch.randn(2, 3, 28, 28, generator=generator)}
+    with hfpatch.patch(model, recipe(budget=1, layer=1)) as handle:
+        generate(model, inputs, n=2)
+        keep = handle.techniques[0].pruner.event.keep[0].tolist()
+        assert handle.stats["fastv"]["kept_visual_tokens"] == [2]
+    # one survivor in each image's span (positions 2-5 and 7-10), every text token kept
+    assert sum(2 <= p <= 5 for p in keep) == 1 and sum(7 <= p <= 10 for p in keep) == 1
+    assert {0, 1, 6, 11, 12} <= set(keep)
