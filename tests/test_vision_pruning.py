@@ -513,3 +513,33 @@ def test_generate_repeating_the_images_per_sequence_prunes_each_copy_alike(techn
     ref = reference_model.generate(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                    max_new_tokens=3, do_sample=False, **options)
     assert torch.equal(out[:, inputs["input_ids"].shape[1]:], ref)
+
+
+def test_concurrent_generate_calls_prune_independently():
+    import threading
+
+    model = tiny_model("llava")
+    inputs = [llava_inputs(model, (1, 1), (3, 5)), {k: v.flip(0) for k, v in llava_inputs(model, (1, 1), (4, 2)).items()}]
+    handle = hfpatch.patch(model, recipe("hiprune", budget=2))
+    expected = [model.generate(**x, max_new_tokens=4, do_sample=False) for x in inputs]
+    results = {}
+
+    def run(i):
+        for _ in range(3):
+            results.setdefault(i, []).append(model.generate(**inputs[i], max_new_tokens=4, do_sample=False))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i in range(2):  # a thread that raised has fewer results
+        assert len(results.get(i, [])) == 3 and all(torch.equal(out, expected[i]) for out in results[i])
+    assert handle.stats["hiprune"]["pruned"]
+
+
+def test_an_object_layer_beyond_the_tower_is_refused_and_the_model_restored():
+    model = tiny_model("llava")
+    with pytest.raises(hfpatch.errors.PatchError, match="object_layer=5 but the vision tower has 2 layers"):
+        hfpatch.patch(model, recipe("hiprune", budget=2, object_layer=5))
+    assert hfpatch.active_patches(model) == [] and "forward" not in vars(model.model)

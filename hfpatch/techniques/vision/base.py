@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import threading
 import time
 import weakref
 from typing import Any, ClassVar
@@ -201,14 +202,32 @@ class VisionPruningTechnique(Technique):
         super().__init__(*args, **kwargs)
         self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._stats: dict[str, Any] = {}
-        self._recording: dict[int, torch.Tensor] | None = None
+        # per-thread call state, so concurrent calls on one patched model never record into each other's scores
+        self._local = threading.local()
         self._recorded_layers: frozenset[int] = frozenset()
         self._layer_of: dict[int, int] = {}
-        self._skip: str | None = None  # why the current call must not be pruned (set by the outer forward)
         self.glue = None
         #: `[B, L]` bool: which positions of the last pruned prefill's merged sequence were kept (for inspection)
         self.last_keep: torch.Tensor | None = None
         self.reset_stats()
+
+    @property
+    def _recording(self) -> dict[int, torch.Tensor] | None:
+        """Column means recorded by the vision attention function during this thread's feature call (else None)."""
+        return getattr(self._local, "recording", None)
+
+    @_recording.setter
+    def _recording(self, value) -> None:
+        self._local.recording = value
+
+    @property
+    def _skip(self) -> str | None:
+        """Why this thread's current call must not be pruned (set by the outer forward), else None."""
+        return getattr(self._local, "skip", None)
+
+    @_skip.setter
+    def _skip(self, value) -> None:
+        self._local.skip = value
 
     # ---------------------------------------------------------------------------------------------------
     # what subclasses provide
@@ -280,7 +299,9 @@ class VisionPruningTechnique(Technique):
     def stats(self) -> dict[str, Any]:
         """What the last prefill did: per image (`images`: image number, batch row, `tokens` before, `kept`
         after, `kept_fraction`), the totals, the sequence length before/after, the prefill wall time (vision tower,
-        selection and language model), and `fallback`: why a call with images was not pruned (None if it was)."""
+        selection and language model), and `fallback`: why a call with images was not pruned (None if it was).
+        Pruning itself is per call and thread-safe; under concurrent calls these statistics describe the
+        prefills in whatever order they wrote them (read them after a call when nothing else runs)."""
         out = dict(self._stats)
         out["images"] = [dict(image) for image in self._stats["images"]]
         return out
