@@ -246,3 +246,11 @@ def test_a_model_that_caps_its_logits_falls_back_to_trls_head_and_says_why(tmp_p
     assert ours.item() == pytest.approx(trl_loss.item(), abs=1e-6)
     assert stats["logprobs"].startswith("TRL fused LM head; not the kernel")
     assert "final_logit_softcapping=3.0" in stats["logprobs"]
+
+
+def test_a_payload_tensor_that_is_not_an_adapter_factor_is_refused():
+    with pytest.raises(hfpatch.errors.RecipeError, match="contrastive adapters"):
+        hfpatch.Recipe([{"type": "token_dpo", "weights": "critical"}], tensors={"token_dpo/table": torch.zeros(2, 2)})
+    with pytest.raises(hfpatch.errors.RecipeError, match="dimensions"):
+        hfpatch.Recipe([{"type": "token_dpo", "weights": "critical"}],
+                       tensors={"token_dpo/positive/model.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(2, 2, 2)})

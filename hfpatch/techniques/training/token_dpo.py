@@ -27,17 +27,23 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import torch
 
 from ... import compat
 from ...catalogue import register
 from ...errors import RecipeError
-from ...technique import param
+from ...technique import TensorSpec, param
 from . import losses
 from .base import TokenWeightCollator, TrainerTechnique
 
 WEIGHT_SOURCES = ("critical", "column", "uniform")
+#: The payload of weights='critical': the two contrastive LoRA adapters as `critical_tokens.adapters_to_tensors`
+#: writes them ("positive/<module path>.lora_A.weight" [r, in], "...lora_B.weight" [out, r], and "negative/...").
+ADAPTER_TENSOR = re.compile(r"^(positive|negative)/[A-Za-z0-9_.]+\.lora_[AB]\.weight$")
+ADAPTER_SPEC = TensorSpec(dtypes=("float16", "bfloat16", "float32"), ndim=2, max_shape=(1 << 18, 1 << 18),
+                          help="a LoRA factor of the contrastive adapters")
 FORMS = ("sequence", "token")
 
 
@@ -68,6 +74,15 @@ class TokenDPO(TrainerTechnique):
     name = "token_dpo"
     summary = "token-weighted DPO (cDPO critical tokens, a weight column, or uniform = DPO) inside a Trainer"
     Params = TokenDPOParams
+
+    @classmethod
+    def check_tensor(cls, key, dtype, shape, where) -> None:
+        """Only the contrastive adapters' LoRA factors (names by module path, so not a fixed `tensor_specs`)."""
+        if not ADAPTER_TENSOR.match(key):
+            raise RecipeError(f"{where}: tensor {cls.name + '/' + key!r} is not one {cls.name} reads (it reads the "
+                              "contrastive adapters 'token_dpo/positive|negative/<module>.lora_A|lora_B.weight' that "
+                              "`hfpatch critical-tokens` saves)")
+        ADAPTER_SPEC.check(f"{cls.name}/{key}", dtype, shape, where)
 
     # ----- columns and collator -------------------------------------------------------------------
     def dataset_columns(self) -> tuple[str, ...]:
