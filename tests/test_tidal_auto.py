@@ -161,3 +161,48 @@ def test_recipe_show_names_the_layers(tmp_path, capsys):
                                "is probed again at patch time)"]
     assert shown["tidal-decode"] == ["# tidal_decode selection layers: auto (probed at patch time, once per model)"]
     assert "paper's formula" in shown["tidal-decode-paper"][0]
+
+
+def gemma_like(layers=12, window=16):
+    """A tiny Gemma 3 text model with Gemma 3's layout: every 6th layer full attention, the others windowed."""
+    data = tiny_config("gemma3_text").to_dict()
+    data.update(num_hidden_layers=layers, sliding_window=window,
+                layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)])
+    config = type(tiny_config("gemma3_text"))(**data)
+    return tiny_model("gemma3_text", config=config)
+
+
+def test_paper_formula_moves_to_full_attention_layers_on_a_sliding_window_model():
+    """Gemma 3: the paper's layers (2 and 13/32 of 12 = 5) are not all full-attention layers; a sliding-window
+    layer never runs a sparse step, so it could never select (before: the patch silently stayed full attention)."""
+    model = gemma_like()
+    with hfpatch.patch(model, "tidal-decode-paper", budget=8) as handle:
+        generate(model, length=40)
+        stats = handle.stats["tidal_decode"]
+    assert stats["selection_layers"] == [5] and "full-attention" in stats["selection_source"]
+    assert stats["sparse_layer_steps"] > 0  # layer 11 attends to layer 5's selection
+
+
+def test_explicit_sliding_selection_layer_is_refused_with_the_full_layers_named():
+    model = gemma_like()
+    with pytest.raises(Exception, match=r"sliding-window layers.*full-attention layers \[5, 11\]"):
+        hfpatch.patch(model, "tidal-decode", selection_layers=[2, 5])
+    assert compat.attn_implementation(model.config) in (None, "sdpa")  # nothing left applied
+
+
+def test_auto_on_a_sliding_window_model_selects_only_full_attention_layers():
+    model = gemma_like()
+    with hfpatch.patch(model, "tidal-decode", budget=8) as handle:
+        layers = handle.stats["tidal_decode"]["selection_layers"]
+    assert layers and set(layers) <= {5, 11}
+
+
+def test_probe_precision_auto_matches_the_model_dtype_scores():
+    """bfloat16 matrix products (where native) change the probe's scores by rounding only."""
+    model = deep_model()
+    adapter = arch.adapter_for(model)
+    fast = rp.probe(model, adapter, budget=10, precision="auto")
+    exact = rp.probe(model, adapter, budget=10, precision="model")
+    assert fast.need == pytest.approx(exact.need, abs=0.02)
+    with pytest.raises(ValueError, match="precision"):
+        rp.probe(model, adapter, budget=10, precision="fp8")

@@ -1,4 +1,5 @@
-"""Long-context quality and speed of the sparse decode attention recipes on SmolLM2-135M (CPU script).
+"""Long-context quality and speed of the sparse decode attention recipes on SmolLM2-135M or Gemma 3 270M
+(``--model``; CPU script).
 
 The measurements live in ``hfpatch.apps.bench.longctx`` (also behind ``hfpatch bench long-context``); this
 script exposes every size knob for the README's runs and writes the raw JSON:
@@ -41,11 +42,20 @@ def main():
     ap.add_argument("--base-recipe", default=None,
                     help="recipe applied to the model under every method (e.g. onednn-linear)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--model", default="smollm2",
+                    help="smollm2 (SmolLM2-135M-Instruct), gemma3 (Gemma 3 270M base) or a local model folder")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = assets.load_smollm2()
-    name = "SmolLM2-135M-Instruct fp32 sdpa"
+    if args.model in ("smollm2", "gemma3"):
+        model, tok = assets.load_smollm2() if args.model == "smollm2" else assets.load_gemma3()
+        name = {"smollm2": "SmolLM2-135M-Instruct", "gemma3": "Gemma 3 270M"}[args.model] + " fp32 sdpa"
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
+        tok = AutoTokenizer.from_pretrained(args.model)
+        name = f"{args.model} fp32 sdpa"
     if args.base_recipe:
         import hfpatch
 

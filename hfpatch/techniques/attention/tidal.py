@@ -71,12 +71,25 @@ class TidalDecode(SparseAttentionTechnique):
         if layers == "auto":  # probe before this patch changes the attention function
             layers = self._auto_layers(model, ctx.adapter)
         super().apply(model, ctx)
+        # Sliding-window layers never run a sparse step (their window is already short), so they cannot select.
+        kinds = list(getattr(ctx.adapter.text_config(), "layer_types", None) or [])
+        sliding = {i for i, kind in enumerate(kinds) if "sliding" in str(kind)}
+        full = [i for i in range(self.num_layers) if i not in sliding]
         if layers is None:  # the paper's choice, clipped to shallow models
             layers = [i for i in {self.params.full_layers, round(13 / 32 * self.num_layers)} if i < self.num_layers]
             self._source = "paper formula"
+            if sliding:  # e.g. Gemma 3: each formula layer moves to the next full-attention layer
+                layers = sorted({next((f for f in full if f >= i), None) for i in layers} - {None})
+                self._source = "paper formula, moved to the next full-attention layers (sliding-window layers " \
+                               "cannot select)"
         bad = [i for i in layers if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(f"selection_layers {bad} outside the model's {self.num_layers} layers")
+        windowed = sorted(set(layers) & sliding)
+        if windowed:
+            raise ValueError(f"selection_layers {windowed} are sliding-window layers of this model, which never run a "
+                             f"sparse step and so cannot select; choose among its full-attention layers {full}, or "
+                             "use selection_layers='auto'")
         self.selection = sorted(set(layers))
         self._current = None  # (cache length, batch, index) of the latest selection layer in this step
 
