@@ -212,6 +212,26 @@ def test_kl_mode_matches_the_direct_formula(small_tiles, impl, dtype):
 
 
 @pytest.mark.parametrize("impl", IMPL_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_frozen_head_gradient_needs_no_backward_tiles(small_tiles, monkeypatch, impl, dtype, with_ref):
+    # A frozen lm_head (LoRA/PEFT): only hidden needs a gradient. The tiled paths then accumulate the expected
+    # embedding sum_v p(v) W_v in the forward pass and the backward recomputes no tile.
+    def no_tiles(*args, **kwargs):
+        raise AssertionError("the backward recomputed tiles for a frozen head")
+
+    monkeypatch.setattr(LL, "_backward_pass", no_tiles)
+    n = 23
+    inputs = make(n, 16, 333, dtype, ref=with_ref, ignore=(2, 5))
+    outs, grads = grads_of(impl, inputs, n, names=("hidden",))
+    t_outs, t_grads = truth_grads(inputs, n, names=("hidden",))
+    for a, t in zip(outs, t_outs):
+        close(a, t, FWD_TOL[dtype])
+    assert torch.all(grads["hidden"][inputs["labels"] == -100] == 0)
+    close(grads["hidden"], t_grads["hidden"], GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 def test_kl_gradient_reaches_the_policy_only(small_tiles, impl):
     inputs = make(9, 8, 200, torch.float32, bias=False, ref=True)
     args = leaves(inputs, names=("hidden", "weight", "reference_hidden", "reference_weight"))

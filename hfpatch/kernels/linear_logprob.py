@@ -245,8 +245,14 @@ def _operand(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 or _half_on_cuda(t) else t.float()
 
 
-def _forward_pass(h, w, b, labels, rh, rw, fold):
-    """Run the tiles; return (logp, kl or None, lse, ref_lse or None), all float32 [n]."""
+def _forward_pass(h, w, b, labels, rh, rw, fold, expect=False):
+    """Run the tiles; return (logp, kl or None, lse, ref_lse or None, expected), the first four float32 [n].
+
+    With ``expect`` (a frozen head: only hidden needs a gradient) it also accumulates, online like the sums,
+    ``E = sum_v p(v) W_v`` and with a reference ``E_ref = sum_v p_ref(v) W_v`` (the policy's ``W``), float32
+    ``[n, H]``: then ``d logp / d hidden = W[label] - E`` and ``d KL / d hidden = E - E_ref`` and the backward needs
+    no tile at all (two matmuls per tile in total, as many as the naive path, instead of three).
+    """
     n, vocab = h.shape[0], w.shape[0]
     with_ref = rh is not None
     dev = h.device
@@ -260,6 +266,9 @@ def _forward_pass(h, w, b, labels, rh, rw, fold):
         buf = torch.empty(tokens * cols, dtype=torch.float32, device=dev)
         rbuf = torch.empty(tokens * cols, dtype=torch.float32, device=dev) if with_ref else None
         h_op, rh_op = _operand(h), (_operand(rh) if with_ref else None)
+        if expect:
+            e_sum = torch.zeros((n, w.shape[1]), dtype=torch.float32, device=dev)
+            e_ref_sum = torch.zeros((n, w.shape[1]), dtype=torch.float32, device=dev) if with_ref else None
         for n0 in range(0, n, tokens):
             n1 = min(n, n0 + tokens)
             for v0 in range(0, vocab, cols):
@@ -270,15 +279,31 @@ def _forward_pass(h, w, b, labels, rh, rw, fold):
                 zr = None
                 if with_ref:
                     zr = _tile_logits(rbuf[: shape[0] * shape[1]].view(shape), rh_op[n0:n1], rw[v0:v1], None)
-                fold.forward(z, zr, labels[n0:n1], v0, stats[:, n0:n1])
+                if not expect:
+                    fold.forward(z, zr, labels[n0:n1], v0, stats[:, n0:n1], False)
+                    continue
+                maxima = stats[0::3, n0:n1].clone()  # running max (and the reference's) before this tile
+                # write_exp: afterwards z holds exp(z - m) and zr exp(zr - m_ref) with the updated maxima.
+                fold.forward(z, zr, labels[n0:n1], v0, stats[:, n0:n1], True)
+                rescale = torch.exp(maxima - stats[0::3, n0:n1])
+                w_tile = _operand(w[v0:v1])
+                for acc, e, r in ((e_sum, z, rescale[0]), (e_ref_sum, zr, rescale[-1])):
+                    if acc is not None:
+                        acc[n0:n1].mul_(r.unsqueeze(1))
+                        _addmm_fp32(acc[n0:n1], e.to(w_tile.dtype) if w_tile.dtype != torch.float32 else e,
+                                    w_tile)
     lse = stats[0] + torch.log(stats[1])
     logp = stats[2] - lse
+    expected = None
+    if expect and n:
+        expected = (e_sum.div_(stats[1].unsqueeze(1)),
+                    None if not with_ref else e_ref_sum.div_(stats[4].unsqueeze(1)))
     if not with_ref:
-        return logp, None, lse, None
+        return logp, None, lse, None, expected
     ref_lse = stats[3] + torch.log(stats[4])
     # KL = sum p_ref (z_ref - z) - lse_ref + lse, with sum p_ref (z_ref - z) = numerator / sum of exp.
     kl = stats[5] / stats[4] - ref_lse + lse
-    return logp, kl, lse, ref_lse
+    return logp, kl, lse, ref_lse, expected
 
 
 def _backward_pass(h, w, b, labels, lse, rh, rw, ref_lse, g_logp, g_kl, needs, fold):
@@ -337,9 +362,13 @@ class _TiledLinearLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b, labels, rh, rw, fold):
         ctx.set_materialize_grads(False)
-        logp, kl, lse, ref_lse = _forward_pass(h, w, b, labels, rh, rw, fold)
-        ctx.save_for_backward(h, w, b, labels, lse, rh, rw, ref_lse)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        expect = need_h and not need_w and not (b is not None and need_b)
+        logp, kl, lse, ref_lse, expected = _forward_pass(h, w, b, labels, rh, rw, fold, expect)
+        e, e_ref = expected if expected is not None else (None, None)
+        ctx.save_for_backward(h, w, b, labels, lse, rh, rw, ref_lse, e, e_ref)
         ctx.fold = fold
+        ctx.expect = expect
         if kl is None:
             return logp
         return logp, kl
@@ -347,10 +376,19 @@ class _TiledLinearLogprob(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_logp, g_kl=None):
-        h, w, b, labels, lse, rh, rw, ref_lse = ctx.saved_tensors
+        h, w, b, labels, lse, rh, rw, ref_lse, e, e_ref = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         if g_logp is None and g_kl is None:
             return None, None, None, None, None, None, None
+        if ctx.expect:
+            # Frozen head: d logp / d h = W[label] - E, d KL / d h = E - E_ref (E from the forward pass).
+            grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+            if e is not None:
+                if g_logp is not None:
+                    grad_h.addcmul_(w.index_select(0, labels).float() - e, g_logp.float().unsqueeze(1))
+                if g_kl is not None and e_ref is not None:
+                    grad_h.addcmul_(e - e_ref, g_kl.float().unsqueeze(1))
+            return grad_h.to(h.dtype), None, None, None, None, None, None
         grad_h, grad_w, grad_b = _backward_pass(h, w, b, labels, lse, rh, rw, ref_lse, g_logp, g_kl,
                                                 (needs[0], needs[1], b is not None and needs[2]), ctx.fold)
         return (None if grad_h is None else grad_h.to(h.dtype), grad_w,
@@ -394,7 +432,8 @@ def _local_labels(labels: torch.Tensor, start: int, n_cols: int) -> tuple[torch.
     return local.clamp(0, n_cols - 1), inside
 
 
-def _torch_fold_forward(z, zr, labels, start, stats):
+def _torch_fold_forward(z, zr, labels, start, stats, write_exp):
+    # Leaves z = exp(z - m) (and zr = exp(zr - m_ref)) with the updated maxima, which write_exp callers read.
     n_cols = z.shape[1]
     local, inside = _local_labels(labels, start, n_cols)
     stats[2] += torch.where(inside, z.gather(1, local.unsqueeze(1)).squeeze(1), 0.0)
@@ -404,7 +443,8 @@ def _torch_fold_forward(z, zr, labels, start, stats):
         diff = zr - z  # before z is overwritten below
         e_ref = zr.sub_(m_ref.unsqueeze(1)).exp_()
         stats[4].mul_(rescale).add_(e_ref.sum(1))
-        stats[5].mul_(rescale).add_(e_ref.mul_(diff).sum(1))
+        # Row-wise dot product without a second tile-sized temporary (e_ref must survive for write_exp).
+        stats[5].mul_(rescale).add_(torch.einsum("ij,ij->i", e_ref, diff))
         stats[3].copy_(m_ref)
     m_new = torch.maximum(stats[0], z.amax(1))
     stats[1].mul_(torch.exp(stats[0] - m_new)).add_(z.sub_(m_new.unsqueeze(1)).exp_().sum(1))
@@ -458,8 +498,10 @@ def _fold_forward_kernel(
     vocab_start, n_cols,
     BLOCK: tl.constexpr,
     HAS_REF: tl.constexpr,
+    WRITE_EXP: tl.constexpr,
 ):
-    # One program per tile row: one pass over the row in blocks, updating its running statistics in place.
+    # One program per tile row: one pass over the row in blocks, updating its running statistics in place;
+    # with WRITE_EXP a second pass overwrites the row with exp(z - m) (and exp(z_ref - m_ref)), m the new max.
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row) - vocab_start
     m = tl.load(stats_ptr + row)
@@ -496,6 +538,15 @@ def _fold_forward_kernel(
         tl.store(stats_ptr + 3 * stride_stats + row, m_r)
         tl.store(stats_ptr + 4 * stride_stats + row, s_r)
         tl.store(stats_ptr + 5 * stride_stats + row, t)
+    if WRITE_EXP:
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            z = tl.load(z_ptr + row * stride_z + cols, mask=mask, other=0.0)
+            tl.store(z_ptr + row * stride_z + cols, tl.exp(z - m), mask=mask)
+            if HAS_REF:
+                zr = tl.load(zr_ptr + row * stride_zr + cols, mask=mask, other=0.0)
+                tl.store(zr_ptr + row * stride_zr + cols, tl.exp(zr - m_r), mask=mask)
 
 
 def _fold_backward_kernel(
@@ -537,12 +588,12 @@ _FORWARD_BLOCK = 2048   # one program streams its row in 8 KiB float32 blocks
 _BACKWARD_BLOCK = 1024
 
 
-def _triton_fold_forward(z, zr, labels, start, stats):
+def _triton_fold_forward(z, zr, labels, start, stats, write_exp):
     fwd, _ = _kernels()
     n, n_cols = z.shape
     ref = zr if zr is not None else z
     fwd[(n,)](z, ref, z.stride(0), ref.stride(0), labels, stats, stats.stride(0), start, n_cols,
-              BLOCK=min(_FORWARD_BLOCK, triton.next_power_of_2(n_cols)), HAS_REF=zr is not None,
+              BLOCK=min(_FORWARD_BLOCK, triton.next_power_of_2(n_cols)), HAS_REF=zr is not None, WRITE_EXP=write_exp,
               num_warps=8 if n_cols >= 2048 else 4)
 
 
