@@ -19,27 +19,29 @@ needs_gym = pytest.mark.skipif(not _have_reasoning_gym(), reason=f"needs reasoni
 CHAIN = rd.Problem(id="t/0", question="23 + 60 - 71", answer=12, terms=(23, 60, 71), ops=("+", "-"))
 
 
-@pytest.mark.parametrize("answer, correct, step, wrong_text", [
-    ("23 + 60 = 83\n83 - 71 = 12\nAnswer: 12", True, None, None),
-    ("23 + 60 = 84\n84 - 71 = 13\nAnswer: 13", False, 0, "84"),       # wrong result; the next step is right for 84
-    ("23 + 60 = 83\n83 - 71 = 14\nAnswer: 14", False, 1, "14"),       # wrong result in step 2
-    ("23 + 60 = 83\n83 - 17 = 66\nAnswer: 66", False, 1, "17"),       # copied the wrong number
-    ("23 + 60 = 83\n83 + 71 = 154\nAnswer: 154", False, 1, "+"),      # wrong operator
-    ("23 + 60 = 83\n38 - 71 = -33\nAnswer: -33", False, 1, "38"),     # did not carry the result
-    ("23 + 60 = 83\n83 - 71 = 12\nAnswer: 13", False, None, None),    # steps right, answer line wrong: no token
-    ("23 + 60 - 71 = 12\nAnswer: 12", True, None, None),               # the whole chain on one line
-    ("23 + 60 - 71 = 13\nAnswer: 13", False, 0, "13"),
-    ("23 + 60 - 71 - 5 = 7\nAnswer: 7", False, 0, "-"),               # one operation more than the chain has
-    ("23 + 60 = 83\n83 -71 = 12\nAnswer: 12", True, None, None),      # spacing does not matter
+@pytest.mark.parametrize("answer, correct, step, wrong_text, wrong_from", [
+    ("23 + 60 = 83\n83 - 71 = 12\nAnswer: 12", True, None, None, None),
+    ("23 + 60 = 84\n84 - 71 = 13\nAnswer: 13", False, 0, "84", "4\n"),  # wrong result; next step right for 84
+    ("23 + 60 = 83\n83 - 71 = 14\nAnswer: 14", False, 1, "14", "4\n"),  # wrong result in step 2
+    ("23 + 60 = 83\n83 - 17 = 66\nAnswer: 66", False, 1, "17", "17"),    # copied the wrong number
+    ("23 + 60 = 83\n83 + 71 = 154\nAnswer: 154", False, 1, "+", "+"),    # wrong operator
+    ("23 + 60 = 83\n38 - 71 = -33\nAnswer: -33", False, 1, "38", "38"),  # did not carry the result
+    ("23 + 60 = 8\n8 - 71 = -63\nAnswer: -63", False, 0, "8", "\n8 -"), # stopped short: the newline is wrong
+    ("23 + 60 = 83\n83 - 71 = 12\nAnswer: 13", False, None, None, None), # steps right, answer wrong: no token
+    ("23 + 60 - 71 = 12\nAnswer: 12", True, None, None, None),            # the whole chain on one line
+    ("23 + 60 - 71 = 13\nAnswer: 13", False, 0, "13", "3\n"),
+    ("23 + 60 - 71 - 5 = 7\nAnswer: 7", False, 0, "-", "- 5"),           # one operation more than the chain has
+    ("23 + 60 = 83\n83 -71 = 12\nAnswer: 12", True, None, None, None),   # spacing does not matter
 ])
-def test_check_chain_finds_the_first_locally_wrong_field(answer, correct, step, wrong_text):
+def test_check_chain_finds_the_first_locally_wrong_field(answer, correct, step, wrong_text, wrong_from):
     check = rd.check_chain(CHAIN, answer)
     assert check.correct is correct and check.first_wrong_step == step
     if wrong_text is None:
-        assert check.error_span is None
+        assert check.error_span is None and check.first_wrong_char is None
     else:
         start, end = check.error_span
         assert answer[start:end] == wrong_text
+        assert answer[check.first_wrong_char:].startswith(wrong_from)
         assert answer[:start].count("\n") == step  # on the line of that step
         if wrong_text == "-":
             assert start == answer.rindex("-")

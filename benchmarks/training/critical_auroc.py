@@ -7,9 +7,11 @@ anything is tuned: tuning problems (generator seed S) give the samples the two c
 trained on (all distinct correct answers -> positive, all distinct wrong ones -> negative, per problem);
 evaluation problems (seed S + 10^6, questions that also occur in tuning dropped) give the wrong answers scored.
 
-For each wrong evaluation answer whose first wrong step was located, the tokens of the first wrong field of
-that step (e.g. the digits of a wrong result) are the positives, the tokens before it (the correct prefix of
-the answer) the negatives; later tokens are left out (they may be consequences of the error). Token scores:
+For each wrong evaluation answer whose first wrong step was located, two labellings: ``first``: the one
+token holding the first wrong character (``83`` written as ``84``: the token of ``4``) is the positive;
+``field``: every token of the first wrong field (the whole wrong number) is positive. The tokens before the
+positive(s) (the correct prefix of the answer) are the negatives; later tokens are left out (they may be
+consequences of the error). Token scores:
 - critical: cDPO's rejected weight 1 - s_t, s_t = softmax((1+b) log p_pos - b log p_neg)[y_t];
 - -log p: the base model's surprisal of the token; entropy: the base model's predictive entropy there;
 - uniform: every token the same weight (DPO), AUROC 0.5 by construction.
@@ -56,24 +58,25 @@ def auroc(positives: list[float], negatives: list[float]) -> float:
     return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def token_labels(tokenizer, prompt: str, answer: str, span: tuple[int, int]) -> tuple[list[int], list[int], list[int]]:
-    """(prompt ids, completion ids, label per completion token: 1 error, 0 correct prefix, -1 left out)."""
+def token_labels(tokenizer, prompt: str, answer: str, check) -> tuple[list[int], list[int], dict[str, list[int]]]:
+    """(prompt ids, completion ids, labels per completion token) for two definitions of the mistake:
+    ``field``: the tokens of the first wrong field (a whole wrong number) are 1, the tokens before it 0;
+    ``first``: the one token holding the first wrong character is 1, the tokens before it 0. -1: left out."""
     prompt_ids, completion_ids = ct.encode_completion(tokenizer, prompt, answer)
     text = prompt + answer + (tokenizer.eos_token or "")
     encoded = tokenizer(text, return_offsets_mapping=True)
     assert encoded["input_ids"][: len(prompt_ids) + len(completion_ids)] == prompt_ids + completion_ids
     offsets = encoded["offset_mapping"][len(prompt_ids): len(prompt_ids) + len(completion_ids)]
-    start, end = span[0] + len(prompt), span[1] + len(prompt)
-    labels = []
+    start, end = check.error_span[0] + len(prompt), check.error_span[1] + len(prompt)
+    char = check.first_wrong_char + len(prompt)
+    labels = {"field": [], "first": []}
     for a, b in offsets:
         if b <= a or a >= len(prompt) + len(answer):
-            labels.append(-1)  # EOS and zero-width tokens
-        elif a < end and b > start:
-            labels.append(1)
-        elif b <= start:
-            labels.append(0)
-        else:
-            labels.append(-1)
+            labels["field"].append(-1)  # EOS and zero-width tokens
+            labels["first"].append(-1)
+            continue
+        labels["field"].append(1 if a < end and b > start else 0 if b <= start else -1)
+        labels["first"].append(1 if a <= char < b else 0 if b <= char else -1)
     return prompt_ids, completion_ids, labels
 
 
@@ -101,22 +104,28 @@ def score_answers(model, tokenizer, positive, negative, items, b: float, batch_s
 METHODS = ("critical", "-log p", "entropy", "uniform")
 
 
-def summarise(results, seed: int = 0, resamples: int = 1000) -> dict:
-    def pooled(answers, method):
-        pos = [v for a in answers for v, l in zip(a[method], a["labels"]) if l == 1]
-        neg = [v for a in answers for v, l in zip(a[method], a["labels"]) if l == 0]
-        return auroc(pos, neg)
+def summarise(results, key: str, seed: int = 0, resamples: int = 1000) -> dict:
+    """AUROC of each method against the ``key`` labels: pooled (with a bootstrap interval over answers) and
+    the mean over answers."""
+    answers = [a for a in results if 1 in a["labels"][key] and 0 in a["labels"][key]]
 
-    out = {"answers": len(results), "positive_tokens": sum(l == 1 for a in results for l in a["labels"]),
-           "negative_tokens": sum(l == 0 for a in results for l in a["labels"])}
+    def split(answer, method):
+        labels = answer["labels"][key]
+        return ([v for v, l in zip(answer[method], labels) if l == 1],
+                [v for v, l in zip(answer[method], labels) if l == 0])
+
+    def pooled(group, method):
+        parts = [split(a, method) for a in group]
+        return auroc([v for p, _ in parts for v in p], [v for _, n in parts for v in n])
+
+    out = {"answers": len(answers), "positive_tokens": sum(l == 1 for a in answers for l in a["labels"][key]),
+           "negative_tokens": sum(l == 0 for a in answers for l in a["labels"][key])}
     rng = random.Random(seed)
     for method in METHODS:
-        boot = sorted(pooled([results[rng.randrange(len(results))] for _ in results], method)
+        boot = sorted(pooled([answers[rng.randrange(len(answers))] for _ in answers], method)
                       for _ in range(resamples))
-        per_answer = [auroc([v for v, l in zip(a[method], a["labels"]) if l == 1],
-                            [v for v, l in zip(a[method], a["labels"]) if l == 0]) for a in results]
-        per_answer = [x for x in per_answer if x == x]
-        out[method] = {"auroc": round(pooled(results, method), 4),
+        per_answer = [auroc(*split(a, method)) for a in answers]
+        out[method] = {"auroc": round(pooled(answers, method), 4),
                        "ci95": [round(boot[int(0.025 * resamples)], 4), round(boot[int(0.975 * resamples) - 1], 4)],
                        "per_answer_mean": round(sum(per_answer) / max(1, len(per_answer)), 4)}
     return out
@@ -130,9 +139,7 @@ def located(problems, samples, tokenizer):
             check = rd.check_chain(problem, answer)
             if check.correct or check.error_span is None:
                 continue
-            p, c, labels = token_labels(tokenizer, rd.prompt_for(problem), answer, check.error_span)
-            if 1 in labels and 0 in labels:
-                items.append((p, c, labels))
+            items.append(token_labels(tokenizer, rd.prompt_for(problem), answer, check))
     return items
 
 
@@ -154,6 +161,10 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (on a shared machine more threads were slower: contention)")
     parser.add_argument("--out", type=Path, help="write the results (JSON) here")
+    parser.add_argument("--max-scored", type=int, default=300,
+                        help="score at most this many wrong evaluation answers (a third of it in-sample)")
+    parser.add_argument("--samples-file", type=Path,
+                        help="sampled answers: read them from this JSON file if it exists, else write them to it")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:  # the commit the run starts from (the tree may move on while it runs)
@@ -168,8 +179,13 @@ def main(argv=None) -> int:
                                          n_evaluation=args.n_evaluation, seed=args.seed, min_terms=args.terms,
                                          max_terms=args.terms, max_digits=args.digits)
     t = time.perf_counter()
-    samples = rd.sample_answers(model, tokenizer, tuning + evaluation, n_samples=args.samples,
-                                temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if args.samples_file and args.samples_file.exists():  # reuse the answers of an earlier run (same settings)
+        samples = json.loads(args.samples_file.read_text())
+    else:
+        samples = rd.sample_answers(model, tokenizer, tuning + evaluation, n_samples=args.samples,
+                                    temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        if args.samples_file:
+            args.samples_file.write_text(json.dumps(samples))
     timings["sampling_s"] = round(time.perf_counter() - t, 1)
 
     def accuracy(problems):
@@ -186,14 +202,18 @@ def main(argv=None) -> int:
     timings["adapters_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
     report = {}
-    for name, problems in (("evaluation", evaluation), ("tuning (in-sample)", tuning)):
+    for name, problems, cap in (("evaluation", evaluation, args.max_scored),
+                                ("tuning (in-sample)", tuning, args.max_scored // 3)):
         items = located(problems, samples, tokenizer)
-        report[name] = summarise(score_answers(model, tokenizer, positive, negative, items, args.b), seed=args.seed)
+        if len(items) > cap:  # a fixed random subset keeps the scoring to CPU minutes
+            items = random.Random(args.seed).sample(items, cap)
+        scored = score_answers(model, tokenizer, positive, negative, items, args.b)
+        report[name] = {key: summarise(scored, key, seed=args.seed) for key in ("first", "field")}
     timings["scoring_s"] = round(time.perf_counter() - t, 1)
     timings["total_s"] = round(time.perf_counter() - started, 1)
     result = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "machine": machine_line(describe_machine()),
               "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-              "settings": vars(args) | {"out": str(args.out) if args.out else None},
+              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "problems": {"tuning": len(tuning), "evaluation": len(evaluation)},
               "sample_accuracy": {"tuning": accuracy(tuning), "evaluation": accuracy(evaluation)},
               "adapter_training_answers": {"correct": len(correct), "wrong": len(wrong)},

@@ -88,8 +88,9 @@ class ChainCheck:
 
     ``first_wrong_step`` is the index of the first step that deviates from the correct computation of the
     chain (a wrong operand or operator, or a wrong result for its own operands), and ``error_span`` the
-    characters of the first wrong field of that step. Both are None when every step is right; a missing or
-    extra step after correct ones leaves them None too (there is no wrong token to point at).
+    characters of the first wrong field of that step, ``first_wrong_char`` the first wrong character in it.
+    All are None when every step is right; a missing or extra step after correct ones leaves them None too
+    (there is no wrong token to point at).
     """
 
     steps: tuple[Step, ...]
@@ -97,6 +98,9 @@ class ChainCheck:
     correct: bool
     first_wrong_step: int | None
     error_span: tuple[int, int] | None
+    #: the first character where the answer's text departs from the correct text of that field (``83`` written
+    #: as ``84``: the ``4``); the end of the field when what is written is a prefix of the correct number
+    first_wrong_char: int | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,7 +232,7 @@ def check_chain(problem: Problem, answer: str) -> ChainCheck:
     if not problem.terms:
         raise ValueError(f"{problem.id}: check_chain needs an arithmetic chain; word problems have no step list")
     steps = [_parse_step(match) for match in _STEP.finditer(answer)]
-    first, span = None, None
+    first, span, char = None, None, None
     previous, position = problem.terms[0], 0  # position: operations of the chain done so far
     for index, step in enumerate(steps):
         if position >= len(problem.ops):
@@ -243,14 +247,17 @@ def check_chain(problem: Problem, answer: str) -> ChainCheck:
             else:
                 expected += [None, None]  # more operations than the chain has: wrong from here
         expected.append(value)
-        wrong = next(((name, where) for (name, actual, where), want in zip(step.fields, expected) if actual != want),
-                     None)
+        wrong = next(((actual, want, where) for (_, actual, where), want in zip(step.fields, expected)
+                      if actual != want), None)
         if wrong is not None:
-            first, span = index, wrong[1]
+            actual, want, span = wrong
+            written, correct = str(actual), "" if want is None else str(want)
+            same = next((i for i, (a, b) in enumerate(zip(written, correct)) if a != b), min(len(written), len(correct)))
+            first, char = index, span[0] + same
             break
         previous, position = step.result, position + len(step.ops)
     final = _final(answer)
-    return ChainCheck(tuple(steps), final, final == problem.answer, first, span)
+    return ChainCheck(tuple(steps), final, final == problem.answer, first, span, char)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -363,7 +363,11 @@ def _train_one(model, tokenizer, pairs, targets: list[str], *, r: int, alpha: fl
                batch_size: int, seed: int, desc: str, progress: bool) -> dict[str, torch.Tensor]:
     """Train one LoRA adapter on ``pairs`` (NLL of the completion tokens) and return its state dict with
     module paths relative to ``model``; the model is returned to exactly its previous state."""
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    try:
+        from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    except ImportError as exc:
+        raise CriticalTokensError(f"training the contrastive adapters needs peft ({exc}); install it with "
+                                  "'pip install peft' (scoring with trained adapters does not)") from None
 
     encoded = [encode_completion(tokenizer, p, a) for p, a in pairs]
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
