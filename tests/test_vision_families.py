@@ -14,6 +14,8 @@ from hfpatch.techniques.vision.families import glue_for
 QWEN_IMAGE, QWEN_START, QWEN_END = 120, 122, 123
 NEW = 5
 SELECTORS = ["hiprune", "divprune", "random_prune"]
+#: selectors whose choice for a row does not depend on the other rows (random_prune draws images in batch order)
+DETERMINISTIC = ["hiprune", "divprune"]
 
 
 def recipe(kind: str, **params) -> dict:
@@ -132,7 +134,7 @@ def gemma3_row(seed: int, text=(6, 7)):
     return {"input_ids": ids, "pixel_values": torch.randn(1, 3, 28, 28, generator=generator)}
 
 
-@pytest.mark.parametrize("technique", SELECTORS)
+@pytest.mark.parametrize("technique", DETERMINISTIC)
 def test_gemma3_padded_batch_rows_equal_their_single_runs(technique):
     model = tiny_model("gemma3")
     rows = [gemma3_row(1, text=(6, 7, 8, 9)), gemma3_row(2, text=(9,))]
@@ -185,3 +187,66 @@ def test_qwen_plain_decode_loop_continues_m_rope_positions():
             mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], 1)
             out = model(input_ids=token[:, None], attention_mask=mask, **{compat.cache_kwarg(model): cache})
     assert tokens == expected
+
+
+def idefics_row(seed: int, crops: int = 2, text=(6, 7)):
+    """One prompt with `crops` crops of 4 tokens each, every crop between two marker tokens (as the processor
+    writes an image split into crops)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = [1, 5]
+    for _ in range(crops):
+        ids += [125] + [127] * 4 + [126]
+    ids = torch.tensor([ids + list(text)])
+    return {"input_ids": ids, "pixel_values": torch.randn(1, crops, 3, 28, 28, generator=generator)}
+
+
+@pytest.mark.parametrize("kind", ["idefics3", "smolvlm"])
+@pytest.mark.parametrize("technique", DETERMINISTIC)
+def test_idefics3_padded_batch_rows_equal_their_single_runs(kind, technique):
+    model = tiny_model(kind)
+    rows = [idefics_row(1, crops=2, text=(6, 7, 8, 9)), idefics_row(2, crops=2, text=(9,))]
+    with hfpatch.patch(model, recipe(technique, budget=3)) as handle:
+        singles = [model.generate(**row, max_new_tokens=NEW, do_sample=False)[0, row["input_ids"].shape[1]:]
+                   for row in rows]
+        width = rows[0]["input_ids"].shape[1]
+        ids = torch.stack([torch.cat([torch.zeros(width - r["input_ids"].shape[1], dtype=torch.long), r["input_ids"][0]])
+                           for r in rows])
+        batch = {"input_ids": ids, "attention_mask": (ids != 0).long(),
+                 "pixel_values": torch.cat([r["pixel_values"] for r in rows])}
+        out = model.generate(**batch, max_new_tokens=NEW, do_sample=False)
+        stats = handle.stats[technique]
+    # one entry per row: its two crops (8 tokens) share the budget of 3
+    assert stats["pruned"] and [(image["tokens"], image["kept"]) for image in stats["images"]] == [(8, 3), (8, 3)]
+    for row, single in enumerate(singles):
+        assert out[row, width:].tolist() == single.tolist()
+
+
+def test_idefics3_full_budget_identity_and_shuffled_sources():
+    model = tiny_model("idefics3")
+    inputs = idefics_row(3)
+    logits = model(**inputs).logits
+    with hfpatch.patch(model, recipe("hiprune", budget=8)):
+        torch.testing.assert_close(model(**inputs).logits, logits, rtol=0, atol=1e-5)
+    outputs = model.model.get_image_features(inputs["pixel_values"], return_dict=True)
+    (layout,) = glue_for(model).describe(model, {}, outputs).layouts
+    assert [segment.grid for segment in layout.segments] == [(2, 2), (2, 2)]
+    # pixel shuffle: token 0 of crop 0 reads patches 0, 1, 4, 5; token 1 of crop 1 reads 16 + (2, 3, 6, 7)
+    assert layout.source[0].tolist() == [0, 1, 4, 5] and layout.source[5].tolist() == [18, 19, 22, 23]
+
+
+@pytest.mark.parametrize("kind", ["idefics3", "smolvlm"])
+def test_fastv_on_idefics3_padded_batch(kind):
+    model = tiny_model(kind)
+    rows = [idefics_row(1, crops=2, text=(6, 7, 8, 9)), idefics_row(2, crops=2, text=(9,))]
+    with hfpatch.patch(model, recipe("fastv", budget=1, layer=1)) as handle:
+        singles = [model.generate(**row, max_new_tokens=NEW, do_sample=False)[0, row["input_ids"].shape[1]:]
+                   for row in rows]
+        width = rows[0]["input_ids"].shape[1]
+        ids = torch.stack([torch.cat([torch.zeros(width - r["input_ids"].shape[1], dtype=torch.long), r["input_ids"][0]])
+                           for r in rows])
+        out = model.generate(input_ids=ids, attention_mask=(ids != 0).long(),
+                             pixel_values=torch.cat([r["pixel_values"] for r in rows]), max_new_tokens=NEW, do_sample=False)
+        # each crop is its own run of image tokens, so FastV keeps the budget per crop
+        assert handle.stats["fastv"]["kept_visual_tokens"] == [2, 2]
+    for row, single in enumerate(singles):
+        assert out[row, width:].tolist() == single.tolist()

@@ -29,7 +29,7 @@ def _text_config(kind: str):
 
 
 TEXT_KINDS = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gpt2")
-VLM_KINDS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "gemma3")
+VLM_KINDS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "smolvlm")
 ALL_KINDS = TEXT_KINDS + VLM_KINDS
 
 
@@ -54,6 +54,13 @@ def tiny_config(kind: str):
         return transformers.Gemma3Config(text_config=_text_config("gemma3_text"), vision_config=vision,
                                          mm_tokens_per_image=4, image_token_id=127, boi_token_id=125,
                                          eoi_token_id=126)
+    if kind in ("idefics3", "smolvlm"):
+        # 4x4 patches per 28x28 crop, pixel-shuffled (scale 2) into 4 tokens per crop
+        vision_cls = transformers.Idefics3VisionConfig if kind == "idefics3" else transformers.SmolVLMVisionConfig
+        cls = transformers.Idefics3Config if kind == "idefics3" else transformers.SmolVLMConfig
+        vision = vision_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=28, patch_size=7)
+        return cls(vision_config=vision, text_config=_text_config("llama"), scale_factor=2, image_token_id=127)
     if kind in ("qwen2_vl", "qwen2_5_vl"):
         cls = transformers.Qwen2VLConfig if kind == "qwen2_vl" else transformers.Qwen2_5_VLConfig
         text = dict(_TEXT, rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0})

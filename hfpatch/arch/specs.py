@@ -36,6 +36,13 @@ _QWEN_VL = ArchSpec(
     projector="model.visual.merger", vision_sub_config="vision_config",
 )
 
+_IDEFICS3 = ArchSpec(  # Idefics3 and SmolVLM: a SigLIP tower, a pixel-shuffle connector and a Llama-like text model
+    family="vlm", language_model="model.text_model", layers="layers", attention="self_attn",
+    embed_tokens="embed_tokens", final_norm="norm", text_sub_config="text_config",
+    vision_tower="model.vision_model", vision_layers="encoder.layers", vision_attention="self_attn",
+    projector="model.connector", vision_sub_config="vision_config",
+)
+
 SPECS: dict[str, ArchSpec] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
@@ -65,6 +72,8 @@ SPECS: dict[str, ArchSpec] = {
         vision_tower="model.vision_tower", vision_layers="encoder.layers", vision_attention="self_attn",
         projector="model.multi_modal_projector", vision_sub_config="vision_config",
     ),
+    "idefics3": _IDEFICS3,
+    "smolvlm": _IDEFICS3,
     "qwen2_vl": _QWEN_VL,
     "qwen2_5_vl": _QWEN_VL,
 }

@@ -489,6 +489,65 @@ class Gemma3Glue(FamilyGlue):
         return embeds.masked_scatter(mask, stacked), mask[..., 0]
 
 
+class Idefics3Glue(FamilyGlue):
+    """Idefics3 / SmolVLM: each image is cut into crops (plus a downscaled global view); a crop's `p x p` SigLIP
+    patch tokens are pixel-shuffled (scale s) into a `(p/s) x (p/s)` grid of tokens, each from an `s x s` block
+    of tower tokens. The feature function returns one tensor per batch row (all its crops), so a row's crops are
+    one entry here with one grid segment per crop: the budget is per row's images together (per image when
+    each prompt has one image), shared among the crops in proportion to their size. The row/column marker
+    tokens around each crop are text and always kept."""
+
+    model_types = ("idefics3", "smolvlm")
+    vision_inputs = ("pixel_values", "pixel_attention_mask")
+
+    def vision_tower(self, model):
+        return model.model.vision_model
+
+    def deep_layer(self, model) -> int:
+        return len(self.vision_layers(model)) - 1  # the connector reads the tower's last hidden state
+
+    def encode(self, model, inputs):
+        return model.model.get_image_features(inputs["pixel_values"], inputs.get("pixel_attention_mask"),
+                                              return_dict=True)
+
+    def describe(self, model, arguments, outputs):
+        inner = model.model
+        vision = model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        tower_tokens = side * side
+        scale = inner.connector.scale_factor
+        # which tower tokens each shuffled token is made of: the connector's own shuffle run on token indices
+        order = torch.arange(tower_tokens, dtype=torch.float64).view(1, tower_tokens, 1)
+        shuffled = inner.connector.pixel_shuffle(order, scale)[0].round().long()  # [tower_tokens / s^2, s^2]
+        per_crop = shuffled.shape[0]
+        grid = (side // scale, side // scale)
+        features = list(outputs.pooler_output)
+        layouts, crop = [], 0
+        for row_features in features:
+            crops = row_features.shape[0] // per_crop
+            segments = [Segment(torch.arange(c * per_crop, (c + 1) * per_crop), grid) for c in range(crops)]
+            source = torch.cat([shuffled + (crop + c) * tower_tokens for c in range(crops)]) if crops else \
+                torch.zeros(0, scale * scale, dtype=torch.long)
+            layouts.append(ImageLayout(num_tokens=crops * per_crop, segments=segments,
+                                       fixed=torch.zeros(0, dtype=torch.long), source=source))
+            crop += crops
+        return EncodedImages(features, layouts, outputs, tower_tokens)
+
+    def merge(self, model, inputs, features):
+        inner = model.model
+        input_ids = inputs.get("input_ids")
+        embeds = inputs.get("inputs_embeds")
+        if embeds is None:
+            embeds = inner.get_input_embeddings()(input_ids)
+        stacked = torch.cat(features, dim=0).to(embeds.device, embeds.dtype)
+        # both models scatter the features over the image tokens (Idefics3's inputs_merger, SmolVLM's forward)
+        placeholder = input_ids == model.config.image_token_id
+        if int(placeholder.sum()) != stacked.shape[0]:
+            raise ValueError(f"{model.config.model_type}: {int(placeholder.sum())} image tokens in input_ids but "
+                             f"{stacked.shape[0]} image features")
+        return embeds.masked_scatter(placeholder.unsqueeze(-1).to(embeds.device), stacked), placeholder
+
+
 _GLUE: dict[str, FamilyGlue] = {}
 
 
@@ -503,6 +562,7 @@ register_glue(LlavaGlue())
 register_glue(LlavaNextGlue())
 register_glue(QwenVLGlue())
 register_glue(Gemma3Glue())
+register_glue(Idefics3Glue())
 
 
 def supported_model_types() -> frozenset[str]:

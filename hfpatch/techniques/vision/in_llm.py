@@ -43,7 +43,7 @@ SUPPORTED_IMPLEMENTATIONS = (None, "eager", "sdpa")
 
 
 #: VLM types whose language model the pruner has been tested on (tiny models of each in tests)
-IN_LLM_MODEL_TYPES = frozenset({"llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "gemma3"})
+IN_LLM_MODEL_TYPES = frozenset({"llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "smolvlm"})
 
 
 def visual_token_ids(model) -> tuple[int, ...]:
