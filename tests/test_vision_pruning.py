@@ -543,3 +543,16 @@ def test_an_object_layer_beyond_the_tower_is_refused_and_the_model_restored():
     with pytest.raises(hfpatch.errors.PatchError, match="object_layer=5 but the vision tower has 2 layers"):
         hfpatch.patch(model, recipe("hiprune", budget=2, object_layer=5))
     assert hfpatch.active_patches(model) == [] and "forward" not in vars(model.model)
+
+
+def test_a_llava_with_a_pixtral_tower_is_refused():
+    import transformers
+
+    from tiny_models import _text_config
+
+    vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                              num_attention_heads=4, image_size=28, patch_size=14, head_dim=8)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=_text_config("llama"), image_token_id=127)
+    model = tiny_model("llava", config=config)
+    with pytest.raises(UnsupportedModelError, match="Pixtral vision tower"):
+        hfpatch.patch(model, recipe("divprune", budget=2))

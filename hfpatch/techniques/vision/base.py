@@ -249,9 +249,11 @@ class VisionPruningTechnique(Technique):
         if not ok:
             return ok, reason
         try:
-            glue_for(model)
+            problem = glue_for(model).problem(model)
         except UnsupportedModelError as exc:
             return False, str(exc)
+        if problem:
+            return False, f"{self.name} cannot patch this {type(model).__name__}: {problem}"
         if self.needs_attention_scores:
             impl = compat.attn_implementation(model.config.vision_config)
             if impl not in (None, "sdpa", "eager"):

@@ -118,6 +118,10 @@ class FamilyGlue:
     #: the key of the images in `mm_encoder_outputs`
     modality: ClassVar[str] = "image"
 
+    def problem(self, model) -> str | None:
+        """Why this glue cannot serve this particular model of its type (None when it can); checked at patch time."""
+        return None
+
     # --- the vision tower ------------------------------------------------------------------------------
     def inner(self, model) -> torch.nn.Module:
         """The module whose `forward` merges image features into the text sequence and runs the language model
@@ -226,6 +230,15 @@ class LlavaGlue(FamilyGlue):
 
     def vision_tower(self, model):
         return model.model.vision_tower
+
+    def problem(self, model):
+        vision = model.config.vision_config
+        if getattr(vision, "model_type", None) == "pixtral" and type(self) is LlavaGlue:
+            return ("its Pixtral vision tower encodes each image at its own resolution (no fixed patch grid), which "
+                    "the pruning techniques do not support yet")
+        if not getattr(vision, "image_size", None) or not getattr(vision, "patch_size", None):
+            return "its vision config has no image_size / patch_size, so the patch grid is unknown"
+        return None
 
     def _options(self, model, inputs):
         config = model.config
