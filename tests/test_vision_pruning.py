@@ -556,3 +556,15 @@ def test_a_llava_with_a_pixtral_tower_is_refused():
     model = tiny_model("llava", config=config)
     with pytest.raises(UnsupportedModelError, match="Pixtral vision tower"):
         hfpatch.patch(model, recipe("divprune", budget=2))
+
+
+def test_unpadded_rows_with_different_image_counts_are_repadded_after_pruning():
+    # both rows 13 tokens (no padding, so generate drops the all-ones mask); row 0 has two images, row 1 one:
+    # pruned, row 1 is shorter and gets left padding and a mask the decode steps keep using
+    def inputs_fn(model):
+        inputs = llava_inputs(model, (2, 1), (2, 12))
+        assert inputs["attention_mask"].all()
+        return inputs
+
+    _, stats = assert_generate_matches_reference("llava", "hiprune", inputs_fn, budget=1)
+    assert stats["sequence_length_before"] == 13 and stats["sequence_length_after"] == 13 - 3  # row 1's length
