@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import types
+import warnings
 import weakref
 from collections import defaultdict
 from typing import Any, ClassVar
 
 import torch
+from packaging.specifiers import SpecifierSet
 
 from ... import arch, compat, primitives
 from ...technique import Technique
@@ -170,9 +172,10 @@ def _gathered_mean(trainer, values: torch.Tensor) -> float:
 class TrainerTechnique(Technique):
     """Base class of techniques that replace a trainer's loss (`target = "trainer"`).
 
-    Subclasses implement `loss(trainer, model, batch) -> (scalar loss, {metric: tensor of per-pair or per-token
-    values})`, using `token_logps` / `reference_token_logps` (or the `*_logprobs` full-distribution pair), and may
-    declare dataset columns they need (`dataset_columns`) with a collator wrapper (`wrap_collator`).
+    Subclasses implement `loss(trainer, model, batch) -> (scalar loss, {metric: tensor with one value per pair})`,
+    using `token_values` (per-token log-probs of policy and reference, and the sequential KL on request), and may
+    declare dataset columns they need (`dataset_columns`) with a collator wrapper (`wrap_collator`). Their Params
+    have a `kernel` field (use the fused linear log-prob kernel where it serves the model).
     """
 
     target: ClassVar[str] = "trainer"
@@ -219,6 +222,11 @@ class TrainerTechnique(Technique):
         if self._is_trl:
             version = compat.trl_version()
             self._info["trl"] = str(version)
+            if version is not None and version not in SpecifierSet(",".join(compat.TESTED_TRL)):
+                # the loss reads TRL's batch layout and fused head; a TRL outside the tested range may differ
+                warnings.warn(f"{self.name} was tested with TRL {','.join(compat.TESTED_TRL)}; you have {version}. "
+                              "It may still work; the loss identities in tests/test_token_dpo.py check it",
+                              stacklevel=3)
         if getattr(trainer, "ref_model", None) is not None:
             self._info["reference"] = "trainer.ref_model"
         elif "ref" in getattr(trainer.model, "peft_config", {}):
