@@ -371,3 +371,19 @@ def test_several_images_per_prompt_keep_budget_each():
     # one survivor in each image's span (positions 2-5 and 7-10), every text token kept
     assert sum(2 <= p <= 5 for p in keep) == 1 and sum(7 <= p <= 10 for p in keep) == 1
     assert {0, 1, 6, 11, 12} <= set(keep)
+
+
+def test_deep_copy_of_a_fastv_model_prunes_on_its_own():
+    import copy
+
+    model = tiny_model("llava")
+    inputs = llava_inputs(seed=7)
+    handle = hfpatch.patch(model, recipe(budget=1, layer=1))
+    expected = generate(model, inputs)
+    assert handle.stats["fastv"]["decoder_prefill_seconds"] > 0
+    twin = copy.deepcopy(model)
+    assert generate(twin, inputs).tolist() == expected.tolist()
+    (twin_handle,) = hfpatch.active_patches(twin)
+    assert twin_handle.stats["fastv"]["kept_visual_tokens"] == [1]
+    handle.unpatch()  # the copy keeps its own patch
+    assert generate(twin, inputs).tolist() == expected.tolist()

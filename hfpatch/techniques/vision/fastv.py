@@ -7,8 +7,9 @@ quarter of LLaVA-1.5's 576 tokens. The scores come from the language model's own
 K-1 (its queries and keys, no extra forward); the decoder keeps running its own sdpa or eager attention.
 
 The machinery (hidden states, per-layer masks and KV caches of the later layers) is `in_llm.InLLMPruner`.
-Statistics: `visual_tokens` and `kept_visual_tokens` per row, the pruning `layer`, the sequence length
-before and after, or `reason` when a call was not pruned.
+Statistics of the last prefill: `visual_tokens` and `kept_visual_tokens` per row, the pruning `layer`, the
+sequence length before and after (`dead_slots`: kept only to keep rows equally long), the decoder's prefill
+wall time (`decoder_prefill_seconds`), or `reason` when a call was not pruned.
 """
 from __future__ import annotations
 

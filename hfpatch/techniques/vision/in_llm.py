@@ -29,6 +29,7 @@ result is what it would be alone. Decode steps then attend to `kept + new` posit
 from __future__ import annotations
 
 import dataclasses
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -207,6 +208,7 @@ class InLLMPruner:
         self.stats: dict[str, Any] = {}
         self._visual: torch.Tensor | None = None
         self._valid: torch.Tensor | None = None
+        self._prefill_start: float | None = None
         self._call: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------------
@@ -259,6 +261,7 @@ class InLLMPruner:
     def reset(self) -> None:
         """Forget the sequence in progress (patch removal, or a new sequence)."""
         self.event = None
+        self._prefill_start = None
         self._visual = self._valid = None
         self._call = {}
 
@@ -293,6 +296,7 @@ class InLLMPruner:
 
     def _start_prefill(self, batch: int, length: int, cache) -> None:
         self.event = None
+        self._prefill_start = time.perf_counter()
         visual, valid = self._visual, self._valid
         self.stats = {"pruned": False, "sequence_length": length}
         reason = None
@@ -471,6 +475,12 @@ class InLLMPruner:
     # the output at full length
 
     def _last_layer_hook(self, module, args, kwargs, output):
+        start, self._prefill_start = self._prefill_start, None
+        if start is not None:  # the decoder part of a prefill (layer 0 to the last layer), pruned or not
+            hidden = output[0] if isinstance(output, tuple) else output
+            if hidden.is_cuda:
+                torch.cuda.synchronize(hidden.device)
+            self.stats["decoder_prefill_seconds"] = time.perf_counter() - start
         full = self._call.get("full_hidden")
         event = self.event
         if full is None or event is None:
