@@ -254,3 +254,31 @@ def test_a_payload_tensor_that_is_not_an_adapter_factor_is_refused():
     with pytest.raises(hfpatch.errors.RecipeError, match="dimensions"):
         hfpatch.Recipe([{"type": "token_dpo", "weights": "critical"}],
                        tensors={"token_dpo/positive/model.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(2, 2, 2)})
+
+
+@pytest.mark.parametrize("truncation_mode", ["keep_start", "keep_end"])
+def test_weight_collator_truncates_and_pads_weights_with_the_tokens(truncation_mode):
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from hfpatch.techniques.training.base import TokenWeightCollator
+
+    inner = DataCollatorForPreference(pad_token_id=0, max_length=6, truncation_mode=truncation_mode)
+    collator = TokenWeightCollator(inner, rejected_column="rw", chosen_column="cw", truncation_mode=truncation_mode)
+    examples = [
+        {"prompt_ids": [5, 6], "chosen_ids": [7, 8], "rejected_ids": [9, 10, 11, 12, 13, 14, 15], "cw": [0.5, 0.25],
+         "rw": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]},
+        {"prompt_ids": [5, 6, 7], "chosen_ids": [8], "rejected_ids": [9, 10], "cw": [2.0], "rw": [0.7, 0.8]},
+    ]
+    batch = collator(examples)
+    weights, mask = batch[WEIGHTS_KEY], batch["completion_mask"].bool()
+    assert weights.shape == batch["input_ids"].shape
+    assert weights[0][mask[0]].tolist() == [0.5, 0.25] and weights[1][mask[1]].tolist() == [2.0]
+    # the first rejected sequence (2 + 7 tokens) is cut to 6: keep_start keeps the prompt and the first 4
+    # completion tokens, keep_end the last 6 completion tokens
+    kept = [0.1, 0.2, 0.3, 0.4] if truncation_mode == "keep_start" else [0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+    assert weights[2][mask[2]].tolist() == pytest.approx(kept)
+    assert weights[3][mask[3]].tolist() == pytest.approx([0.7, 0.8])
+    assert torch.all(weights[~mask] == 1.0)
+    assert "rw" in examples[0]  # the caller's examples are not changed
+    with pytest.raises(ValueError, match="3 values in 'rw' but 2 tokens in 'rejected_ids'"):
+        collator([dict(examples[1], rw=[0.1, 0.2, 0.3])])
