@@ -568,3 +568,17 @@ def test_unpadded_rows_with_different_image_counts_are_repadded_after_pruning():
 
     _, stats = assert_generate_matches_reference("llava", "hiprune", inputs_fn, budget=1)
     assert stats["sequence_length_before"] == 13 and stats["sequence_length_after"] == 13 - 3  # row 1's length
+
+
+def test_a_static_cache_falls_back_with_a_reason():
+    model = tiny_model("llava")
+    inputs = llava_inputs(model)
+    expected = model.generate(**inputs, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    handle = hfpatch.patch(model, recipe("hiprune", budget=1))
+    got = model.generate(**inputs, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    assert torch.equal(got, expected)
+    assert not handle.stats["hiprune"]["pruned"] and "StaticCache" in handle.stats["hiprune"]["fallback"]
+    with torch.no_grad():  # a 4-D mask given to a forward
+        mask4d = torch.zeros(2, 1, inputs["input_ids"].shape[1], inputs["input_ids"].shape[1])
+        model(**dict(inputs, attention_mask=mask4d))
+    assert "4-D" in handle.stats["hiprune"]["fallback"]

@@ -163,6 +163,17 @@ def _current_images(encoded: EncodedImages | None, outputs) -> tuple[EncodedImag
                                numbers=numbers), None
 
 
+def _unprunable_call(inputs: dict[str, Any], cache) -> str | None:
+    """Why a prefill cannot be pruned whatever the images (None when it can)."""
+    if getattr(cache, "is_compileable", False):
+        return (f"a {type(cache).__name__} (a static, compileable cache) gets masks built for the unpruned sequence "
+                "at every step; the call was not pruned (use the default dynamic cache)")
+    mask = inputs.get("attention_mask")
+    if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        return "the attention mask is not a 2-D padding mask (a prepared 4-D mask cannot be cut); the call was not pruned"
+    return None
+
+
 def _bind(original, args: tuple, kwargs: dict) -> dict[str, Any]:
     """The call's arguments by name (positional ones named from the original's signature)."""
     if not args:
@@ -190,7 +201,8 @@ class VisionPruningTechnique(Technique):
 
     Calls that are not pruned, each with the reason in `stats()["fallback"]`: a call with `labels` (the loss
     needs every position), images passed as `mm_encoder_outputs` computed before patching, images in a call
-    that continues a cache. Text-only calls pass through unchanged.
+    that continues a cache, a static (compileable) cache or a prepared 4-D attention mask (both are built for
+    the unpruned sequence). Text-only calls pass through unchanged.
     """
 
     family = "vision"
@@ -368,9 +380,10 @@ class VisionPruningTechnique(Technique):
         cache = inputs.get("cache", inputs.get("past_key_values"))
         past = int(cache.get_seq_length()) if cache is not None else 0
         glue = self.glue
-        if past == 0 and (glue.has_images(inputs) or glue.precomputed(inputs)) and self._skip:
+        skip = self._skip or (_unprunable_call(inputs, cache) if past == 0 else None)
+        if past == 0 and (glue.has_images(inputs) or glue.precomputed(inputs)) and skip:
             self.reset_stats()
-            self._stats["fallback"] = self._skip
+            self._stats["fallback"] = skip
         elif past == 0 and (glue.has_images(inputs) or glue.precomputed(inputs)):
             start = time.perf_counter()
             self.reset_stats()
