@@ -332,7 +332,9 @@ class TrainerTechnique(Technique):
     def _forward_logprobs(self, model, batch: PreferenceBatch) -> torch.Tensor:
         """Full next-token log-distributions ``[2B, T - 1, V]`` (float32)."""
         outputs = model(**batch.model_kwargs, use_cache=False)
-        return torch.log_softmax(outputs.logits[:, :-1].float(), dim=-1)
+        # [-T:]: prompt-learning PEFT prepends virtual positions; keep the real tokens' ones
+        logits = outputs.logits[:, -batch.input_ids.shape[1]:]
+        return torch.log_softmax(logits[:, :-1].float(), dim=-1)
 
     def _reference_call(self, trainer, fn):
         """Run `fn(reference_model)` without gradients on the trainer's reference."""
@@ -378,7 +380,8 @@ class TrainerTechnique(Technique):
         inner = arch.unwrap_model(compat.trainer_unwrapped_model(self._trainer(), model))
         if compat.forward_accepts(inner, "logits_to_keep"):
             kwargs["logits_to_keep"] = 1
-        return model(**kwargs).hidden_states[-1][:, :-1]
+        hidden = model(**kwargs).hidden_states[-1]
+        return hidden[:, -batch.input_ids.shape[1]:][:, :-1]  # without prompt-learning PEFT's virtual positions
 
     def token_values(self, trainer, model, batch: PreferenceBatch, *, kl: bool = False):
         """Per-token values of the policy and its reference on the batch's next-token positions:
