@@ -368,17 +368,33 @@ class InLLMPruner:
             hidden = _gather_rows(hidden, keep, 1)
         kwargs = dict(kwargs)
         mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-            mask = _slice_mask(_slice_mask(mask, keep).transpose(2, 3), keep).transpose(2, 3)
-        kwargs["attention_mask"] = self._mask_dead(mask, event, hidden, event.kept_len, prefill=True)
+
+        def sliced_mask():
+            cut = mask
+            if isinstance(cut, torch.Tensor) and cut.dim() == 4:
+                cut = _slice_mask(_slice_mask(cut, keep).transpose(2, 3), keep).transpose(2, 3)
+            return self._mask_dead(cut, event, hidden, event.kept_len, prefill=True)
+
+        # layers of one type share their mask, rotary tensors and positions: cut each once per forward
+        kwargs["attention_mask"] = self._once(mask, sliced_mask)
         embeddings = kwargs.get("position_embeddings")
         if isinstance(embeddings, (tuple, list)):
             kwargs["position_embeddings"] = type(embeddings)(
-                _gather_rows(t, keep.to(t.device), 1) if t.dim() == 3 else t for t in embeddings)
+                self._once(t, lambda t=t: _gather_rows(t, keep.to(t.device), 1)) if t.dim() == 3 else t
+                for t in embeddings)
         position_ids = kwargs.get("position_ids")
         if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] == event.length:
-            kwargs["position_ids"] = _gather_rows(position_ids, keep.to(position_ids.device), position_ids.dim() - 1)
+            kwargs["position_ids"] = self._once(position_ids, lambda: _gather_rows(
+                position_ids, keep.to(position_ids.device), position_ids.dim() - 1))
         return self._with_hidden(hidden, args, kwargs)
+
+    def _once(self, source, make):
+        """`make()` for this forward's `source` tensor (or None), computed at the first layer that asks."""
+        done = self._call.setdefault("cut", {})
+        key = id(source)
+        if key not in done or done[key][0] is not source:
+            done[key] = (source, make())  # the source is kept, so its id cannot be reused during the forward
+        return done[key][1]
 
     def _slice_decode(self, index, event, hidden, cache, args, kwargs):
         """A step on a cache that holds the pruned prompt: this layer's mask is built here, from what the prefill
@@ -388,23 +404,27 @@ class InLLMPruner:
         if index == event.layer:
             self._check_cache(event, cache, q_len)
         kwargs = dict(kwargs)
-        kwargs["attention_mask"] = self._decode_mask(index, event, hidden, cache)
+        held = compat.cache_layer_length(cache, index)
+        visible = compat.cache_visible_length(cache, index, q_len)
+        key = ("decode", held, visible, q_len, self.sliding_windows[index])
+        masks = self._call.setdefault("cut", {})
+        if key not in masks:  # every pruned layer of one type sees the same slots: one mask per step
+            masks[key] = (None, self._decode_mask(index, event, hidden, held, visible))
+        kwargs["attention_mask"] = masks[key][1]
         return self._with_hidden(hidden, args, kwargs)
 
-    def _decode_mask(self, index: int, event: PruneEvent, hidden: torch.Tensor, cache):
+    def _decode_mask(self, index: int, event: PruneEvent, hidden: torch.Tensor, held: int, visible: int):
         """[B, 1, q, C] mask of a pruned layer's step: the layer's cached slots (kept prompt slots, then every
         token added since) as sequence positions; dead slots and padding masked, causal among the new tokens,
         and the sliding window (over original positions) on a sliding-window layer. None when nothing is masked."""
         batch, q_len = hidden.shape[:2]
         device = hidden.device
-        held = compat.cache_layer_length(cache, index)  # before this step's write
-        added = held - event.kept_len
+        added = held - event.kept_len  # `held`: the layer's cached slots before this step's write
         positions = torch.cat([event.keep.to(device),
                                torch.arange(event.length, event.length + added + q_len, device=device).expand(batch, -1)], 1)
         blocked = torch.zeros(positions.shape, dtype=torch.bool, device=device)
         if event.dead is not None:
             blocked[:, : event.kept_len] = event.dead.to(device)
-        visible = compat.cache_visible_length(cache, index, q_len)
         positions, blocked = positions[:, -visible:], blocked[:, -visible:]
         window = self.sliding_windows[index]
         query_positions = torch.arange(event.length + added, event.length + added + q_len, device=device)
