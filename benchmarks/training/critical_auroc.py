@@ -16,7 +16,7 @@ consequences of the error). Token scores:
 - -log p: the base model's surprisal of the token; entropy: the base model's predictive entropy there;
 - uniform: every token the same weight (DPO), AUROC 0.5 by construction.
 AUROC is pooled over all tokens (95% interval from 1000 bootstrap resamples of answers), and also averaged
-per answer. The same is reported on the tuning problems' wrong answers (in-sample, for contrast).
+per answer; the difference critical minus each baseline gets a paired interval (the same resamples). The same is reported on the tuning problems' wrong answers (in-sample, for contrast).
 
     python benchmarks/training/critical_auroc.py --out docs/results/critical_auroc.json
 
@@ -121,13 +121,23 @@ def summarise(results, key: str, seed: int = 0, resamples: int = 1000) -> dict:
     out = {"answers": len(answers), "positive_tokens": sum(l == 1 for a in answers for l in a["labels"][key]),
            "negative_tokens": sum(l == 0 for a in answers for l in a["labels"][key])}
     rng = random.Random(seed)
+    # one set of resampled answer lists for every method, so differences between methods are paired
+    draws = [[answers[rng.randrange(len(answers))] for _ in answers] for _ in range(resamples)]
+    boots = {method: [pooled(draw, method) for draw in draws] for method in METHODS}
+
+    def interval(values):
+        values = sorted(values)
+        return [round(values[int(0.025 * resamples)], 4), round(values[int(0.975 * resamples) - 1], 4)]
+
     for method in METHODS:
-        boot = sorted(pooled([answers[rng.randrange(len(answers))] for _ in answers], method)
-                      for _ in range(resamples))
         per_answer = [auroc(*split(a, method)) for a in answers]
-        out[method] = {"auroc": round(pooled(answers, method), 4),
-                       "ci95": [round(boot[int(0.025 * resamples)], 4), round(boot[int(0.975 * resamples) - 1], 4)],
+        out[method] = {"auroc": round(pooled(answers, method), 4), "ci95": interval(boots[method]),
                        "per_answer_mean": round(sum(per_answer) / max(1, len(per_answer)), 4)}
+    for baseline in ("-log p", "entropy"):
+        difference = [a - b for a, b in zip(boots["critical"], boots[baseline])]
+        out[f"critical minus {baseline}"] = {
+            "auroc": round(out["critical"]["auroc"] - out[baseline]["auroc"], 4), "ci95": interval(difference),
+            "share_of_resamples_above_0": round(sum(d > 0 for d in difference) / resamples, 4)}
     return out
 
 
@@ -163,6 +173,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="write the results (JSON) here")
     parser.add_argument("--max-scored", type=int, default=300,
                         help="score at most this many wrong evaluation answers (a third of it in-sample)")
+    parser.add_argument("--scores-out", type=Path, help="write every scored answer's labels and scores here")
     parser.add_argument("--samples-file", type=Path,
                         help="sampled answers: read them from this JSON file if it exists, else write them to it")
     args = parser.parse_args(argv)
@@ -201,7 +212,7 @@ def main(argv=None) -> int:
                                                        lr=args.lr, epochs=args.epochs, seed=args.seed)
     timings["adapters_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
-    report = {}
+    report, per_answer = {}, {}
     for name, problems, cap in (("evaluation", evaluation, args.max_scored),
                                 ("tuning (in-sample)", tuning, args.max_scored // 3)):
         items = located(problems, samples, tokenizer)
@@ -209,6 +220,7 @@ def main(argv=None) -> int:
             items = random.Random(args.seed).sample(items, cap)
         scored = score_answers(model, tokenizer, positive, negative, items, args.b)
         report[name] = {key: summarise(scored, key, seed=args.seed) for key in ("first", "field")}
+        per_answer[name] = scored
     timings["scoring_s"] = round(time.perf_counter() - t, 1)
     timings["total_s"] = round(time.perf_counter() - started, 1)
     result = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "machine": machine_line(describe_machine()),
@@ -224,6 +236,8 @@ def main(argv=None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.scores_out:  # every scored answer's labels and token scores, for a closer look
+        args.scores_out.write_text(json.dumps(per_answer))
     return 0
 
 
