@@ -245,6 +245,8 @@ def test_llava_generate_batch_one(technique):
         "llava", technique, lambda m: {k: v[:1] for k, v in llava_inputs(m, (1,), (3,)).items()}, budget=2)
     assert [(image["tokens"], image["kept"]) for image in stats["images"]] == [(4, 2)]
     assert stats["prefill_seconds"] > 0
+    if technique == "hiprune":
+        assert stats["attention_kernel"] in ("torch", "triton", "cpu")
 
 
 @pytest.mark.parametrize("technique", SELECTORS)
@@ -273,7 +275,7 @@ def test_divprune_keeps_what_diverse_select_picks():
     slots = inputs["input_ids"] == IMAGE
     for row, image in enumerate(features):
         assert keep[row][slots[row]].nonzero().flatten().tolist() == diverse_select(image, 2).tolist()
-    assert handle.stats["divprune"]["kernel"] in ("torch", "triton", "reference")
+    assert handle.stats["divprune"]["kernel"] in ("torch", "triton", "cpu")
 
 
 def test_llava_several_images_per_prompt_repads_rows():

@@ -313,7 +313,9 @@ class VisionPruningTechnique(Technique):
     def stats(self) -> dict[str, Any]:
         """What the last prefill did: per image (`images`: image number, batch row, `tokens` before, `kept`
         after, `kept_fraction`), the totals, the sequence length before/after, the prefill wall time (vision tower,
-        selection and language model), and `fallback`: why a call with images was not pruned (None if it was).
+        selection and language model), `fallback`: why a call with images was not pruned (None if it was), and
+        which kernel backend ran ("torch", "triton" or "cpu"): `attention_kernel` for HiPrune's column sums,
+        `kernel` for DivPrune's selection.
         Pruning itself is per call and thread-safe; under concurrent calls these statistics describe the
         prefills in whatever order they wrote them (read them after a call when nothing else runs)."""
         out = dict(self._stats)
@@ -333,6 +335,9 @@ class VisionPruningTechnique(Technique):
             if attention_mask is not None and attention_mask.dtype == torch.bool:
                 attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill(
                     ~attention_mask, torch.finfo(query.dtype).min)
+            if getattr(self._local, "kernel", None) is None:  # which implementation the dispatch picks, once per call
+                self._local.kernel = attention_with_column_sums.resolve_backend(query, key, value, float(scaling),
+                                                                                attention_mask)
             output, column_sums = attention_with_column_sums(query, key, value, float(scaling), attention_mask)
             # a mean over heads and queries: the paper's column-mean attention
             sums = column_sums.float() / (query.shape[1] * query.shape[2])
@@ -353,6 +358,7 @@ class VisionPruningTechnique(Technique):
         start = time.perf_counter()
         if self.needs_attention_scores:
             self._recording = {}
+            self._local.kernel = None
         try:
             outputs = original(*args, **kwargs)
             recorded = self._recording or {}
@@ -361,6 +367,7 @@ class VisionPruningTechnique(Technique):
         encoded = self.glue.describe(model, arguments, outputs)
         encoded.scores = {layer: values.reshape(-1) for layer, values in recorded.items()}
         encoded.seconds = time.perf_counter() - start
+        encoded.kernel = getattr(self._local, "kernel", None)
         object.__setattr__(outputs, _ENCODED, encoded)  # a plain attribute: not a field of the ModelOutput
         return outputs
 
@@ -435,6 +442,8 @@ class VisionPruningTechnique(Technique):
         embeds, placeholder = glue.merge(model, inputs, encoded.features)
         batch, length = placeholder.shape
         keep, embeds = self._choose(encoded, embeds, placeholder)
+        if encoded.kernel is not None:
+            self._stats["attention_kernel"] = encoded.kernel  # what computed the scored layers' column sums
 
         lang = glue.language_kwargs(inputs)
         mask = lang.pop("attention_mask", None)

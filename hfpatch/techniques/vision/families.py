@@ -99,6 +99,8 @@ class EncodedImages:
     scores: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     #: wall time of the feature call (vision tower and projector)
     seconds: float = 0.0
+    #: the implementation of `attention_with_column_sums` that computed the scores (None without scores)
+    kernel: str | None = None
     #: per entry of `features`, the number of the encoded image it is (None: entry i is image i); set when
     #: generate repeats the images of each prompt for several sequences per prompt
     numbers: list[int] | None = None
