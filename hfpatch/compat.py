@@ -350,6 +350,20 @@ def logit_transform(model) -> str:
     return ""
 
 
+def trl_loss_settings(trainer) -> dict:
+    """The loss settings a TRL `DPOTrainer` was built with (`DPOConfig` fields as the trainer keeps them)."""
+    return {
+        "loss_type": list(getattr(trainer, "loss_types", ["sigmoid"])),
+        "loss_weights": list(getattr(trainer, "loss_weights", [1.0])),
+        "ld_alpha": getattr(trainer, "ld_alpha", None),
+        "f_divergence_type": str(getattr(trainer, "f_divergence_type", "reverse_kl")),
+        "label_smoothing": getattr(trainer, "label_smoothing", 0.0),
+        "use_weighting": bool(getattr(trainer, "use_weighting", False)),
+        "router_aux_loss": bool(getattr(trainer, "aux_loss_enabled", False)),
+        "beta": getattr(trainer, "beta", None),
+    }
+
+
 def trainer_precomputes_reference(trainer) -> bool:
     """Whether a TRL trainer reads precomputed per-sequence reference log-prob sums from the batch."""
     return bool(getattr(trainer, "precompute_ref_logps", False))

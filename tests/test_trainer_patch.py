@@ -125,6 +125,15 @@ def test_precomputed_reference_sums_without_a_reference_model_are_refused(tmp_pa
         hfpatch.patch(trainer, TOKEN_DPO)
 
 
+def test_trl_loss_settings_the_replaced_loss_does_not_follow_are_reported(tmp_path):
+    trainer = dpo_trainer(tmp_path, rows=preference_rows(4), beta=0.5, loss_type=["ipo"])
+    with pytest.warns(UserWarning, match="loss_type"):
+        handle = hfpatch.patch(trainer, TOKEN_DPO)
+    ignored = handle.stats["token_dpo"]["ignored_trl_settings"]
+    assert ignored["loss_type"] == ["ipo"] and "token_dpo.beta = 0.1" in ignored["beta"]
+    handle.unpatch()
+
+
 def _plain_trainer(tmp_path, model, rows=None):
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments

@@ -227,6 +227,8 @@ class TrainerTechnique(Technique):
                 warnings.warn(f"{self.name} was tested with TRL {','.join(compat.TESTED_TRL)}; you have {version}. "
                               "It may still work; the loss identities in tests/test_token_dpo.py check it",
                               stacklevel=3)
+        if self._is_trl:
+            self._check_trl_settings(trainer)
         if getattr(trainer, "ref_model", None) is not None:
             self._info["reference"] = "trainer.ref_model"
         elif "ref" in getattr(trainer.model, "peft_config", {}):
@@ -249,6 +251,24 @@ class TrainerTechnique(Technique):
         if collator is not trainer.data_collator:
             ctx.record(primitives.set_attribute(trainer, "data_collator", collator))
         ctx.record(self._clear)
+
+    #: What the replaced loss computes, in TRL's `DPOConfig` terms; other settings have no effect under it.
+    TRL_EQUIVALENT = {"loss_type": ["sigmoid"], "loss_weights": [1.0], "ld_alpha": None,
+                      "f_divergence_type": "reverse_kl", "label_smoothing": 0.0, "use_weighting": False,
+                      "router_aux_loss": False}
+
+    def _check_trl_settings(self, trainer) -> None:
+        """Say (a warning, and `stats()["ignored_trl_settings"]`) which of the trainer's DPOConfig loss settings
+        the replaced loss does not follow, so a user who set, e.g., `loss_type="ipo"` or `beta=0.5` knows."""
+        settings = compat.trl_loss_settings(trainer)
+        ignored = {key: settings[key] for key, value in self.TRL_EQUIVALENT.items() if settings[key] != value}
+        beta = getattr(self.params, "beta", None)
+        if beta is not None and settings["beta"] is not None and float(settings["beta"]) != float(beta):
+            ignored["beta"] = f"{settings['beta']} (the loss uses {self.name}.beta = {beta})"
+        if ignored:
+            self._info["ignored_trl_settings"] = ignored
+            warnings.warn(f"{self.name} replaces this DPOTrainer's loss; these DPOConfig settings have no effect "
+                          f"under it: {ignored}", stacklevel=3)
 
     def _keep_columns(self, trainer, columns: list[str], ctx) -> None:
         """Keep `columns` through the trainer's signature-column filter (`remove_unused_columns=True`)."""
