@@ -227,7 +227,6 @@ class TrainerTechnique(Technique):
                 warnings.warn(f"{self.name} was tested with TRL {','.join(compat.TESTED_TRL)}; you have {version}. "
                               "It may still work; the loss identities in tests/test_token_dpo.py check it",
                               stacklevel=3)
-        if self._is_trl:
             self._check_trl_settings(trainer)
         if getattr(trainer, "ref_model", None) is not None:
             self._info["reference"] = "trainer.ref_model"
