@@ -387,3 +387,36 @@ def test_deep_copy_of_a_fastv_model_prunes_on_its_own():
     assert twin_handle.stats["fastv"]["kept_visual_tokens"] == [1]
     handle.unpatch()  # the copy keeps its own patch
     assert generate(twin, inputs).tolist() == expected.tolist()
+
+
+def test_a_call_with_labels_is_not_pruned_and_says_why():
+    model = tiny_model("llava")
+    inputs = llava_inputs()
+    labels = inputs["input_ids"].clone()
+    reference = model(**inputs, labels=labels)
+    with hfpatch.patch(model, recipe(budget=1, layer=1)) as handle:
+        out = model(**inputs, labels=labels)
+        assert "labels" in handle.stats["fastv"]["reason"] and not handle.stats["fastv"]["pruned"]
+        torch.testing.assert_close(out.loss, reference.loss, rtol=0, atol=1e-6)
+        model(**inputs)  # the next call without labels is pruned again
+        assert handle.stats["fastv"]["pruned"]
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "gemma3"])
+def test_todre_padded_batch_rows_equal_single_runs_on_other_families(kind):
+    config = tiny_config(kind)
+    config.text_config.num_hidden_layers = 3
+    config.text_config.layer_types = (["sliding_attention", "full_attention", "sliding_attention"] if kind == "gemma3"
+                                      else ["full_attention"] * 3)
+    model = tiny_model(kind, config=config)
+    long_row, short_row = INPUTS[kind](seed=1, text=(6, 7, 8, 9)), INPUTS[kind](seed=2, text=(9,))
+    with hfpatch.patch(model, recipe("todre", budget=2, threshold=1.0, start_layer=1)) as handle:
+        singles = [generate(model, row)[0, row["input_ids"].shape[1]:] for row in (long_row, short_row)]
+        batch = left_pad_batch([long_row, short_row])
+        out = generate(model, batch)
+        stats = handle.stats["todre"]
+    assert stats["tokens_after"] == 4 and stats["stage2"]["layer"] == 1
+    assert stats["stage2"]["kept_visual_tokens"] == [0, 0]
+    length = batch["input_ids"].shape[1]
+    for row, single in enumerate(singles):
+        assert out[row, length:].tolist() == single.tolist()

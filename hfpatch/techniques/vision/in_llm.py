@@ -209,6 +209,7 @@ class InLLMPruner:
         self._visual: torch.Tensor | None = None
         self._valid: torch.Tensor | None = None
         self._prefill_start: float | None = None
+        self._skip: str | None = None  # why the current call is not pruned, decided before the decoder runs
         self._call: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------------
@@ -262,6 +263,7 @@ class InLLMPruner:
         """Forget the sequence in progress (patch removal, or a new sequence)."""
         self.event = None
         self._prefill_start = None
+        self._skip = None
         self._visual = self._valid = None
         self._call = {}
 
@@ -289,6 +291,9 @@ class InLLMPruner:
     def _outer_pre_hook(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self.set_inputs(input_ids if isinstance(input_ids, torch.Tensor) else None, kwargs.get("attention_mask"))
+        # as the pre-LLM techniques do: a loss is over every input position, so such a call is not pruned
+        self._skip = ("labels were given: the loss needs every position of the sequence, so the call was not pruned"
+                      if kwargs.get("labels") is not None else None)
         return None
 
     # ------------------------------------------------------------------------------------------------
@@ -299,8 +304,10 @@ class InLLMPruner:
         self._prefill_start = time.perf_counter()
         visual, valid = self._visual, self._valid
         self.stats = {"pruned": False, "sequence_length": length}
-        reason = None
-        if visual is None:
+        reason = self._skip
+        if reason is not None:
+            pass
+        elif visual is None:
             reason = "no input_ids reached the model (inputs_embeds only), so visual positions are unknown"
         elif tuple(visual.shape) != (batch, length):
             reason = (f"the language model received {length} positions but input_ids had {visual.shape[-1]} "
