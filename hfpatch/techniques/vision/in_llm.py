@@ -311,7 +311,7 @@ class InLLMPruner:
             reason = "no input_ids reached the model (inputs_embeds only), so visual positions are unknown"
         elif tuple(visual.shape) != (batch, length):
             reason = (f"the language model received {length} positions but input_ids had {visual.shape[-1]} "
-                      "(another patch changed the sequence before the decoder)")
+                      "(a chunked prefill, or another patch changed the sequence before the decoder)")
         elif not bool(visual.any()):
             reason = "no visual tokens in the input"
         if reason is not None:
