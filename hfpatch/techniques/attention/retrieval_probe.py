@@ -249,9 +249,9 @@ def calibrate(model, adapter, *, budget: int, full_layers: int, seed: int = 0,
         return list(layers), result, True
     slow = sum(p.numel() for p in adapter.language_model.parameters()) > SLOW_PARAMETERS
     if slow:
-        logger.warning("hfpatch: tidal_decode is probing which layers of this model retrieve (one %d-token "
-                       "forward pass; once per model in this process, and handle.to_recipe() keeps the result)",
-                       LENGTH)
+        logger.warning("hfpatch: tidal_decode is probing which layers of this model retrieve (one forward pass "
+                       "over %d x %d tokens; once per model in this process, and handle.to_recipe() keeps the "
+                       "result)", BATCH, LENGTH)
     probe_calls += 1
     result = probe(model, adapter, budget=budget, seed=seed)
     layers = choose_layers(result, full_layers)
