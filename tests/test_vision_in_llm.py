@@ -420,3 +420,22 @@ def test_todre_padded_batch_rows_equal_single_runs_on_other_families(kind):
     length = batch["input_ids"].shape[1]
     for row, single in enumerate(singles):
         assert out[row, length:].tolist() == single.tolist()
+
+
+def test_fastv_on_llava_next_images_of_different_sizes():
+    model = tiny_model("llava_next")
+    sizes = torch.tensor([[42, 84], [84, 84]])
+    pixel_values = torch.randn(2, 5, 3, 42, 42, generator=torch.Generator().manual_seed(2))
+    counts = [f.shape[0] for f in model.model.get_image_features(pixel_values, sizes).pooler_output]
+    rows = [{"input_ids": torch.tensor([[1, 7 + i] + [LLAVA_IMAGE] * count + [9, 10 + i]]),
+             "pixel_values": pixel_values[i:i + 1], "image_sizes": sizes[i:i + 1]} for i, count in enumerate(counts)]
+    with hfpatch.patch(model, recipe(budget=3, layer=1)) as handle:
+        singles = [generate(model, row)[0, row["input_ids"].shape[1]:] for row in rows]
+        batch = left_pad_batch(rows)
+        batch["image_sizes"] = sizes
+        out = generate(model, batch)
+        stats = handle.stats["fastv"]
+    assert stats["visual_tokens"] == counts and stats["kept_visual_tokens"] == [3, 3] and counts[0] != counts[1]
+    length = batch["input_ids"].shape[1]
+    for row, single in enumerate(singles):
+        assert out[row, length:].tolist() == single.tolist()

@@ -21,33 +21,17 @@ import torch
 from ...catalogue import register
 from ...errors import RecipeError
 from ...technique import Technique, param
-from .in_llm import InLLMPruner, visual_spans, visual_token_ids, IN_LLM_MODEL_TYPES
-
-
-def check_budget(name: str, budget: int | None, keep_ratio: float | None) -> None:
-    """Exactly one of `budget` and `keep_ratio` must be given."""
-    if (budget is None) == (keep_ratio is None):
-        raise RecipeError(f"{name}: give exactly one of budget (visual tokens kept per image) and keep_ratio "
-                          f"(fraction kept per image); got budget={budget!r}, keep_ratio={keep_ratio!r}")
-
-
-def kept_count(total: int, budget: int | None, keep_ratio: float | None) -> int:
-    """Tokens an image of `total` visual tokens keeps (at least 1, at most all of them)."""
-    if budget is not None:
-        return min(budget, total)
-    return max(1, min(total, round(keep_ratio * total)))
+from .base import PruningParams
+from .in_llm import IN_LLM_MODEL_TYPES, InLLMPruner, visual_spans, visual_token_ids
 
 
 @dataclasses.dataclass
-class FastVParams:
-    budget: int | None = param(None, help="visual tokens kept per image from layer K on (or give keep_ratio)", ge=1)
-    keep_ratio: float | None = param(None, help="fraction of each image's visual tokens kept from layer K on "
-                                                "(or give budget)", gt=0.0, le=1.0)
+class FastVParams(PruningParams):
+    """`budget` / `keep_ratio` (exactly one) count every image token the language model reads, LLaVA-NeXT's
+    image-newline tokens included (FastV ranks them like the others)."""
+
     layer: int = param(2, help="K: the first decoder layer that runs without the dropped tokens; the scores "
                                "come from layer K-1 (the paper's K=2)", ge=1)
-
-    def __post_init__(self):
-        check_budget("fastv", self.budget, self.keep_ratio)
 
 
 @register
@@ -83,7 +67,7 @@ class FastV(Technique):
         drop = torch.zeros_like(visual)
         for row in range(visual.shape[0]):
             for start, end in visual_spans(visual[row] & valid[row]):
-                keep = kept_count(end - start, self.params.budget, self.params.keep_ratio)
+                keep = self.params.tokens_kept(end - start)
                 if keep >= end - start:
                     continue
                 order = scores[row, start:end].argsort(descending=True, stable=True)
