@@ -439,3 +439,20 @@ def test_fastv_on_llava_next_images_of_different_sizes():
     length = batch["input_ids"].shape[1]
     for row, single in enumerate(singles):
         assert out[row, length:].tolist() == single.tolist()
+
+
+def test_fastv_through_a_peft_wrapper_forward_and_generate():
+    peft = pytest.importorskip("peft")
+    model = tiny_model("llava")
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                         init_lora_weights=False))
+    inputs = llava_inputs(seed=8)
+    reference = wrapped(**inputs).logits
+    with hfpatch.patch(wrapped, recipe(budget=1, layer=1)) as handle:
+        # PEFT's tuner calls the model's forward directly (no forward hooks run): the call is still read
+        logits = wrapped(**inputs).logits
+        assert handle.stats["fastv"]["pruned"] and handle.stats["fastv"]["kept_visual_tokens"] == [1]
+        assert (logits - reference).abs().max() > 1e-4
+        wrapped.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert handle.stats["fastv"]["pruned"]
+    torch.testing.assert_close(wrapped(**inputs).logits, reference, rtol=0, atol=0)

@@ -7,8 +7,9 @@ keep the whole sequence and their full caches.
 
 How it is done, all on this model instance (`InLLMPruner.install`):
 
-- a forward pre-hook on the top-level model reads `input_ids` (which positions are visual tokens, through
-  the family's visual token ids) and the 2-D `attention_mask` (which are padding) of each call;
+- an instance-level wrapper of the top-level model's `forward` reads `input_ids` (which positions are visual
+  tokens, through the config's image token ids), the 2-D `attention_mask` (which are padding) and `labels` of
+  each call;
 - an attention function on the text sub-config only runs the model's own attention implementation
   (sdpa or eager: the numbers are the model's own) and, at the layers the technique observes during a
   prefill, hands it that layer's queries and keys (`LayerAttention`) so it can rank tokens by the
@@ -29,6 +30,7 @@ result is what it would be alone. Decode steps then attend to `kept + new` posit
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 import weakref
 from collections.abc import Callable
@@ -215,11 +217,11 @@ class InLLMPruner:
     # ------------------------------------------------------------------------------------------------
     # installing
 
-    def install(self, model, ctx, visual_token_ids: tuple[int, ...], *, outer_inputs: bool = True) -> None:
+    def install(self, model, ctx, visual_token_ids: tuple[int, ...]) -> None:
         """Hook this model instance (every change recorded on `ctx`).
 
-        `outer_inputs=False` leaves the reading of visual positions to the caller (`set_inputs`), for a technique
-        that changes the sequence before the language model sees it (ToDRE's stage 1).
+        A technique that changes the sequence before the language model reads it (ToDRE's stage 1) then says
+        where the visual tokens went with `set_masks`.
         """
         adapter = ctx.adapter
         text_config = adapter.text_config()
@@ -252,8 +254,10 @@ class InLLMPruner:
         _, undo = primitives.use_attention_function(model, attention, mask_like=mask_like,
                                                     sub_configs=(sub,) if sub else None, label=f"{self.name}_scores")
         ctx.record(undo)
-        if outer_inputs:
-            ctx.record(primitives.add_forward_hook(adapter.model, self._outer_pre_hook, pre=True))
+        # the top-level forward is wrapped on the instance rather than hooked: PEFT's tuner calls
+        # `model.forward(...)` directly, past any forward hook, and stale inputs must never be read
+        ctx.record(primitives.wrap_method(
+            adapter.model, "forward", lambda original, *args, **kwargs: self._outer(original, args, kwargs)))
         for index, layer in enumerate(self.layers):
             ctx.record(primitives.add_forward_hook(layer, self._layer_pre_hook(index), pre=True))
         ctx.record(primitives.add_forward_hook(self.layers[-1], self._last_layer_hook))
@@ -288,13 +292,19 @@ class InLLMPruner:
         """The `[B, L]` mask of real positions of the current call's `input_ids` (None when none was given)."""
         return self._valid
 
-    def _outer_pre_hook(self, module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self.set_inputs(input_ids if isinstance(input_ids, torch.Tensor) else None, kwargs.get("attention_mask"))
+    def _outer(self, original, args, kwargs):
+        """The top-level forward: read this call's input ids, padding mask and labels, then run it."""
+        try:
+            inputs = inspect.signature(original).bind_partial(*args, **kwargs).arguments
+        except TypeError:  # let the model itself raise its own error for a bad call
+            inputs = kwargs
+        inputs = {**inputs.pop("kwargs", {}), **inputs}
+        input_ids = inputs.get("input_ids")
+        self.set_inputs(input_ids if isinstance(input_ids, torch.Tensor) else None, inputs.get("attention_mask"))
         # as the pre-LLM techniques do: a loss is over every input position, so such a call is not pruned
         self._skip = ("labels were given: the loss needs every position of the sequence, so the call was not pruned"
-                      if kwargs.get("labels") is not None else None)
-        return None
+                      if inputs.get("labels") is not None else None)
+        return original(*args, **kwargs)
 
     # ------------------------------------------------------------------------------------------------
     # deciding
@@ -302,9 +312,11 @@ class InLLMPruner:
     def _start_prefill(self, batch: int, length: int, cache) -> None:
         self.event = None
         self._prefill_start = time.perf_counter()
-        visual, valid = self._visual, self._valid
+        # what the call said about its inputs is read once: a later forward that does not say it again (a
+        # direct language-model call) is not pruned from stale inputs
+        visual, valid, reason = self._visual, self._valid, self._skip
+        self._visual = self._valid = self._skip = None
         self.stats = {"pruned": False, "sequence_length": length}
-        reason = self._skip
         if reason is not None:
             pass
         elif visual is None:
