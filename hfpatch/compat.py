@@ -145,29 +145,69 @@ def sliding_window(config) -> int | None:
 def compactable_cache(cache) -> bool:
     """Whether `keep_cache_positions` can serve this cache: a DynamicCache of plain or sliding-window layers.
 
-    Sliding-window layers only qualify while nothing has slid out of them yet, which the caller must
-    guarantee by keeping the whole sequence shorter than the window.
+    A sliding-window layer that has slid (it holds only its most recent positions) is served too: positions
+    are mapped onto what it still holds. To roll a verified tree back past the window, turn on
+    `record_sliding_past` first, so that the tree's forward does not drop positions the accepted path needs.
     """
-    return type(cache) is DynamicCache and all(
-        type(layer) is DynamicLayer or (type(layer) is DynamicSlidingWindowLayer and not layer.record_past)
-        for layer in cache.layers
-    )
+    return type(cache) is DynamicCache and all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer)
+                                               for layer in cache.layers)
+
+
+def sliding_windows(cache) -> list[int | None]:
+    """Per cache layer: its sliding window, or None for a full-attention layer."""
+    return [layer.sliding_window if isinstance(layer, DynamicSlidingWindowLayer) else None for layer in cache.layers]
+
+
+def record_sliding_past(cache, on: bool) -> None:
+    """On: sliding-window layers keep every position until the next `keep_cache_positions`, which cuts them back
+    to the window (transformers' own assisted decoding does this with `activate_past_recording` and `crop`), so
+    a tree verified past the window can be compacted to its accepted path. Off: back to holding the window only."""
+    for layer in cache.layers:
+        if not isinstance(layer, DynamicSlidingWindowLayer):
+            continue
+        layer.record_past = on
+        if not on and layer.keys is not None and layer.keys.numel():
+            layer.keys = layer.keys[..., -layer.sliding_window + 1 :, :]
+            layer.values = layer.values[..., -layer.sliding_window + 1 :, :]
+
+
+def cache_view(cache, num_layers: int):
+    """A new DynamicCache whose first `num_layers` layers start from `cache`'s tensors (shared, not copied).
+    A layer's update concatenates into new tensors, so running a model's first layers on it never writes to
+    `cache` (full-attention layers only)."""
+    view = DynamicCache()
+    for layer in cache.layers[:num_layers]:
+        mine = DynamicLayer()
+        if layer.keys is not None and layer.keys.numel():
+            mine.lazy_initialization(layer.keys, layer.values)
+            mine.keys, mine.values = layer.keys, layer.values
+        view.layers.append(mine)
+    return view
 
 
 def keep_cache_positions(cache, keep) -> None:
     """Keep only the cached positions in `keep` (1-D LongTensor, ascending), in every layer.
 
     RoPE is already applied to cached keys, so kept positions keep their original positions. A
-    sliding-window layer also counts the positions it has seen, which must follow the compaction.
+    sliding-window layer also counts the positions it has seen, which must follow the compaction; one that has
+    slid holds only its most recent positions (storage index 0 is position `cumulative_length - stored`), and
+    keeps at most the last `sliding_window - 1` of `keep`, all a later token can see.
     """
     for layer in cache.layers:
         if layer.keys is None or layer.keys.numel() == 0:
             continue
-        if int(keep[-1]) == len(keep) - 1:  # a prefix: slicing is a view, no copy
-            layer.keys = layer.keys[..., : len(keep), :]
-            layer.values = layer.values[..., : len(keep), :]
+        stored = layer.keys.shape[-2]
+        local = keep
+        window = getattr(layer, "sliding_window", None)
+        if window is not None:
+            offset = getattr(layer, "cumulative_length", stored) - stored
+            local = keep[keep >= offset] - offset
+            local = local[-(window - 1):]
+        if len(local) and int(local[0]) == 0 and int(local[-1]) == len(local) - 1:  # a prefix: a view, no copy
+            layer.keys = layer.keys[..., : len(local), :]
+            layer.values = layer.values[..., : len(local), :]
         else:
-            index = keep.to(layer.keys.device)
+            index = local.to(layer.keys.device)
             layer.keys = layer.keys.index_select(-2, index)
             layer.values = layer.values.index_select(-2, index)
         if hasattr(layer, "cumulative_length"):
@@ -421,6 +461,7 @@ def cache_layer_length(cache, layer_idx: int) -> int:
         return 0
     return int(cache.get_seq_length(layer_idx))
 
+
 def llava_next_num_crops(config, image_size) -> int:
     """How many tower-sized crops LLaVA-NeXT cuts an image of `image_size` (height, width) into, base image
     included (transformers' own `image_size_to_num_patches`, which its `get_image_features` uses)."""
@@ -453,3 +494,12 @@ def qwen_vision_window_index(visual, grid_thw):
     window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
                                               window_size=visual.window_size, patch_size=visual.patch_size)
     return window_index
+
+
+def uses_eager_masks(implementation: str | None) -> bool:
+    """Whether an attention implementation receives eager's additive float masks (eager itself, or a function
+    registered with eager's mask builder) rather than sdpa's boolean ones."""
+    if implementation in (None, "eager"):
+        return True
+    builders = mask_functions()._global_mapping
+    return builders.get(implementation) is builders.get("eager")

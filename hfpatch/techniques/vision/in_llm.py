@@ -198,8 +198,7 @@ class InLLMPruner:
     """The in-decoder pruning machinery of one patched model (see the module docstring).
 
     `observe(layer)` says at which layers a prefill's attention is handed to `decide`; `decide` returns the
-    positions to drop from the next layer on, or None. `fixed_layer`, when the pruning layer is known in
-    advance, lets the pruner check it at patch time. Statistics of the last call are in `stats`.
+    positions to drop from the next layer on, or None. Statistics of the last prefill are in `stats`.
     """
 
     def __init__(self, name: str, observe: Callable[[int], bool], decide: Decide):
@@ -236,7 +235,8 @@ class InLLMPruner:
         self.num_layers = len(self.layers)
         # a sliding-window layer's mask is rebuilt at decode steps with its window over original positions
         self.sliding_windows = [getattr(attention, "sliding_window", None) for attention in adapter.attention_modules()]
-        self._mask_kind = "float" if implementation in (None, "eager") else "bool"
+        # masks this layer builds itself take the form the attention function expects: eager adds a float mask
+        self._mask_kind = "float" if compat.uses_eager_masks(implementation) else "bool"
         delegate_name = implementation
 
         def attention(module, query, key, value, attention_mask, *args, **kwargs):
