@@ -95,6 +95,20 @@ def check_on_device():
                 print(f"check {dtype} N={n} H={h} V={v} {name}: rel err {err:.2e} {status}")
                 if err > tol:
                     sys.exit(f"Triton path disagrees with the reference ({name}); fix before timing")
+            # Frozen head (the expected-embedding backward): only hidden's gradient.
+            w.requires_grad_(False)
+            b.requires_grad_(False)
+            frozen = {}
+            for backend in ("torch", "triton"):
+                x.grad = None
+                logp, kl = linear_logprob(x, w, lab, bias=b, reference_hidden=rx, reference_weight=rw,
+                                          backend=backend)
+                (logp.sum() + 0.5 * kl.sum()).backward()
+                frozen[backend] = x.grad.float()
+            err = ((frozen["triton"] - frozen["torch"]).abs().max() / frozen["torch"].abs().max().clamp(min=1)).item()
+            print(f"check {dtype} N={n} H={h} V={v} frozen-head grad_hidden: rel err {err:.2e}")
+            if err > tol:
+                sys.exit("Triton path disagrees with the reference (frozen head); fix before timing")
 
 
 def make_method(name, hidden, weight, labels):

@@ -11,7 +11,10 @@ for the backward. Here the vocabulary is walked in tiles of ``[token_chunk, voca
 - backward: each tile is recomputed and turned into the logits' gradient ``g * (onehot - softmax)`` in place,
   then folded into ``grad_hidden += tile @ W_tile`` and ``grad_weight[tile] += tile.T @ hidden``. The vocabulary is
   the outer loop, so each ``grad_weight`` row block is finished once and written in the weight's dtype (no float32
-  ``[V, H]`` accumulator next to the bfloat16 gradient).
+  ``[V, H]`` accumulator next to the bfloat16 gradient);
+- frozen head (only ``hidden`` needs a gradient, as with LoRA/PEFT in DPO): the forward also accumulates the
+  expected embedding ``E = sum_v p(v) W_v`` online (one more matmul per tile), and the backward is
+  ``grad_hidden = g * (W[label] - E)`` with no tile recomputed: two matmuls per tile in all, like the naive path.
 
 TDPO mode: with ``reference_hidden`` and ``reference_weight`` the same pass also returns the per-position
 ``KL(pi_ref || pi) = sum_v p_ref(v) (log p_ref(v) - log p(v))``, from the reference's tile of the same vocabulary
