@@ -142,7 +142,7 @@ def test_draft_cache_rolls_back_to_the_accepted_path():
     drafter.draft(tree, context, call)
     assert tree.num_drafted == 10
     # the target accepts the path to the deepest node whose parent was expanded, then a token not drafted
-    node = max((n for n in range(1, len(tree)) if call.slots[n] is not None), key=lambda n: tree.depths[n])
+    node = max(call.slots, key=lambda n: tree.depths[n])
     accepted = [tree.tokens[n] for n in tree.path_to(node)]
     assert len(accepted) >= 2 and call.slots[node] != len(context)  # not simply the next cache slot
     bonus = next(t for t in range(3, 100) if t not in tree.children[node])
@@ -258,3 +258,20 @@ def test_copies_of_a_patch_with_a_loaded_draft_come_out_unpatched_with_a_warning
     assert hfpatch.active_patches(clone) == [] and "generate" not in clone.__dict__
     assert torch.equal(clone.generate(prompt, max_new_tokens=6, do_sample=False), expected)
     hfpatch.unpatch(model)
+
+
+def test_rasd_merges_draft_tree_and_retrieval_branches_losslessly():
+    """RASD: the draft model's tree and the n-gram branches share one trie (a common prefix is one node) and
+    are verified in one forward; output is plain greedy's."""
+    target = tiny_model("qwen2")
+    draft = _draft_for(target, "qwen2")
+    prompt = _prompts(1, seed=12)[0]
+    ref = target.generate(prompt, max_new_tokens=30, do_sample=False)
+    with hfpatch.patch(target, "rasd", draft_model=draft, node_cost=0.03) as handle:
+        target.generate(prompt, max_new_tokens=30, do_sample=False)  # the retrieval memory learns this text
+        out = target.generate(prompt, max_new_tokens=30, do_sample=False)
+        stats = _stats(handle)
+    assert torch.equal(out, ref)
+    assert stats["fallback"] is None and stats["forwards"] < 30
+    assert stats["drafters"]["draft_model"]["drafted_tokens"] > 0
+    assert stats["drafters"]["ngram_lookup"]["lookup_hit_rate"] > 0

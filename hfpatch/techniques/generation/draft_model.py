@@ -94,9 +94,10 @@ class DraftCall:
     cache: Any
     #: tokens of the sequence whose KV is in `cache`, in order (positions 0..len-1)
     cached: list[int] = dataclasses.field(default_factory=list)
-    #: the last step's tree and, per node, its slot in `cache` (None: its KV was never computed)
+    #: the last step's tree (other drafters may have added nodes to it too) and the cache slot of each drafted
+    #: node whose KV was computed
     tree: DraftTree | None = None
-    slots: list[int | None] = dataclasses.field(default_factory=list)
+    slots: dict[int, int] = dataclasses.field(default_factory=dict)
     sampling: bool = False
     #: the call's temperature and top_k, applied to the draft's logits when sampling so that its siblings are
     #: drawn from a distribution shaped like the target's processed one
@@ -124,7 +125,8 @@ class DraftModelDrafter(Drafter):
         self.generator = torch.Generator().manual_seed(seed)
         self._cache_kwarg = compat.cache_kwarg(draft)
         self._logits_to_keep = compat.forward_accepts(draft, "logits_to_keep")
-        self._window = compat.sliding_window(draft.config)
+        windows = [w for w in compat.sliding_windows(compat.new_dynamic_cache(draft.config)) if w is not None]
+        self._window = min(windows, default=None)
         dtype = next(draft.parameters()).dtype
         self._mask_dtype = dtype if dtype.is_floating_point else torch.float32
         self.device = next(draft.parameters()).device
@@ -179,7 +181,7 @@ class DraftModelDrafter(Drafter):
             node = 0
             while kept < len(context) - 1:
                 child = call.tree.children[node].get(context[kept])
-                if child is None or call.slots[child] is None:
+                if child is None or child not in call.slots:
                     break
                 slots.append(call.slots[child])
                 node, kept = child, kept + 1
@@ -188,7 +190,7 @@ class DraftModelDrafter(Drafter):
             call.cache = compat.new_dynamic_cache(self.draft_model.config)
         elif slots != list(range(call.cache.get_seq_length())):
             compat.keep_cache_positions(call.cache, torch.tensor(slots, dtype=torch.long))
-        call.tree, call.slots = None, []
+        call.tree, call.slots = None, {}
         logprobs = self._forward(call, context[kept:], list(range(kept, len(context))), None)
         call.cached = list(context)
         return logprobs[-1]
@@ -261,7 +263,7 @@ class DraftModelDrafter(Drafter):
             cache_length += len(expandable)
         self.drafted += tree.num_drafted
         call.tree = tree
-        call.slots = [slots.get(node) if node else None for node in range(len(tree.tokens))]
+        call.slots = {node: slot for node, slot in slots.items() if node}
 
     def _tree_mask(self, tree: DraftTree, nodes: list[int], slots: dict[int, int], cache_length: int):
         """Additive mask (1, 1, len(nodes), cache_length + len(nodes)): context, ancestors' slots, itself."""

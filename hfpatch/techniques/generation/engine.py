@@ -125,7 +125,7 @@ _ARGUMENT_FALLBACKS: dict[str, tuple[Any, str]] = {
 
 #: Options that make the engine run the original generate, and why (the `reason`s above; conditions in code).
 #: Besides these: batch size > 1, a padded attention_mask, a pre-filled cache, model inputs the engine does
-#: not know, attention backends that cannot take a tree mask, sliding windows the sequence may outgrow.
+#: not know, attention backends that cannot take a tree mask, a tree larger than a sliding window.
 FALLBACK_OPTIONS: dict[str, str] = {name: reason for table in (_CONFIG_FALLBACKS, _ARGUMENT_FALLBACKS)
                                     for name, (_, reason) in table.items()}
 
@@ -205,6 +205,10 @@ class _Call:
     policy_state: Any = None
     #: prefill the prompt in chunks of this many tokens (`GenerationConfig.prefill_chunk_size`); None: at once
     prefill_chunk_size: int | None = None
+    #: the sliding window of the model's sliding-window layers (None: it has none)
+    window: int | None = None
+    #: whether some layers attend to everything (then the tree mask goes per layer type)
+    has_full_layers: bool = True
 
 
 class SpeculativeEngine:
@@ -375,16 +379,18 @@ class SpeculativeEngine:
         unexpected = sorted(k for k, v in model_kwargs.items() if v is not None and k not in _MODEL_KWARGS_SERVED)
         if unexpected:
             return f"model inputs {unexpected} are not served by the engine"
-        window = compat.sliding_window(self.model.config)
-        if window is not None and generation_config.max_length + self.max_nodes >= window - 1:
-            # Below the window a sliding layer keeps (and masks) like a full one, so trees stay exact there.
-            return (f"sliding-window layers: prompt + max_new_tokens + tree ({generation_config.max_length} + "
-                    f"{self.max_nodes}) may exceed the window ({window}) that the tree cache must stay inside")
         cache = model_kwargs.get(self._cache_kwarg)
         if cache is None or not compat.compactable_cache(cache):
             return f"cache type {type(cache).__name__} cannot be compacted to a tree path"
         if cache.get_seq_length() != 0:
             return "generation restarting from a pre-filled cache"
+        windows = {w for w in compat.sliding_windows(cache) if w is not None}
+        if len(windows) > 1:
+            return f"sliding-window layers with different windows {sorted(windows)}"
+        if windows and self.max_nodes + 1 >= min(windows):
+            # Tree masks of sliding layers assume every node's ancestors lie inside its window.
+            return (f"sliding-window layers: a tree of up to {self.max_nodes} drafted nodes does not fit the "
+                    f"window ({min(windows)}); use a smaller tree (max_nodes / template / max_tree_nodes)")
         return None
 
     def _loop(self, model, input_ids, logits_processor, stopping_criteria, generation_config, streamer,
@@ -420,7 +426,14 @@ class SpeculativeEngine:
             with self._policy_lock:
                 policy_state = self.tree_policy.start_call()
         dtype = self.model.dtype
-        return _Call(out=out, cache=cache, max_length=generation_config.max_length,
+        windows = compat.sliding_windows(cache)
+        window = next((w for w in windows if w is not None), None)
+        if window is not None:
+            # Sliding layers keep the positions a tree pushes out of their window until the tree is compacted
+            # to its accepted path (`_keep_path`), which cuts them back to the window; `_finish` turns it off.
+            compat.record_sliding_past(cache, True)
+        return _Call(out=out, cache=cache, max_length=generation_config.max_length, window=window,
+                     has_full_layers=any(w is None for w in windows),
                      mask_dtype=dtype if dtype.is_floating_point else torch.float32,
                      topk_wanted=max((d.topk_wanted for d, _ in self.drafters), default=0),
                      stats=StepStats(), drafter_states=states, policy_state=policy_state,
@@ -496,7 +509,17 @@ class SpeculativeEngine:
     def _verify(self, call: _Call, tree: DraftTree, root_position: int) -> torch.Tensor:
         """One forward over every node of `tree` (tree mask, positions by depth): raw fp32 logits [nodes, vocab]."""
         device = call.out.input_ids.device
-        mask = tree.attention_mask(root_position, call.mask_dtype, device) if tree.num_drafted else None
+        mask = None
+        if tree.num_drafted and call.window is None:
+            mask = tree.attention_mask(root_position, call.mask_dtype, device)
+        elif tree.num_drafted:
+            # A sliding layer sees the positions before the root that it still holds (at most window - 1) and
+            # masks each node's own window; models with both kinds of layer take one mask per layer type.
+            visible = min(root_position, call.window - 1)
+            mask = tree.attention_mask(visible, call.mask_dtype, device, window=call.window)
+            if call.has_full_layers:
+                mask = {"sliding_attention": mask,
+                        "full_attention": tree.attention_mask(root_position, call.mask_dtype, device)}
         output = self._forward(tree.input_ids(device), tree.position_ids(root_position, device), mask, call.cache,
                                keep_all_logits=True)
         call.stats.forwards += 1
@@ -524,6 +547,8 @@ class SpeculativeEngine:
             with lock:
                 _with_state(drafter.finish, list(call.out.context), call.out.prompt_length, state=state)
         call.out.close()
+        if call.window is not None:
+            compat.record_sliding_past(call.cache, False)
         # The shared parts of the stats (drafter tables, policy timings) are read under their locks, taken
         # in the engine's fixed order (drafters, then the policy), the only place more than one is held.
         with contextlib.ExitStack() as held:

@@ -117,10 +117,14 @@ class DraftTree:
             node = self.parents[node]
         return path[::-1]
 
-    def attention_mask(self, past_length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def attention_mask(self, past_length: int, dtype: torch.dtype, device: torch.device,
+                       window: int | None = None) -> torch.Tensor:
         """Additive mask (1, 1, n, past+n): every node sees the whole cache, its ancestors and itself.
 
         A float mask (0 / dtype min) rather than a bool one: eager attention silently misreads bool masks.
+        `window`: the mask of a sliding-window layer, whose `past_length` cached positions are the ones just
+        before the root; a node at depth d then sees only positions less than `window` before its own (the
+        tree must be shallower than the window, so ancestors always are).
         """
         n = len(self.tokens)
         # Parents always precede their children, so each row is its parent's row plus the node itself.
@@ -130,6 +134,11 @@ class DraftTree:
         tree_part = torch.zeros(n, n, dtype=dtype)
         tree_part.masked_fill_(~allowed, torch.finfo(dtype).min)
         past_part = torch.zeros(n, past_length, dtype=dtype)
+        if window is not None:
+            # column j holds position root - past_length + j; node d at root + d sees it when j > past + d - window
+            depth = torch.tensor(self.depths)[:, None]
+            column = torch.arange(past_length)[None, :]
+            past_part.masked_fill_(column <= past_length + depth - window, torch.finfo(dtype).min)
         return torch.cat([past_part, tree_part], dim=1).to(device)[None, None]
 
     def position_ids(self, root_position: int, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,217 @@
+"""Self-speculative drafting by early exit: the target's first L layers, its final norm and its head draft.
+
+No second model: the draft runs the target's own first L decoder layers on the tokens it proposes, attending
+to the KV the target already cached for those layers (the same weights on the same accepted tokens give the
+same keys and values, so nothing is recomputed: the draft's cache is a view whose new entries go to new
+tensors, and the target's cache is never written). Its exit hidden state goes through the final norm and
+the LM head; the argmax is the next draft token, a chain of k tokens per step.
+
+DEL's rule (Zarch et al., 2025, arXiv:2504.05598) picks the exit L and the length k from running acceptance
+statistics: after every verification the hidden states the target computed at each candidate exit layer
+for the accepted positions are scored against the tokens the target chose there (a shadow test of every
+exit, at the cost of a norm and a head on a few rows), and the pair maximising the expected tokens per
+layer computed,
+
+    E[tokens | a_L, k] / (k * L + N),     E = (1 - a_L^(k+1)) / (1 - a_L)
+
+with a_L the running agreement of exit L and N the number of layers, is used next step (k = 0, plain
+decoding, when no exit pays). An untrained exit agrees with the full model far less than a trained draft
+does; docs/results/speculative.md reports how often on SmolLM2-135M.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+
+from ... import arch, compat, primitives
+from ...catalogue import register
+from ...errors import UnsupportedModelError
+from ...technique import param
+from .base import DrafterTechnique
+from .engine import CallInfo, Drafter
+from .tree import DraftTree
+
+
+@dataclasses.dataclass
+class EarlyExitCall:
+    """One call's early-exit state: the target's cache (read only) and this step's chain."""
+
+    target_cache: Any
+    #: the exit and draft length used by the last `draft`
+    exit_layer: int = 0
+    length: int = 0
+
+
+class EarlyExitDrafter(Drafter):
+    """Drafts with the target's first layers. Shared by calls: agreement estimates per exit and counters."""
+
+    name = "early_exit"
+    wants_call_info = True
+
+    def __init__(self, model, exits: list[int], max_length: int, rate: float, prior: float,
+                 fixed_exit: int | None, fixed_length: int | None):
+        adapter = arch.adapter_for(model)
+        self.model = model
+        self.layers = adapter.decoder_layers()
+        self.embed = adapter.input_embeddings()
+        self.norm = adapter.final_norm()
+        self.head = adapter.output_embeddings()
+        self.rotary = getattr(adapter.language_model, "rotary_emb", None)
+        self.exits = exits
+        self.max_length = max_length
+        self.rate = rate
+        self.fixed_exit = fixed_exit
+        self.fixed_length = fixed_length
+        self.agreement = {layer: prior for layer in exits}
+        self.observations = {layer: 0 for layer in exits}
+        self._layer_kwarg = compat.cache_kwarg(self.layers[0])
+        #: hidden states after each candidate exit layer in the last forward that ran it (the verification)
+        self.captured: dict[int, torch.Tensor] = {}
+        self.steps = self.drafted = self.accepted = 0
+        self.exit_counts: dict[int, int] = {}
+
+    def capture_hook(self, layer: int):
+        """A forward hook on decoder layer `layer - 1` that keeps its output hidden states."""
+        def hook(module, args, kwargs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            self.captured[layer] = hidden.detach()
+        return hook
+
+    # -- choosing the exit and the length (DEL)
+    def choose(self) -> tuple[int, int]:
+        """(exit layer, draft length) maximising expected tokens per layer computed; length 0: do not draft."""
+        n = len(self.layers)
+        if self.fixed_exit is not None and self.fixed_length is not None:
+            return self.fixed_exit, self.fixed_length
+        best = (0, 0)
+        best_rate = 1.0 / n  # plain decoding: one token per N layers
+        for layer in ([self.fixed_exit] if self.fixed_exit is not None else self.exits):
+            a = min(self.agreement[layer], 0.999)
+            lengths = [self.fixed_length] if self.fixed_length is not None else range(1, self.max_length + 1)
+            for k in lengths:
+                expected = (1 - a ** (k + 1)) / (1 - a)
+                rate = expected / (k * layer + n)
+                if rate > best_rate:
+                    best, best_rate = (layer, k), rate
+        return best
+
+    # -- per call
+    def start(self, prompt: list[int], info: CallInfo) -> EarlyExitCall:
+        return EarlyExitCall(target_cache=info.cache)
+
+    def _exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(hidden)).float()
+
+    def draft(self, tree: DraftTree, context: list[int], call: EarlyExitCall) -> None:
+        layer, length = self.choose()
+        call.exit_layer, call.length = layer, length
+        self.exit_counts[layer] = self.exit_counts.get(layer, 0) + 1
+        budget = min(length, tree.max_nodes - tree.num_drafted)
+        if budget <= 0:
+            return
+        self.steps += 1
+        cache = compat.cache_view(call.target_cache, layer)
+        root_position = len(context) - 1
+        token, node, estimate = context[-1], 0, 1.0
+        device = self.head.weight.device
+        a = self.agreement[layer]
+        with torch.no_grad():
+            for depth in range(budget):
+                position = torch.tensor([[root_position + depth]], device=device)
+                hidden = self.embed(torch.tensor([[token]], device=device))
+                embeddings = self.rotary(hidden, position_ids=position)
+                for block in self.layers[:layer]:
+                    out = block(hidden, attention_mask=None, position_ids=position, position_embeddings=embeddings,
+                                use_cache=True, **{self._layer_kwarg: cache})
+                    hidden = out[0] if isinstance(out, tuple) else out
+                token = int(self._exit_logits(hidden[:, -1]).argmax(-1))
+                estimate *= a
+                child = tree.add_child(node, token, estimate, self.name)
+                if child is None:
+                    break
+                node = child
+                self.drafted += 1
+
+    def update(self, tree: DraftTree, topk, accepted: list[int], context: list[int], call: EarlyExitCall) -> None:
+        """Score every candidate exit on the positions the target just verified and accepted."""
+        self.accepted += len(accepted)
+        nodes = [0, *accepted]
+        # the target's token after each of these nodes: the accepted children, then the bonus token
+        chosen = context[len(context) - len(nodes):]
+        rows = torch.tensor(nodes)
+        wanted = torch.tensor(chosen)
+        for layer in self.exits:
+            hidden = self.captured.get(layer)
+            if hidden is None or hidden.shape[1] != len(tree.tokens):
+                continue
+            predicted = self._exit_logits(hidden[0, rows.to(hidden.device)]).argmax(-1).cpu()
+            for hit in (predicted == wanted).tolist():
+                self.observations[layer] += 1
+                self.agreement[layer] += self.rate * (float(hit) - self.agreement[layer])
+        self.captured.clear()
+
+    def stats(self) -> dict[str, Any]:
+        return {"agreement_by_exit": {layer: round(value, 3) for layer, value in self.agreement.items()},
+                "observations": sum(self.observations.values()),
+                "exit_chosen": dict(sorted(self.exit_counts.items())),
+                "drafted_tokens": self.drafted, "accepted_tokens": self.accepted,
+                "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0}
+
+
+@dataclasses.dataclass
+class EarlyExitParams:
+    exits: list[int] | None = param(None, help="candidate exit layers (1 = after the first layer); null: every "
+                                               "layer up to half the depth", max_items=256)
+    exit_layer: int | None = param(None, help="always exit after this many layers (null: DEL picks per step)", ge=1)
+    draft_length: int | None = param(None, help="always draft this many tokens (null: DEL picks per step)",
+                                     ge=1, le=32)
+    max_draft_length: int = param(8, help="longest chain DEL may pick", ge=1, le=32)
+    prior_agreement: float = param(0.5, help="agreement assumed for an exit before it is measured (so each is "
+                                             "tried)", ge=0.0, le=1.0)
+    rate: float = param(0.05, help="weight of each new observation in an exit's running agreement", gt=0.0, le=1.0)
+
+
+@register
+class EarlyExit(DrafterTechnique):
+    """Lossless self-speculative `generate`: the target's first layers draft (no second model), DEL picks the
+    exit layer and the draft length from running acceptance statistics.
+
+    Example:
+        >>> handle = hfpatch.patch(model, "early-exit")
+        >>> model.generate(**inputs, max_new_tokens=64)
+        >>> handle.stats["early_exit"]["drafters"]["early_exit"]["agreement_by_exit"]
+    """
+
+    name = "early_exit"
+    summary = "Self-speculative drafting with the target's first L layers + norm + head; DEL picks L and k (lossless)"
+    Params = EarlyExitParams
+    # Families whose decoder layers take (hidden, position_embeddings, cache) and share one rotary embedding;
+    # sliding-window families are left out (a shared-KV view past the window is not built).
+    model_types: ClassVar[frozenset[str]] = frozenset({"llama", "qwen2", "qwen3", "phi3"})
+
+    def node_budget(self) -> int:
+        return self.params.draft_length or self.params.max_draft_length
+
+    def make_drafter(self, model) -> EarlyExitDrafter:
+        layers = len(arch.adapter_for(model).decoder_layers())
+        p = self.params
+        exits = sorted(set(p.exits)) if p.exits else list(range(1, max(layers // 2, 1) + 1))
+        if p.exit_layer is not None:
+            exits = sorted(set(exits) | {p.exit_layer})
+        if exits[0] < 1 or exits[-1] >= layers:
+            raise UnsupportedModelError(f"{self.name}: exit layers must be in [1, {layers - 1}] for this "
+                                        f"{layers}-layer model, got {exits}")
+        if compat.has_sliding_window_layers(model.config):
+            raise UnsupportedModelError(f"{self.name}: sliding-window models are not supported")
+        drafter = EarlyExitDrafter(model, exits, p.max_draft_length, p.rate, p.prior_agreement, p.exit_layer,
+                                   p.draft_length)
+        if drafter.rotary is None:
+            raise UnsupportedModelError(f"{self.name}: {type(model).__name__} has no shared rotary embedding")
+        return drafter
+
+    def apply(self, model, ctx) -> None:
+        super().apply(model, ctx)
+        for layer in self.drafter.exits:
+            ctx.record(primitives.add_forward_hook(self.drafter.layers[layer - 1], self.drafter.capture_hook(layer)))
