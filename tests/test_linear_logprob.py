@@ -231,6 +231,23 @@ def test_frozen_head_gradient_needs_no_backward_tiles(small_tiles, monkeypatch, 
     close(grads["hidden"], t_grads["hidden"], GRAD_TOL[dtype])
 
 
+def test_no_grad_calls_skip_the_expected_embedding(monkeypatch):
+    # Under torch.no_grad (reference log-probs) no backward follows: the forward does only the log-sum-exp work.
+    seen = []
+    original = LL._forward_pass
+
+    def spy(*args, **kwargs):
+        seen.append(args[-1] if len(args) == 8 else kwargs.get("expect", False))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(LL, "_forward_pass", spy)
+    inputs = leaves(make(5, 8, 40, torch.float32, bias=False), names=("hidden",))
+    with torch.no_grad():
+        LL.linear_logprob_cpu(**inputs)
+    LL.linear_logprob_cpu(**inputs)
+    assert seen == [False, True]
+
+
 @pytest.mark.parametrize("impl", IMPL_PARAMS)
 def test_kl_gradient_reaches_the_policy_only(small_tiles, impl):
     inputs = make(9, 8, 200, torch.float32, bias=False, ref=True)

@@ -363,10 +363,12 @@ class _TiledLinearLogprob(torch.autograd.Function):
     """The tiled op on rows that all count (ignored rows were removed by the caller)."""
 
     @staticmethod
-    def forward(ctx, h, w, b, labels, rh, rw, fold):
+    def forward(ctx, h, w, b, labels, rh, rw, fold, grad_enabled):
         ctx.set_materialize_grads(False)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        expect = need_h and not need_w and not (b is not None and need_b)
+        # grad_enabled: under torch.no_grad no backward will come, so the expected embedding would be wasted work
+        # (needs_input_grad only reflects requires_grad).
+        expect = grad_enabled and need_h and not need_w and not (b is not None and need_b)
         logp, kl, lse, ref_lse, expected = _forward_pass(h, w, b, labels, rh, rw, fold, expect)
         e, e_ref = expected if expected is not None else (None, None)
         ctx.save_for_backward(h, w, b, labels, lse, rh, rw, ref_lse, e, e_ref)
@@ -382,7 +384,7 @@ class _TiledLinearLogprob(torch.autograd.Function):
         h, w, b, labels, lse, rh, rw, ref_lse, e, e_ref = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         if g_logp is None and g_kl is None:
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         if ctx.expect:
             # Frozen head: d logp / d h = W[label] - E, d KL / d h = E - E_ref (E from the forward pass).
             grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
@@ -391,11 +393,11 @@ class _TiledLinearLogprob(torch.autograd.Function):
                     grad_h.addcmul_(w.index_select(0, labels).float() - e, g_logp.float().unsqueeze(1))
                 if g_kl is not None and e_ref is not None:
                     grad_h.addcmul_(e - e_ref, g_kl.float().unsqueeze(1))
-            return grad_h.to(h.dtype), None, None, None, None, None, None
+            return grad_h.to(h.dtype), None, None, None, None, None, None, None
         grad_h, grad_w, grad_b = _backward_pass(h, w, b, labels, lse, rh, rw, ref_lse, g_logp, g_kl,
                                                 (needs[0], needs[1], b is not None and needs[2]), ctx.fold)
         return (None if grad_h is None else grad_h.to(h.dtype), grad_w,
-                None if grad_b is None else grad_b.to(b.dtype), None, None, None, None)
+                None if grad_b is None else grad_b.to(b.dtype), None, None, None, None, None)
 
 
 def _tiled(hidden, weight, labels, bias, ignore_index, reference_hidden, reference_weight, fold):
@@ -414,7 +416,7 @@ def _tiled(hidden, weight, labels, bias, ignore_index, reference_hidden, referen
         # index_select is differentiable: autograd scatters the rows' gradients back into hidden.
         h, flat_labels = h.index_select(0, kept), flat_labels.index_select(0, kept)
         rh = None if rh is None else rh.index_select(0, kept)
-    out = _TiledLinearLogprob.apply(h, weight, bias, flat_labels.contiguous(), rh, rw, fold)
+    out = _TiledLinearLogprob.apply(h, weight, bias, flat_labels.contiguous(), rh, rw, fold, torch.is_grad_enabled())
     outs = out if isinstance(out, tuple) else (out,)
     if kept is not None:
         # Ignored rows: 0, and (index_copy being differentiable in its source) no gradient.
