@@ -456,6 +456,8 @@ def _calls_per_op():
     lowrank_cpu = "cpu" if K.lowrank_sparse_decode.cpu.unavailable() is None else "torch"
     bf16 = [t.bfloat16() for t in (q, k, v)]
     return {
+        "attention_with_column_sums": [((k, k, v, 0.3), {}, "torch")],
+        "diverse_select": [((torch.randn(9, 4, generator=g), 3), {}, "torch")],
         "group_attention_scores": [((q, k, valid), dict(scale=0.3), "torch")],
         "linear_logprob": [((torch.randn(3, 8, generator=g), torch.randn(11, 8, generator=g), torch.tensor([0, 5, 10])),
                             {}, "cpu")],
