@@ -174,6 +174,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-scored", type=int, default=300,
                         help="score at most this many wrong evaluation answers (a third of it in-sample)")
     parser.add_argument("--scores-out", type=Path, help="write every scored answer's labels and scores here")
+    parser.add_argument("--pairs-out", type=Path,
+                        help="write the tuning and evaluation preference pairs (JSON Lines, prompt/chosen/rejected) "
+                             "to FILE.tuning.jsonl / FILE.evaluation.jsonl, for hfpatch critical-tokens or a trainer")
     parser.add_argument("--samples-file", type=Path,
                         help="sampled answers: read them from this JSON file if it exists, else write them to it")
     args = parser.parse_args(argv)
@@ -198,6 +201,11 @@ def main(argv=None) -> int:
         if args.samples_file:
             args.samples_file.write_text(json.dumps(samples))
     timings["sampling_s"] = round(time.perf_counter() - t, 1)
+
+    if args.pairs_out:
+        for name, problems in (("tuning", tuning), ("evaluation", evaluation)):
+            path = args.pairs_out.with_suffix(f".{name}.jsonl")
+            path.write_text("".join(json.dumps(row) + "\n" for row in rd.build_pairs(problems, samples)))
 
     def accuracy(problems):
         texts = [(p, x) for p in problems for x in samples[p.id]]
