@@ -139,6 +139,13 @@ class PatchHandle:
             tensor_metadata=metadata,
         )
 
+    def _live_overrides(self) -> dict[str, Any]:
+        """Each technique's `live_overrides()` as "technique.param" overrides (see `_unpatched_copy`)."""
+        overrides: dict[str, Any] = {}
+        for technique in self.techniques:
+            overrides.update({f"{technique.name}.{k}": v for k, v in technique.live_overrides().items()})
+        return overrides
+
     def unpatch(self) -> None:
         """Restore the model exactly as it was before this patch."""
         if not self.active:
@@ -314,26 +321,28 @@ def _patched_model(ref: weakref.ref) -> torch.nn.Module:
     return model
 
 
-def _unpatched_copy(model: torch.nn.Module, memo: dict) -> tuple[torch.nn.Module, list[Recipe]]:
+def _unpatched_copy(model: torch.nn.Module, memo: dict) -> tuple[torch.nn.Module, list[tuple[Recipe, dict]]]:
     """A deep copy of `model` brought back to the unpatched model, and the recipes of its active patches."""
     handles = list(_ACTIVE.get(model, []))
     # exported first: the tensors a technique exports are its state now, cloned (e.g. a warm draft table)
-    recipes = [handle.to_recipe() for handle in handles]
+    # with the objects given at patch time that a recipe cannot hold (a loaded draft model), shared by the copy
+    recipes = [(handle.to_recipe(), handle._live_overrides()) for handle in handles]
     clone = primitives.copy_model_state(model, memo)
     for handle in reversed(handles):
         handle._context.restore_copy(memo)
     return clone, recipes
 
 
-def _apply_recipes(clone: torch.nn.Module, recipes: list[Recipe], what: str) -> torch.nn.Module:
+def _apply_recipes(clone: torch.nn.Module, recipes: list, what: str) -> torch.nn.Module:
     """Apply the patches of a copied (or unpickled) model again; on failure leave it unpatched and warn."""
-    for recipe in recipes:
+    recipes = [entry if isinstance(entry, tuple) else (entry, {}) for entry in recipes]  # older pickles: recipes
+    for recipe, overrides in recipes:
         try:
-            patch(clone, recipe)
+            patch(clone, recipe, **overrides)
         except Exception as exc:
             unpatch(clone)
             warnings.warn(
-                f"{what} of a model patched with {[r.name for r in recipes]}: applying {recipe.name!r} to it failed "
+                f"{what} of a model patched with {[r.name for r, _ in recipes]}: applying {recipe.name!r} to it failed "
                 f"({type(exc).__name__}: {exc}), so it is the unpatched model; patch it yourself with "
                 "hfpatch.patch(copy, recipe) once the cause is fixed",
                 RuntimeWarning, stacklevel=3)
@@ -353,7 +362,7 @@ def _reduce_hook(ref: weakref.ref, protocol: int) -> tuple:
     return _unpickle_patched, (clone, recipes)
 
 
-def _unpickle_patched(model: torch.nn.Module, recipes: list[Recipe]) -> torch.nn.Module:
+def _unpickle_patched(model: torch.nn.Module, recipes: list) -> torch.nn.Module:
     """Rebuild a pickled patched model: the unpickled unpatched model with its recipes applied again."""
     return _apply_recipes(model, recipes, "an unpickled copy")
 

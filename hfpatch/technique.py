@@ -332,6 +332,11 @@ class Technique:
         at patch time (a loaded draft model) exports a reference to it, or nothing, instead."""
         return params_to_dict(self.params)
 
+    def live_overrides(self) -> dict[str, Any]:
+        """Parameters given at patch time that `export_params` cannot write into a recipe (a loaded model), by
+        name: a copy of the patched model is patched again from `handle.to_recipe()` plus these."""
+        return {}
+
     def export_tensors(self, tokenizer=None) -> tuple[dict[str, Any], dict[str, str]]:
         """Tensors (and string metadata) to store in a recipe's payload, e.g. a warmed draft table.
 

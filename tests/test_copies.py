@@ -18,19 +18,18 @@ from hfpatch.techniques.generation.token_recycling import TokenRecycling
 # vision recipes patch VLMs only: tests/test_vision_pruning.py copies a patched LLaVA
 RECIPES = [entry["name"] for entry in hfpatch.list_recipes()
            if not {t.family for t in hfpatch.recipe.resolve_recipe(entry["name"]).build_techniques()} & {"vision"}]
-# a loaded draft model cannot travel in the recipe a copy is patched from (tests/test_draft_model.py checks the
-# warning); a draft named by Hub id does
-RECIPES = [name for name in RECIPES if "draft_model" not in
-           {t["type"] for t in hfpatch.recipe.resolve_recipe(name).techniques}]
 # a repetitive prompt (so drafts get accepted) longer than the sparse budget (so decode steps are sparse)
 PROMPT = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7, 8]])
 NEW = 8
 
 
 def _overrides(recipe: str) -> dict:
-    """Sparse recipes get a budget below the prompt length, so their decode steps really are sparse."""
+    """Sparse recipes get a budget below the prompt length, so their decode steps really are sparse; draft-model
+    recipes get a draft (which the copy drafts with too)."""
+    from test_draft_model import builtin_recipe_overrides
+
     families = {t.family for t in hfpatch.recipe.resolve_recipe(recipe).build_techniques()}
-    return {"budget": 12} if "attention" in families else {}
+    return {"budget": 12} if "attention" in families else builtin_recipe_overrides(recipe, tiny_model("llama"))
 
 
 def _generate(model):

@@ -246,17 +246,25 @@ def builtin_recipe_overrides(recipe: str, model) -> dict:
     return {"draft_model": _draft_for(model, kind)}
 
 
-def test_copies_of_a_patch_with_a_loaded_draft_come_out_unpatched_with_a_warning():
-    """A loaded draft without a Hub reference cannot be written into the recipe a copy is patched from, so the
-    copy is the unpatched model and the warning says how to patch it."""
+def test_copies_draft_with_the_loaded_draft():
+    """A loaded draft cannot be written into a recipe; a deep copy of the patched model is patched again with
+    the same draft object, a pickled one with its own copy of it."""
+    import pickle
+
     model = tiny_model("llama")
+    draft = _draft_for(model, "llama")
     prompt = _prompts(1)[0]
-    expected = model.generate(prompt, max_new_tokens=6, do_sample=False)
-    hfpatch.patch(model, "draft-model", draft_model=_draft_for(model, "llama"))
-    with pytest.warns(RuntimeWarning, match="no draft model: pass one at patch time"):
-        clone = copy.deepcopy(model)
-    assert hfpatch.active_patches(clone) == [] and "generate" not in clone.__dict__
-    assert torch.equal(clone.generate(prompt, max_new_tokens=6, do_sample=False), expected)
+    expected = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    hfpatch.patch(model, "draft-model", draft_model=draft)
+    clone = copy.deepcopy(model)
+    loaded = pickle.loads(pickle.dumps(model))
+    for other in (clone, loaded):
+        (handle,) = hfpatch.active_patches(other)
+        assert torch.equal(other.generate(prompt, max_new_tokens=12, do_sample=False), expected)
+        assert _stats(handle)["fallback"] is None and _stats(handle)["forwards"] < 12
+        assert handle.to_recipe().techniques[0]["draft_model"] is None  # never written into the recipe
+    assert hfpatch.active_patches(clone)[0].technique("draft_model").draft is draft
+    assert hfpatch.active_patches(loaded)[0].technique("draft_model").draft is not draft
     hfpatch.unpatch(model)
 
 

@@ -108,7 +108,11 @@ class DraftCall:
 
 
 class DraftModelDrafter(Drafter):
-    """Drafts with a small model; its cache is per call (`DraftCall`), its statistics shared by calls."""
+    """Drafts with a small model; its cache is per call (`DraftCall`), its statistics shared by calls.
+
+    The draft's forwards run inside `draft`, which the engine calls under this drafter's lock: concurrent
+    generate calls on one patched model draft one at a time (their target forwards still overlap).
+    """
 
     name = "draft_model"
     wants_call_info = True
@@ -400,6 +404,13 @@ class DraftModel(DrafterTechnique):
             params["draft_model"] = repo
             params["draft_revision"] = self.params.draft_revision or commit if repo else None
         return params
+
+    def live_overrides(self) -> dict[str, Any]:
+        """A loaded draft (and tokenizers) given at patch time: a copy of the patched model drafts with the same
+        draft object (it is not part of the target, like a tokenizer; a pickled copy carries its own)."""
+        given = {name: getattr(self.params, name) for name in ("draft_model", "target_tokenizer", "draft_tokenizer")}
+        return {name: value for name, value in given.items()
+                if value is not None and not isinstance(value, str)}
 
     def stats(self) -> dict[str, Any]:
         stats = super().stats()

@@ -45,7 +45,12 @@ class EarlyExitCall:
 
 
 class EarlyExitDrafter(Drafter):
-    """Drafts with the target's first layers. Shared by calls: agreement estimates per exit and counters."""
+    """Drafts with the target's first layers. Shared by calls: agreement estimates per exit and counters.
+
+    The hidden states scored by `update` are those of the last forward through each candidate layer; with
+    several threads generating at once that may be another call's, which only blurs the agreement estimates
+    (the shape check drops most such rows), never the output.
+    """
 
     name = "early_exit"
     wants_call_info = True
