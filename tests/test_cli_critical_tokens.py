@@ -79,6 +79,7 @@ def test_train_score_save_recipe_and_rescore(capsys, tmp_path, tiny_dir, pairs):
 
     recipe = Recipe.from_pretrained(str(recipe_dir))
     assert recipe.techniques == [{"type": "token_dpo", "weights": "critical", "critical_b": 1.0}]
+    assert "llama model (2 layers, vocabulary 128)" in recipe.description and str(tmp_path) not in recipe.description
     tensors = {k.removeprefix("token_dpo/"): v for k, v in recipe.tensors.items()}
     metadata = {k.removeprefix("token_dpo/"): v for k, v in recipe.tensor_metadata.items()}
     positive, _ = ct.adapters_from_tensors(tensors, metadata)

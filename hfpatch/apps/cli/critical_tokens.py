@@ -189,8 +189,11 @@ def _cmd_critical_tokens(args: argparse.Namespace) -> int:
                 tensors, metadata = ct.adapters_to_tensors(positive_adapter, negative_adapter)
                 recipe = Recipe(
                     [{"type": TECHNIQUE, "weights": "critical", "critical_b": args.b}], name="cdpo-critical",
+                    # the base model is named by its sizes, not by a local path (a recipe may go to the Hub)
                     description=f"cDPO with critical-token weights scored in the loss by two contrastive LoRA "
-                                f"adapters (r={config.r}) trained on {folder.name}; patch a Trainer, not a model",
+                                f"adapters (r={config.r}) trained on a {config.base_model['model_type']} model "
+                                f"({config.base_model['num_layers']} layers, vocabulary "
+                                f"{config.base_model['vocab_size']}); patch a Trainer, not a model",
                     requirements={"model_types": [config.base_model["model_type"]]},
                     tensors={f"{TECHNIQUE}/{k}": v for k, v in tensors.items()},
                     tensor_metadata={f"{TECHNIQUE}/{k}": v for k, v in metadata.items()})
