@@ -61,8 +61,9 @@ class TokenDPOParams:
     chosen_column: str | None = param(None, help="weights='column': an optional column of chosen-token weights "
                                       "(default: every chosen token weighs 1)", max_length=256)
     kernel: bool = param(True, help="per-token log-probs from hfpatch's fused linear log-prob kernel (hidden states x "
-                         "lm_head in vocabulary tiles, no [tokens, vocab] logits); False, or a model it cannot serve "
-                         "(stats say why): TRL's fused head on a DPOTrainer, else the full logits")
+                         "lm_head in vocabulary tiles, no [tokens, vocab] logits; float32 logits even under bf16 "
+                         "autocast, where TRL's head rounds to bf16); False, or a model it cannot serve (stats say "
+                         "why): TRL's fused head on a DPOTrainer, else the full logits")
     critical_b: float = param(1.0, help="weights='critical': b in s_t = softmax((1+b) log p_pos - b log p_neg)[y_t]",
                               ge=0.0, le=100.0)
 
