@@ -15,9 +15,11 @@ from tiny_models import tiny_model
 import hfpatch
 from hfpatch.techniques.generation.token_recycling import TokenRecycling
 
-# vision recipes patch VLMs only: tests/test_vision_pruning.py copies a patched LLaVA
+# vision recipes patch VLMs only (tests/test_vision_pruning.py copies a patched LLaVA); training recipes patch a
+# Trainer, which is not copied as a patched model is
 RECIPES = [entry["name"] for entry in hfpatch.list_recipes()
-           if not {t.family for t in hfpatch.recipe.resolve_recipe(entry["name"]).build_techniques()} & {"vision"}]
+           if not {t.family for t in hfpatch.recipe.resolve_recipe(entry["name"]).build_techniques()}
+           & {"vision", "training"}]
 # a repetitive prompt (so drafts get accepted) longer than the sparse budget (so decode steps are sparse)
 PROMPT = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7, 8]])
 NEW = 8

@@ -110,7 +110,7 @@ def test_unsupported_model_is_refused_with_supported_list():
     config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=32)
     model = transformers.BertForMaskedLM(config)
-    with pytest.raises(UnsupportedModelError, match=r"'bert'.*supported model types: gemma3_text, gpt2, llama"):
+    with pytest.raises(UnsupportedModelError, match=r"'bert'.*supported model types: gemma3, gemma3_text, gpt2, idefics3, llama"):
         hfpatch.patch(model, PROBE)
     assert not model._forward_hooks
 
@@ -275,6 +275,8 @@ def test_wrapped_generate_and_forward_keep_their_signature_and_metadata():
 def test_every_builtin_recipe_round_trips_exactly(recipe):
     """The strict snapshot round trip for every built-in recipe: used through generate, then unpatched."""
     families = {t.family for t in hfpatch.recipe.resolve_recipe(recipe).build_techniques()}
+    if "training" in families:
+        pytest.skip("training recipes patch a Trainer, not a model: tests/test_trainer_patch.py round-trips them")
     if "vision" in families:  # vision recipes patch VLMs only; in-LLM pruning (fastv) needs a few decoder layers
         config = tiny_config("llava")
         config.text_config.num_hidden_layers = 4

@@ -210,3 +210,19 @@ def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
     assert b["weights"] == pytest.approx(a["weights"], abs=1e-6)
     for name, value in a["state"].items():
         torch.testing.assert_close(b["state"][name], value, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("name", ["cdpo", "tdpo"])
+def test_builtin_training_recipes_patch_a_trainer_and_come_off(tmp_path, name):
+    rows = [{**row, "rejected_weights": [0.5] * 12} for row in preference_rows(4)]
+    trainer = dpo_trainer(tmp_path, rows=rows, ref_model=tiny_model("llama", seed=1).eval())
+    batch = first_batch(trainer)
+    with torch.no_grad():
+        own = trainer.compute_loss(trainer.model, batch).item()
+    handle = hfpatch.patch(trainer, name)
+    assert [t.name for t in handle.techniques] == [{"cdpo": "token_dpo", "tdpo": "tdpo"}[name]]
+    assert "compute_loss" in vars(trainer)
+    handle.unpatch()
+    assert "compute_loss" not in vars(trainer)
+    with torch.no_grad():
+        assert trainer.compute_loss(trainer.model, batch).item() == own
