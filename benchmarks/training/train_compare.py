@@ -1,0 +1,404 @@
+"""Training: TRL sigmoid DPO vs cDPO vs a shuffled-weights control vs TDPO2, same pairs, seeds and steps.
+
+SmolLM2-135M-Instruct (the bundled asset) + a LoRA adapter (peft) is trained with TRL's ``DPOTrainer`` on
+preference pairs built from the model's own sampled answers to TUNING arithmetic chains (reasoning-gym
+``chain_sum``, split before anything is tuned by `hfpatch.apps.reasoning_data.fixed_splits`): per problem the
+most frequent correct answer (chosen) vs the most frequent wrong one (rejected). Four methods, each from the
+same base model, the same LoRA initialisation seed, the same data order and the same number of steps:
+
+- ``dpo``: TRL's own sigmoid DPO loss (the trainer unpatched);
+- ``cdpo``: ``hfpatch.patch(trainer, token_dpo(weights="column"))``: the paper's sequence form with each
+  rejected token weighted by cDPO's ``1 - s_t`` from two contrastive LoRA adapters trained on the tuning
+  samples (all distinct correct answers -> positive, wrong ones -> negative). The weights are scored once,
+  before training, by `critical_tokens.score_dataset` (the same numbers ``weights="critical"`` scores inside
+  the loss: both score the base model, which is the PEFT policy's reference);
+- ``shuffled``: the same weights permuted at random within each rejected answer (same multiset of weights,
+  positions lost): does it matter *which* tokens get the weight?
+- ``tdpo2``: ``hfpatch.patch(trainer, tdpo)`` (TDPO2, alpha 0.5).
+
+Then greedy accuracy on held-out EVALUATION problems (another generator stream, no question shared with the
+tuning split) for the base model and each trained model, and a paired comparison against DPO over problems:
+exact McNemar p-value on the discordant problems and a paired bootstrap interval of the accuracy difference.
+A cheaper, more sensitive secondary number: on held-out preference pairs (built the same way from the
+evaluation problems' samples) the fraction where the trained policy's implicit reward prefers the correct
+answer (log-ratio to the base model, chosen > rejected).
+
+Answers are sampled once and reused (``--samples-file``: `benchmarks/training/critical_auroc.py` writes the same
+file with the same settings), and the contrastive adapters are cached (``--adapters-file``), so a rerun only
+trains and evaluates.
+
+    python benchmarks/training/train_compare.py --samples-file /tmp/samples_80.json \\
+        --adapters-file /tmp/cdpo_adapters.safetensors --out /tmp/train_compare.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hfpatch.apps import assets
+from hfpatch.apps import reasoning_data as rd
+from hfpatch.apps.bench.common import describe_machine, machine_line
+from hfpatch.techniques.training import critical_tokens as ct
+
+METHODS = ("dpo", "cdpo", "shuffled", "tdpo2")
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+
+
+def contrastive_answers(tuning, samples, cap: int, seed: int):
+    """(correct, wrong) distinct (prompt, answer) pairs of the tuning samples; each list capped at ``cap`` by a
+    fixed random subset (the adapters' training time grows with it)."""
+    correct, wrong = [], []
+    for problem in tuning:
+        for answer in dict.fromkeys(samples[problem.id]):
+            if answer.strip():
+                (correct if rd.is_correct(problem, answer) else wrong).append((rd.prompt_for(problem), answer))
+    rng = random.Random(seed)
+    return [rng.sample(x, cap) if len(x) > cap else x for x in (correct, wrong)]
+
+
+def shuffled_within(rows, column: str, out_column: str, seed: int):
+    """Copies of ``rows`` with ``out_column``: each row's ``column`` values permuted at random (same values,
+    positions lost)."""
+    rng = random.Random(seed)
+    out = []
+    for row in rows:
+        values = list(row[column])
+        rng.shuffle(values)
+        out.append({**row, out_column: values})
+    return out
+
+
+def load_or_train_adapters(model, tokenizer, correct, wrong, path: Path | None, args):
+    from safetensors.torch import load_file, save_file
+
+    if path is not None and path.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata()
+        return ct.adapters_from_tensors(load_file(str(path)), metadata), True
+    positive, negative = ct.train_contrastive_adapters(model, tokenizer, correct, wrong, r=args.adapter_r,
+                                                       alpha=2.0 * args.adapter_r, lr=3e-4, epochs=1,
+                                                       seed=args.seed0)
+    if path is not None:
+        tensors, metadata = ct.adapters_to_tensors(positive, negative)
+        save_file(tensors, str(path), metadata=metadata)
+    return (positive, negative), False
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def greedy_answers(model, tokenizer, problems, *, max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy answer per problem (left-padded batches), cut after its ``Answer: N`` line as when sampling."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = []
+    model.eval()
+    try:
+        for start in range(0, len(problems), batch_size):
+            chunk = problems[start: start + batch_size]
+            batch = tokenizer([rd.prompt_for(p) for p in chunk], return_tensors="pt", padding=True)
+            with torch.no_grad():
+                generated = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad)
+            texts = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            out.extend(rd._cut(t) for t in texts)
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def pair_preference(model, tokenizer, pairs) -> dict:
+    """On preference pairs: the share where the policy's log-ratio to its reference (the adapter disabled) is
+    higher for the chosen answer than for the rejected one, and the mean margin (summed log-ratios)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    margins = []
+    model.eval()
+    for row in pairs:
+        encoded = [ct.encode_completion(tokenizer, row["prompt"], row[k]) for k in ("chosen", "rejected")]
+        ids, attention, labels = ct._batch(encoded, pad, torch.device("cpu"))
+
+        def summed(m):
+            with torch.no_grad():
+                logp = torch.log_softmax(m(input_ids=ids, attention_mask=attention).logits[:, :-1].float(), -1)
+            token = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+            return (token * labels[:, 1:]).sum(1)
+
+        policy = summed(model)
+        with model.disable_adapter():
+            reference = summed(model)
+        ratio = policy - reference
+        margins.append(float(ratio[0] - ratio[1]))
+    return {"pairs": len(margins), "prefers_chosen": round(sum(m > 0 for m in margins) / max(1, len(margins)), 4),
+            "mean_margin": round(sum(margins) / max(1, len(margins)), 4)}
+
+
+def mcnemar(a: list[bool], b: list[bool]) -> dict:
+    """Exact two-sided McNemar test of paired outcomes: b right where a wrong (n10) vs the reverse (n01)."""
+    n10 = sum(1 for x, y in zip(a, b) if y and not x)
+    n01 = sum(1 for x, y in zip(a, b) if x and not y)
+    n = n10 + n01
+    tail = sum(math.comb(n, k) for k in range(0, min(n10, n01) + 1)) / 2 ** n if n else 1.0
+    return {"better": n10, "worse": n01, "p": round(min(1.0, 2 * tail), 4)}
+
+
+def paired_bootstrap(a: list[bool], b: list[bool], seed: int, resamples: int = 2000) -> list[float]:
+    """95% interval of accuracy(b) - accuracy(a) over problems resampled with replacement."""
+    rng = random.Random(seed)
+    n = len(a)
+    diffs = []
+    for _ in range(resamples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        diffs.append(sum(b[i] - a[i] for i in idx) / n)
+    diffs.sort()
+    return [round(diffs[int(0.025 * resamples)], 4), round(diffs[int(0.975 * resamples) - 1], 4)]
+
+
+# --------------------------------------------------------------------------------------------------
+# training
+
+
+def train_one(method: str, model, tokenizer, rows, args, seed: int, workdir: Path) -> dict:
+    """Wrap ``model`` in a fresh LoRA (seeded), train it with a DPOTrainer (patched per ``method``) and return
+    the PEFT model and what the trainer logged. The caller unloads the adapter afterwards."""
+    import hfpatch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from trl import DPOConfig, DPOTrainer
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0, bias="none",
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    policy = get_peft_model(model, config)
+    keep = ["prompt", "chosen", "rejected"] + (["rejected_weights"] if method == "cdpo" else
+                                               ["shuffled_weights"] if method == "shuffled" else [])
+    data = Dataset.from_list([{k: row[k] for k in keep} for row in rows])
+    dpo_config = DPOConfig(output_dir=str(workdir / f"{method}-{seed}"), per_device_train_batch_size=args.batch_size,
+                           max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant",
+                           warmup_steps=0, beta=args.beta, loss_type=["sigmoid"], seed=seed, data_seed=seed,
+                           report_to="none", use_cpu=True, logging_steps=1, save_strategy="no",
+                           dataloader_num_workers=0, disable_tqdm=True, bf16=False, max_length=args.max_length,
+                           gradient_checkpointing=False)  # short sequences: recomputing only costs time
+    trainer = DPOTrainer(model=policy, ref_model=None, args=dpo_config, train_dataset=data,
+                         processing_class=tokenizer)
+    handle = None
+    if method in ("cdpo", "shuffled"):
+        column = "rejected_weights" if method == "cdpo" else "shuffled_weights"
+        handle = hfpatch.patch(trainer, hfpatch.Recipe([{"type": "token_dpo", "weights": "column", "column": column,
+                                                          "form": "sequence", "beta": args.beta}]))
+    elif method == "tdpo2":
+        handle = hfpatch.patch(trainer, hfpatch.Recipe([{"type": "tdpo", "variant": "tdpo2", "alpha": 0.5,
+                                                          "beta": args.beta}]))
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    tail = logs[-max(1, len(logs) // 4):]  # the last quarter of the steps
+
+    def mean(key):
+        values = [entry[key] for entry in tail if key in entry]
+        return round(sum(values) / len(values), 4) if values else None
+
+    info = {"train_s": round(seconds, 1), "steps": len(logs), "final_loss": mean("loss"),
+            "final_margin": mean("rewards/margins"), "final_reward_accuracy": mean("rewards/accuracies"),
+            "mean_rejected_weight": mean("weights/rejected_mean")}
+    if handle is not None:
+        stats = handle.stats
+        info["patch_stats"] = {k: v for k, v in next(iter(stats.values())).items()
+                               if k in ("weights", "form", "logprobs", "reference", "variant", "steps")} \
+            if isinstance(stats, dict) and stats else str(stats)
+        handle.unpatch()
+    return policy, info
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n-tuning", type=int, default=80)
+    parser.add_argument("--n-evaluation", type=int, default=80, help="evaluation problems of the samples file")
+    parser.add_argument("--n-heldout", type=int, default=120, help="held-out problems for greedy accuracy (the "
+                        "evaluation stream; the samples file's evaluation problems are its first ones)")
+    parser.add_argument("--samples", type=int, default=6, help="answers sampled per problem (if not in the file)")
+    parser.add_argument("--terms", type=int, default=3)
+    parser.add_argument("--digits", type=int, default=1)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--max-new-tokens", type=int, default=28)
+    parser.add_argument("--samples-file", type=Path, help="sampled answers: read if it exists, else written")
+    parser.add_argument("--adapters-file", type=Path, help="contrastive adapters (safetensors): read if it exists, "
+                        "else trained and written")
+    parser.add_argument("--adapter-answers", type=int, default=120, help="at most this many correct and this many "
+                        "wrong distinct answers train the contrastive adapters")
+    parser.add_argument("--adapter-r", type=int, default=8)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--r", type=int, default=16, help="LoRA rank of the trained policy (alpha = 2r)")
+    parser.add_argument("--max-length", type=int, default=160)
+    parser.add_argument("--eval-batch", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed0", type=int, default=0, help="the split / sampling / adapter seed")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/train_compare"))
+    parser.add_argument("--no-base", action="store_true", help="skip the base model's greedy answers (another "
+                        "process of a split run evaluates them)")
+    parser.add_argument("--merge", type=Path, nargs="+", help="only merge these results files of one split run")
+    parser.add_argument("--out", type=Path, help="write the results (JSON) here")
+    args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
+    torch.set_num_threads(args.threads)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            check=False).stdout.strip()
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    result: dict = {"date": time.strftime("%Y-%m-%d"), "commit": commit,
+                    "machine": machine_line(describe_machine()),
+                    "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+                    "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+
+    def save():
+        result["timings"] = timings
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    model, tokenizer = assets.load_smollm2()
+    kwargs = dict(min_terms=args.terms, max_terms=args.terms, max_digits=args.digits)
+    tuning, evaluation = rd.fixed_splits(rd.arithmetic_problems, n_tuning=args.n_tuning,
+                                         n_evaluation=args.n_evaluation, seed=args.seed0, **kwargs)
+    _, heldout = rd.fixed_splits(rd.arithmetic_problems, n_tuning=args.n_tuning, n_evaluation=args.n_heldout,
+                                 seed=args.seed0, **kwargs)
+    t = time.perf_counter()
+    if args.samples_file and args.samples_file.exists():
+        samples = json.loads(args.samples_file.read_text())
+        missing = [p.id for p in tuning + evaluation if p.id not in samples]
+        if missing:
+            raise SystemExit(f"{args.samples_file}: no samples for {len(missing)} problems (e.g. {missing[0]}); "
+                             "it was written with other --n-tuning/--n-evaluation/--terms/--digits settings")
+    else:
+        samples = rd.sample_answers(model, tokenizer, tuning + evaluation, n_samples=args.samples,
+                                    temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed0)
+        if args.samples_file:
+            args.samples_file.write_text(json.dumps(samples))
+    timings["sampling_s"] = round(time.perf_counter() - t, 1)
+    pairs = rd.build_pairs(tuning, samples)
+    eval_pairs = rd.build_pairs(evaluation, samples)
+    result["data"] = {"tuning_problems": len(tuning), "heldout_problems": len(heldout),
+                      "tuning_pairs": len(pairs), "heldout_pairs": len(eval_pairs)}
+
+    rows = pairs
+    if {"cdpo", "shuffled"} & set(args.methods):
+        # contrastive adapters and the critical weights of every rejected tuning answer
+        correct, wrong = contrastive_answers(tuning, samples, args.adapter_answers, args.seed0)
+        t = time.perf_counter()
+        (positive, negative), cached = load_or_train_adapters(model, tokenizer, correct, wrong, args.adapters_file,
+                                                              args)
+        timings["adapters_s"] = round(time.perf_counter() - t, 1)
+        result["data"]["adapter_answers"] = {"correct": len(correct), "wrong": len(wrong), "cached": cached}
+        rows = ct.score_dataset(model, tokenizer, positive, negative, pairs, progress=False)
+        weights = [w for row in rows for w in row["rejected_weights"]]
+        result["data"]["rejected_weights"] = {
+            "tokens": len(weights), "mean": round(sum(weights) / len(weights), 4),
+            "share_above_0.5": round(sum(w > 0.5 for w in weights) / len(weights), 4)}
+        save()
+
+    # base model (its greedy answers are deterministic: one process of a split run may skip them)
+    base_answers, base_correct = None, None
+    if not args.no_base:
+        t = time.perf_counter()
+        base_answers = greedy_answers(model, tokenizer, heldout, max_new_tokens=args.max_new_tokens,
+                                      batch_size=args.eval_batch)
+        timings["eval_base_s"] = round(time.perf_counter() - t, 1)
+        base_correct = [rd.is_correct(p, a) for p, a in zip(heldout, base_answers)]
+        result["base"] = {"accuracy": round(sum(base_correct) / len(heldout), 4), "correct": sum(base_correct),
+                          "per_problem": [int(x) for x in base_correct]}
+        print(f"base: {sum(base_correct)}/{len(heldout)} held-out problems right", flush=True)
+        save()
+
+    result["runs"] = []
+    for seed in args.seeds:
+        seeded = shuffled_within(rows, "rejected_weights", "shuffled_weights", seed) if rows is not pairs else pairs
+        for method in args.methods:
+            t = time.perf_counter()
+            policy, info = train_one(method, model, tokenizer, seeded, args, seed, args.workdir)
+            answers = greedy_answers(policy, tokenizer, heldout, max_new_tokens=args.max_new_tokens,
+                                     batch_size=args.eval_batch)
+            right = [rd.is_correct(p, a) for p, a in zip(heldout, answers)]
+            info.update(method=method, seed=seed, accuracy=round(sum(right) / len(heldout), 4), correct=sum(right),
+                        per_problem=[int(x) for x in right],
+                        heldout_pairs=pair_preference(policy, tokenizer, eval_pairs))
+            if base_correct is not None:
+                info.update(vs_base=mcnemar(base_correct, right),
+                            changed_answers=sum(a != b for a, b in zip(answers, base_answers)))
+            model = policy.unload()  # the base model back, without this run's adapter
+            info["total_s"] = round(time.perf_counter() - t, 1)
+            result["runs"].append(info)
+            print(json.dumps(info), flush=True)
+            save()
+    result["comparisons"] = compare(result["runs"], args.seed0)
+    timings["total_s"] = round(time.perf_counter() - started, 1)
+    save()
+    print(json.dumps({"base": result.get("base"), "comparisons": result["comparisons"]}, indent=2))
+    return 0
+
+
+def compare(runs: list[dict], seed: int) -> dict:
+    """Each method against DPO, paired over (problem, seed): exact McNemar and a paired bootstrap interval."""
+    outcomes = {(run["method"], run["seed"]): run["per_problem"] for run in runs}
+    seeds = sorted({s for m, s in outcomes if m == "dpo"})
+    comparisons = {}
+    for method in dict.fromkeys(m for m, _ in outcomes):
+        if method == "dpo" or not seeds or any((method, s) not in outcomes for s in seeds):
+            continue
+        a = [bool(x) for s in seeds for x in outcomes[("dpo", s)]]
+        b = [bool(x) for s in seeds for x in outcomes[(method, s)]]
+        comparisons[f"{method} vs dpo"] = {"seeds": seeds, "accuracy_difference": round((sum(b) - sum(a)) / len(a), 4),
+                                           "mcnemar": mcnemar(a, b), "bootstrap_ci95": paired_bootstrap(a, b, seed)}
+    return comparisons
+
+
+def merge(paths: list[Path], out: Path | None) -> int:
+    """Join the JSON results of processes that trained different methods on the same settings (one of them
+    evaluated the base model) and compare every method with DPO."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    ignore = {"methods", "out", "no_base", "adapters_file"}
+    settings = [{k: v for k, v in part["settings"].items() if k not in ignore} for part in parts]
+    if any(s != settings[0] for s in settings[1:]):
+        raise SystemExit("these results were run with different settings; merge only the halves of one run")
+    merged = {**parts[0], "command": [part["command"] for part in parts], "commit": [part["commit"] for part in parts],
+              "runs": [run for part in parts for run in part.get("runs", [])],
+              "timings": [part.get("timings") for part in parts]}
+    for part in parts:
+        for key in ("base", "data"):
+            if key in part:
+                merged[key] = {**merged.get(key, {}), **part[key]}
+    base = merged.get("base", {}).get("per_problem")
+    if base is not None:
+        for run in merged["runs"]:
+            run["vs_base"] = mcnemar([bool(x) for x in base], [bool(x) for x in run["per_problem"]])
+    merged["comparisons"] = compare(merged["runs"], merged["settings"]["seed0"])
+    print(json.dumps({"base": merged.get("base", {}).get("accuracy"), "comparisons": merged["comparisons"]}, indent=2))
+    if out:
+        out.write_text(json.dumps(merged, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
