@@ -56,7 +56,7 @@ class EarlyExitDrafter(Drafter):
     wants_call_info = True
 
     def __init__(self, model, exits: list[int], max_length: int, rate: float, prior: float,
-                 fixed_exit: int | None, fixed_length: int | None):
+                 fixed_exit: int | None, fixed_length: int | None, score_every: int = 1):
         adapter = arch.adapter_for(model)
         self.model = model
         self.layers = adapter.decoder_layers()
@@ -69,6 +69,8 @@ class EarlyExitDrafter(Drafter):
         self.rate = rate
         self.fixed_exit = fixed_exit
         self.fixed_length = fixed_length
+        self.score_every = score_every
+        self._updates = 0
         self.agreement = {layer: prior for layer in exits}
         self.observations = {layer: 0 for layer in exits}
         self._layer_kwarg = compat.cache_kwarg(self.layers[0])
@@ -142,6 +144,11 @@ class EarlyExitDrafter(Drafter):
     def update(self, tree: DraftTree, topk, accepted: list[int], context: list[int], call: EarlyExitCall) -> None:
         """Score every candidate exit on the positions the target just verified and accepted."""
         self.accepted += len(accepted)
+        self._updates += 1
+        if (self._updates - 1) % self.score_every:
+            # the head on a few rows per exit costs a fraction of a forward on a large vocabulary: not every step
+            self.captured.clear()
+            return
         nodes = [0, *accepted]
         # the target's token after each of these nodes: the accepted children, then the bonus token
         chosen = context[len(context) - len(nodes):]
@@ -167,8 +174,8 @@ class EarlyExitDrafter(Drafter):
 
 @dataclasses.dataclass
 class EarlyExitParams:
-    exits: list[int] | None = param(None, help="candidate exit layers (1 = after the first layer); null: every "
-                                               "layer up to half the depth", max_items=256)
+    exits: list[int] | None = param(None, help="candidate exit layers (1 = after the first layer); null: four "
+                                               "layers spread over the first half of the depth", max_items=256)
     exit_layer: int | None = param(None, help="always exit after this many layers (null: DEL picks per step)", ge=1)
     draft_length: int | None = param(None, help="always draft this many tokens (null: DEL picks per step)",
                                      ge=1, le=32)
@@ -176,6 +183,8 @@ class EarlyExitParams:
     prior_agreement: float = param(0.5, help="agreement assumed for an exit before it is measured (so each is "
                                              "tried)", ge=0.0, le=1.0)
     rate: float = param(0.05, help="weight of each new observation in an exit's running agreement", gt=0.0, le=1.0)
+    score_every: int = param(4, help="score the candidate exits on every n-th verified step (each scoring runs "
+                                     "the final norm and head on a few rows per exit)", ge=1, le=1024)
 
 
 @register
@@ -202,7 +211,8 @@ class EarlyExit(DrafterTechnique):
     def make_drafter(self, model) -> EarlyExitDrafter:
         layers = len(arch.adapter_for(model).decoder_layers())
         p = self.params
-        exits = sorted(set(p.exits)) if p.exits else list(range(1, max(layers // 2, 1) + 1))
+        half = max(layers // 2, 1)
+        exits = sorted(set(p.exits)) if p.exits else sorted({max(1, round(half * i / 4)) for i in range(1, 5)})
         if p.exit_layer is not None:
             exits = sorted(set(exits) | {p.exit_layer})
         if exits[0] < 1 or exits[-1] >= layers:
@@ -211,7 +221,7 @@ class EarlyExit(DrafterTechnique):
         if compat.has_sliding_window_layers(model.config):
             raise UnsupportedModelError(f"{self.name}: sliding-window models are not supported")
         drafter = EarlyExitDrafter(model, exits, p.max_draft_length, p.rate, p.prior_agreement, p.exit_layer,
-                                   p.draft_length)
+                                   p.draft_length, p.score_every)
         if drafter.rotary is None:
             raise UnsupportedModelError(f"{self.name}: {type(model).__name__} has no shared rotary embedding")
         return drafter
