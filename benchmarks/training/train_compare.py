@@ -378,7 +378,7 @@ def merge(paths: list[Path], out: Path | None) -> int:
     """Join the JSON results of processes that trained different methods on the same settings (one of them
     evaluated the base model) and compare every method with DPO."""
     parts = [json.loads(p.read_text()) for p in paths]
-    ignore = {"methods", "out", "no_base", "adapters_file"}
+    ignore = {"methods", "seeds", "out", "no_base", "adapters_file"}
     settings = [{k: v for k, v in part["settings"].items() if k not in ignore} for part in parts]
     if any(s != settings[0] for s in settings[1:]):
         raise SystemExit("these results were run with different settings; merge only the halves of one run")
