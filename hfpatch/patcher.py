@@ -30,7 +30,6 @@ from . import arch, compat, primitives
 from .errors import PatchConflictError, PatchError, UnsupportedModelError
 from .primitives import Undo
 from .recipe import Recipe, resolve_recipe
-from .technique import params_to_dict
 
 logger = logging.getLogger(__name__)
 
