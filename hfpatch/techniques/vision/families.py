@@ -175,7 +175,20 @@ class FamilyGlue:
         raise NotImplementedError
 
     def merge(self, model, inputs: dict[str, Any], features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """The input embeddings with the image features scattered over the image placeholder tokens, as the model's
+        own forward does, and the `[B, L]` bool mask of those positions."""
+        input_ids = inputs.get("input_ids")
+        embeds = inputs.get("inputs_embeds")
+        if embeds is None:
+            embeds = model.model.get_input_embeddings()(input_ids)
+        stacked = torch.cat(features, dim=0).to(embeds.device, embeds.dtype)
+        mask = self.placeholder_mask(model, input_ids, embeds, stacked)
+        return embeds.masked_scatter(mask, stacked), mask[..., 0]
+
+    def placeholder_mask(self, model, input_ids, embeds: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+        """Where the features go, `[B, L, H]` bool: the model's own `get_placeholder_mask`, which also checks that
+        the image-token count equals the feature count."""
+        return model.model.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=stacked)
 
     def full_positions(self, model, inputs: dict[str, Any], length: int, device) -> torch.Tensor:
         """Position ids of the whole (unpruned) sequence when the caller gave none: `0..L-1` here; a family with
@@ -291,16 +304,6 @@ class LlavaGlue(FamilyGlue):
             layouts.append(_grid_layout(n, (h, w), offset + dropped, prefix))
             offset += tower_tokens
         return EncodedImages(features, layouts, outputs, tower_tokens)
-
-    def merge(self, model, inputs, features):
-        inner = model.model
-        input_ids = inputs.get("input_ids")
-        embeds = inputs.get("inputs_embeds")
-        if embeds is None:
-            embeds = inner.get_input_embeddings()(input_ids)
-        stacked = torch.cat(features, dim=0).to(embeds.device, embeds.dtype)
-        mask = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=stacked)
-        return embeds.masked_scatter(mask, stacked), mask[..., 0]
 
 
 class LlavaNextGlue(LlavaGlue):
@@ -420,15 +423,10 @@ class QwenVLGlue(FamilyGlue):
             offset += size
         return EncodedImages(features, layouts, outputs, 0)
 
-    def merge(self, model, inputs, features):
-        inner = model.model
-        input_ids = inputs.get("input_ids")
-        embeds = inputs.get("inputs_embeds")
-        if embeds is None:
-            embeds = inner.get_input_embeddings()(input_ids)
-        stacked = torch.cat(features, dim=0).to(embeds.device, embeds.dtype)
-        mask, _ = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=stacked)
-        return embeds.masked_scatter(mask, stacked), mask[..., 0]
+    def placeholder_mask(self, model, input_ids, embeds, stacked):
+        # Qwen2-VL's returns the image mask and the video mask
+        image_mask, _ = model.model.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=stacked)
+        return image_mask
 
     def full_positions(self, model, inputs, length, device):
         inner = model.model
@@ -493,16 +491,6 @@ class Gemma3Glue(FamilyGlue):
                    for number in range(len(features))]
         return EncodedImages(features, layouts, outputs, tower_tokens)
 
-    def merge(self, model, inputs, features):
-        inner = model.model
-        input_ids = inputs.get("input_ids")
-        embeds = inputs.get("inputs_embeds")
-        if embeds is None:
-            embeds = inner.get_input_embeddings()(input_ids)
-        stacked = torch.cat(features, dim=0).to(embeds.device, embeds.dtype)
-        mask = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=stacked)
-        return embeds.masked_scatter(mask, stacked), mask[..., 0]
-
 
 class Idefics3Glue(FamilyGlue):
     """Idefics3 / SmolVLM: each image is cut into crops (plus a downscaled global view); a crop's `p x p` SigLIP
@@ -548,19 +536,14 @@ class Idefics3Glue(FamilyGlue):
             crop += crops
         return EncodedImages(features, layouts, outputs, tower_tokens)
 
-    def merge(self, model, inputs, features):
-        inner = model.model
-        input_ids = inputs.get("input_ids")
-        embeds = inputs.get("inputs_embeds")
-        if embeds is None:
-            embeds = inner.get_input_embeddings()(input_ids)
-        stacked = torch.cat(features, dim=0).to(embeds.device, embeds.dtype)
+    def placeholder_mask(self, model, input_ids, embeds, stacked):
         # both models scatter the features over the image tokens (Idefics3's inputs_merger, SmolVLM's forward)
+        # without a get_placeholder_mask of their own
         placeholder = input_ids == model.config.image_token_id
         if int(placeholder.sum()) != stacked.shape[0]:
             raise ValueError(f"{model.config.model_type}: {int(placeholder.sum())} image tokens in input_ids but "
                              f"{stacked.shape[0]} image features")
-        return embeds.masked_scatter(placeholder.unsqueeze(-1).to(embeds.device), stacked), placeholder
+        return placeholder.unsqueeze(-1).expand_as(embeds).to(embeds.device)
 
 
 _GLUE: dict[str, FamilyGlue] = {}
