@@ -101,6 +101,20 @@ class Selection:
     features: torch.Tensor | None = None
 
 
+def diverse_selection(image: ImageTokens, budget: int, method: str, stats: dict[str, Any]) -> Selection:
+    """The `budget` most mutually distant of an image's selectable tokens (`kernels.diverse_select`, `method`
+    "max_min" for DivPrune, "k_center" for ToDRE's stage 1), over all its grid segments together; the kernel
+    backend that runs is recorded once in `stats["kernel"]`."""
+    from ...kernels.diverse_select import diverse_select
+
+    selectable = torch.cat([segment.index for segment in image.layout.segments]).to(image.features.device)
+    features = image.features[selectable]
+    if stats.get("kernel") is None:
+        stats["kernel"] = diverse_select.resolve_backend(features, budget, method=method)
+    local = diverse_select(features, budget, method=method)
+    return Selection(selectable[local.to(selectable.device)].sort().values)
+
+
 def split_budget(layout: ImageLayout, budget: int) -> list[int]:
     """Share `budget` among an image's segments in proportion to their sizes (largest remainder, capped by each
     segment's size), so a LLaVA-NeXT image keeps the same fraction of its base and its high-resolution grid."""

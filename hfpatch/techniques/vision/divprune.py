@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from ...catalogue import register
-from .base import ImageTokens, PruningParams, Selection, VisionPruningTechnique
+from .base import ImageTokens, PruningParams, Selection, VisionPruningTechnique, diverse_selection
 
 
 @dataclasses.dataclass
@@ -32,11 +30,4 @@ class DivPrune(VisionPruningTechnique):
     Params = DivPruneParams
 
     def select(self, image: ImageTokens, budget: int) -> Selection:
-        from ...kernels.diverse_select import diverse_select
-
-        selectable = torch.cat([segment.index for segment in image.layout.segments]).to(image.features.device)
-        features = image.features[selectable]
-        if self._stats.get("kernel") is None:
-            self._stats["kernel"] = diverse_select.resolve_backend(features, budget, method="max_min")
-        local = diverse_select(features, budget, method="max_min")
-        return Selection(selectable[local.to(selectable.device)].sort().values)
+        return diverse_selection(image, budget, "max_min", self._stats)

@@ -26,7 +26,7 @@ import torch
 
 from ...catalogue import register
 from ...technique import param
-from .base import ImageTokens, PruningParams, Selection, VisionPruningTechnique
+from .base import ImageTokens, PruningParams, Selection, VisionPruningTechnique, diverse_selection
 from .in_llm import InLLMPruner, visual_token_ids
 
 
@@ -73,14 +73,7 @@ class ToDRE(VisionPruningTechnique):
     # stage 1 ------------------------------------------------------------------------------------------
 
     def select(self, image: ImageTokens, budget: int) -> Selection:
-        from ...kernels.diverse_select import diverse_select
-
-        selectable = torch.cat([segment.index for segment in image.layout.segments]).to(image.features.device)
-        features = image.features[selectable]
-        if self._stats.get("kernel") is None:
-            self._stats["kernel"] = diverse_select.resolve_backend(features, budget, method="k_center")
-        local = diverse_select(features, budget, method="k_center")
-        return Selection(selectable[local.to(selectable.device)].sort().values)
+        return diverse_selection(image, budget, "k_center", self._stats)
 
     def _choose(self, encoded, embeds, placeholder):
         keep, embeds = super()._choose(encoded, embeds, placeholder)
