@@ -102,3 +102,20 @@ def test_sample_answers_on_a_tiny_model():
     samples = rd.sample_answers(model, tok, [CHAIN], n_samples=3, max_new_tokens=5, batch_size=2, progress=False)
     assert list(samples) == ["t/0"] and len(samples["t/0"]) == 3
     assert tok.padding_side == "right"  # restored after left-padding the prompts
+
+
+def test_cached_answers_reads_back_what_it_wrote_and_refuses_a_file_of_other_problems(tmp_path, monkeypatch):
+    problems = [rd.Problem(id=f"p{i}", question="1 + 1", answer=2) for i in range(2)]
+    calls = []
+
+    def fake_sample(model, tokenizer, problems, **sampling):
+        calls.append(sampling)
+        return {p.id: ["Answer: 2"] for p in problems}
+
+    monkeypatch.setattr(rd, "sample_answers", fake_sample)
+    path = tmp_path / "samples.json"
+    first = rd.cached_answers(path, None, None, problems, n_samples=1)
+    again = rd.cached_answers(path, None, None, problems, n_samples=1)
+    assert first == again and len(calls) == 1 and path.exists()
+    with pytest.raises(ValueError, match="no samples for 1 problems"):
+        rd.cached_answers(path, None, None, problems + [rd.Problem(id="other", question="2 + 2", answer=4)])

@@ -193,13 +193,9 @@ def main(argv=None) -> int:
                                          n_evaluation=args.n_evaluation, seed=args.seed, min_terms=args.terms,
                                          max_terms=args.terms, max_digits=args.digits)
     t = time.perf_counter()
-    if args.samples_file and args.samples_file.exists():  # reuse the answers of an earlier run (same settings)
-        samples = json.loads(args.samples_file.read_text())
-    else:
-        samples = rd.sample_answers(model, tokenizer, tuning + evaluation, n_samples=args.samples,
-                                    temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
-        if args.samples_file:
-            args.samples_file.write_text(json.dumps(samples))
+    # --samples-file: reuse the answers of an earlier run with the same settings
+    samples = rd.cached_answers(args.samples_file, model, tokenizer, tuning + evaluation, n_samples=args.samples,
+                                temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
     timings["sampling_s"] = round(time.perf_counter() - t, 1)
 
     if args.pairs_out:

@@ -286,17 +286,12 @@ def main(argv=None) -> int:
     _, heldout = rd.fixed_splits(rd.arithmetic_problems, n_tuning=args.n_tuning, n_evaluation=args.n_heldout,
                                  seed=args.seed0, **kwargs)
     t = time.perf_counter()
-    if args.samples_file and args.samples_file.exists():
-        samples = json.loads(args.samples_file.read_text())
-        missing = [p.id for p in tuning + evaluation if p.id not in samples]
-        if missing:
-            raise SystemExit(f"{args.samples_file}: no samples for {len(missing)} problems (e.g. {missing[0]}); "
-                             "it was written with other --n-tuning/--n-evaluation/--terms/--digits settings")
-    else:
-        samples = rd.sample_answers(model, tokenizer, tuning + evaluation, n_samples=args.samples,
-                                    temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed0)
-        if args.samples_file:
-            args.samples_file.write_text(json.dumps(samples))
+    try:
+        samples = rd.cached_answers(args.samples_file, model, tokenizer, tuning + evaluation, n_samples=args.samples,
+                                    temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                                    seed=args.seed0)
+    except ValueError as exc:  # a samples file of other --n-tuning/--n-evaluation/--terms/--digits settings
+        raise SystemExit(str(exc)) from None
     timings["sampling_s"] = round(time.perf_counter() - t, 1)
     pairs = rd.build_pairs(tuning, samples)
     eval_pairs = rd.build_pairs(evaluation, samples)

@@ -24,10 +24,12 @@ from __future__ import annotations
 import collections
 import importlib
 import importlib.util
+import json
 import re
 import sys
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from hfpatch.apps.assets import AssetMissingError
@@ -303,6 +305,24 @@ def sample_answers(model, tokenizer, problems: Sequence[Problem], *, n_samples: 
     finally:
         tokenizer.padding_side = padding_side
     return dict(out)
+
+
+def cached_answers(path, model, tokenizer, problems: Sequence[Problem], **sampling: Any) -> dict[str, list[str]]:
+    """The answers a study samples (`sample_answers(model, tokenizer, problems, **sampling)`), read back from the
+    JSON file `path` when an earlier run wrote it (and written there otherwise; `path` None: no file). A file that
+    lacks some of `problems` was written with other settings: `ValueError` saying so."""
+    path = Path(path) if path is not None else None
+    if path is not None and path.exists():
+        samples = json.loads(path.read_text())
+        missing = [p.id for p in problems if p.id not in samples]
+        if missing:
+            raise ValueError(f"{path}: no samples for {len(missing)} problems (e.g. {missing[0]}); it was written "
+                             "with other problem settings (counts, terms, digits or seed)")
+        return samples
+    samples = sample_answers(model, tokenizer, problems, **sampling)
+    if path is not None:
+        path.write_text(json.dumps(samples))
+    return samples
 
 
 def build_pairs(problems: Sequence[Problem], samples: dict[str, list[str]]) -> list[dict[str, Any]]:
