@@ -272,11 +272,9 @@ def patch(
     _check_claims(target, techniques)
 
     handle = PatchHandle(target, recipe_obj, techniques)
-    if is_trainer:
-        pass  # a trainer is not copied or pickled as a patched model is: no copy hooks on it
-    elif not _ACTIVE.get(target):
+    if not is_trainer and not _ACTIVE.get(target):
         # The first patch on a model installs the copy hooks; its undo is the first recorded, so they go when
-        # the last patch comes off.
+        # the last patch comes off. A trainer is not copied or pickled as a patched model is: it gets none.
         _install_copy_hooks(target, handle._context)
     if model is not target:  # patched through a wrapper (see _WrapperCopyHook)
         _install_wrapper_hooks(model, target, handle._context)
