@@ -75,6 +75,15 @@ def new_dynamic_cache(config):
     return DynamicCache(config=config)
 
 
+def new_unbounded_cache(config):
+    """An empty `DynamicCache` with one full-attention `DynamicLayer` per decoder layer of `config`, sliding-window
+    layers included: they keep every position (storage index = position), and the caller applies the window in the
+    attention mask. Without an explicit mask, transformers' sliding mask on such a layer is exact (offset 0)."""
+    cache = DynamicCache()
+    cache.layers.extend(DynamicLayer() for _ in new_dynamic_cache(config).layers)
+    return cache
+
+
 def attention_functions():
     """transformers' global registry of attention functions (name -> callable)."""
     from transformers import AttentionInterface

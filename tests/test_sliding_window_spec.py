@@ -12,6 +12,9 @@ from tiny_models import _TEXT, tiny_model
 
 import hfpatch
 from hfpatch import compat
+from hfpatch.techniques.generation.draft_model import DraftModelDrafter
+from hfpatch.techniques.generation.engine import CallInfo
+from hfpatch.techniques.generation.tree import DraftTree
 
 WINDOW = 16
 
@@ -31,8 +34,8 @@ def _long_prompt(seed: int, length: int = 41) -> torch.Tensor:
 
 
 def _full_draft(target):
-    """A one-layer full-attention draft sharing the target's embeddings (a sliding draft stops drafting at its
-    window, so it would not exercise the target's sliding tree masks)."""
+    """A one-layer full-attention draft sharing the target's embeddings (a full draft for a sliding target; sliding
+    drafts are tested below)."""
     config = copy.deepcopy(target.config)
     config.num_hidden_layers = 1
     if getattr(config, "layer_types", None):
@@ -123,3 +126,146 @@ def test_a_tree_larger_than_the_window_falls_back_and_says_so():
     with hfpatch.patch(model, "token-recycling", template="cpu-23") as handle:
         assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False), ref)
         assert "does not fit the window (16)" in _stats(handle)["fallback"]
+
+
+# ----- a draft model with sliding-window layers, past its own window -----------------------------------------
+
+DRAFT_SHAPES = {"chain": {"tree": "chain", "draft_length": 4},
+                "dynamic": {"tree": "dynamic", "draft_length": 4, "max_nodes": 10, "width": 3,
+                            "min_probability": 0.0}}
+
+
+def _draft_recipe(**params) -> dict:
+    return {"hfpatch_version": "1.0", "name": "sliding-draft", "techniques": [{"type": "draft_model", **params}]}
+
+
+def _shallow_sliding_draft(target):
+    """A one-layer draft whose only layer is a sliding one (window 16), sharing the target's embeddings and first
+    layer, so it agrees with the target now and then."""
+    config = copy.deepcopy(target.config)
+    config.num_hidden_layers = 1
+    if getattr(config, "layer_types", None):
+        config.layer_types = ["sliding_attention"]
+    draft = tiny_model(target.config.model_type, seed=1, config=config)
+    own = target.state_dict()
+    draft.load_state_dict({k: own[k] if k in own and own[k].shape == v.shape else v
+                           for k, v in draft.state_dict().items()})
+    assert set(compat.sliding_windows(compat.new_dynamic_cache(draft.config))) == {WINDOW}
+    return draft
+
+
+@pytest.mark.parametrize("shape", sorted(DRAFT_SHAPES))
+@pytest.mark.parametrize("kind", ["gemma3_text", "mistral"])
+def test_sliding_draft_keeps_drafting_past_its_window(kind, shape):
+    """The target's own copy as the draft (Gemma 3: sliding and full layers; Mistral: all sliding): past the
+    window it must compute exactly what the target does, so greedy chains are accepted whole. A draft that saw
+    positions outside its window (or stopped drafting there, as before) would not be."""
+    model = _model(kind)
+    prompt = _long_prompt(1)
+    ref = model.generate(prompt, max_new_tokens=30, do_sample=False)
+    with hfpatch.patch(model, _draft_recipe(**DRAFT_SHAPES[shape]), draft_model=copy.deepcopy(model)) as handle:
+        out = model.generate(prompt, max_new_tokens=30, do_sample=False)
+        stats = _stats(handle)
+    assert torch.equal(out, ref)
+    assert stats["fallback"] is None
+    drafter = stats["drafters"]["draft_model"]
+    assert drafter["window"] == WINDOW and drafter["steps_past_window"] >= 5
+    if shape == "chain":
+        assert drafter["accepted_past_window"] == drafter["drafted_past_window"] > 20
+    else:
+        assert drafter["accepted_past_window"] > 15 and stats["forwards"] <= 12
+    assert drafter["kv_kept_from_tree"] > 0  # accepted drafted nodes' KV moved from their tree slots
+
+
+def _perturbed_copy(target, kind: str, noise: float = 0.2):
+    """The target's copy with noise on its last layer (Mistral: on both), so that past the window the draft agrees
+    with the target often but not always: drafts are partly accepted and its cache is rolled back."""
+    draft = copy.deepcopy(target)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, weight in draft.named_parameters():
+            if "layers.1" in name or ("layers.0" in name and kind == "mistral"):
+                weight.add_(torch.randn(weight.shape, generator=generator) * noise * weight.std().clamp_min(1e-3))
+    return draft
+
+
+@pytest.mark.parametrize("shape", sorted(DRAFT_SHAPES))
+@pytest.mark.parametrize("draft_kind", ["shallower", "perturbed"])
+@pytest.mark.parametrize("kind", ["gemma3_text", "mistral"])
+def test_greedy_identical_with_other_sliding_drafts(kind, draft_kind, shape):
+    """A one-layer sliding draft (different depth), and a perturbed copy whose drafts past the window are partly
+    accepted (the draft's cache then rolls back past its window, keeping the accepted nodes' KV)."""
+    model = _model(kind)
+    prompts = [_long_prompt(2), _long_prompt(3, length=23)]
+    expected = [model.generate(p, max_new_tokens=25, do_sample=False) for p in prompts]
+    draft = _shallow_sliding_draft(model) if draft_kind == "shallower" else _perturbed_copy(model, kind)
+    with hfpatch.patch(model, _draft_recipe(**DRAFT_SHAPES[shape]), draft_model=draft) as handle:
+        for prompt, ref in zip(prompts, expected):
+            assert torch.equal(model.generate(prompt, max_new_tokens=25, do_sample=False), ref), (kind, shape)
+            assert _stats(handle)["fallback"] is None
+        drafter = _stats(handle)["drafters"]["draft_model"]
+    assert drafter["drafted_past_window"] > 0
+    if draft_kind == "perturbed":
+        assert 0 < drafter["accepted_past_window"] < drafter["drafted_past_window"]
+        assert drafter["kv_kept_from_tree"] > 0
+
+
+@pytest.mark.parametrize("kind", ["gemma3_text", "mistral"])
+def test_sliding_draft_cache_rolls_back_past_the_window(kind):
+    """After a partial acceptance past the window, the draft's cache holds what transformers' own sliding cache
+    holds after a fresh prefill of the accepted sequence (sliding layers: the last window - 1 positions)."""
+    target = _model(kind)
+    draft = copy.deepcopy(target)
+    drafter = DraftModelDrafter(draft, "dynamic", draft_length=4, branching=3, width=4, min_probability=0.0,
+                                siblings="top")
+    call = drafter.start([], CallInfo(target.generation_config, None))
+    context = _long_prompt(6, length=37)[0].tolist()
+    tree = DraftTree(context[-1], max_nodes=10)
+    drafter.draft(tree, context, call)
+    assert tree.num_drafted == 10
+    # the target accepts the path to the deepest expanded node, then a token not drafted below it
+    node = max(call.slots, key=lambda n: tree.depths[n])
+    accepted = [tree.tokens[n] for n in tree.path_to(node)]
+    assert len(accepted) >= 2 and call.slots[node] != len(context)  # not simply the next cache slot
+    bonus = next(t for t in range(3, 100) if t not in tree.children[node])
+    new_context = context + accepted + [bonus]
+    after = DraftTree(bonus, max_nodes=1)
+    drafter.draft(after, new_context, call)
+    assert drafter.kept_from_tree == len(accepted)
+    fresh = compat.new_dynamic_cache(draft.config)
+    with torch.no_grad():
+        logits = draft(torch.tensor([new_context]), **{compat.cache_kwarg(draft): fresh, "use_cache": True}).logits
+    n = len(new_context)
+    for mine, theirs, window in zip(call.cache.layers, fresh.layers, compat.sliding_windows(fresh)):
+        start = 0 if window is None else n - (window - 1)
+        assert theirs.keys.shape[-2] == n - start
+        torch.testing.assert_close(mine.keys[..., start:n, :], theirs.keys, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(mine.values[..., start:n, :], theirs.values, rtol=1e-4, atol=1e-5)
+    assert after.tokens[1] == int(logits[0, -1].argmax())  # the draft's next guess is a fresh prefill's
+
+
+@pytest.mark.slow
+def test_sampling_distribution_with_a_sliding_draft_past_the_window():
+    model = _model("gemma3_text", seed=3)
+    prompt = _long_prompt(4, length=30)
+    kwargs = dict(max_new_tokens=3, do_sample=True, temperature=0.7, top_k=4)
+    runs = 300
+
+    def counts(seed0: int, **extra) -> dict:
+        found: dict = {}
+        for i in range(runs):
+            torch.manual_seed(seed0 + i)
+            seq = tuple(model.generate(prompt, **{**kwargs, **extra})[0, -3:].tolist())
+            found[seq] = found.get(seq, 0) + 1
+        return found
+
+    vanilla = counts(0)
+    # Recursive SD's Gumbel siblings from a draft with a sliding and a full layer (the target's copy)
+    with hfpatch.patch(model, _draft_recipe(**DRAFT_SHAPES["dynamic"], siblings="auto"),
+                       draft_model=copy.deepcopy(model)) as handle:
+        patched = counts(10_000)
+        drafter = _stats(handle)["drafters"]["draft_model"]
+        assert _stats(handle)["fallback"] is None
+    assert drafter["accepted_past_window"] > 0.4 * runs, "drafts were rarely accepted past the window"
+    assert _chi_square_p_value(vanilla, patched) > 1e-3
+    assert _chi_square_p_value(vanilla, counts(20_000, top_k=2)) < 1e-3

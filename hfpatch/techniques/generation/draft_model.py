@@ -18,6 +18,15 @@ samples come from, exactly as plain decoding leaves it.
 
 Each node carries the draft's path probability as its acceptance estimate, so `adaptive_tree` can cut the
 tree to the size worth verifying on this machine.
+
+A draft with sliding-window layers (Gemma 3, Mistral with a window) keeps drafting past its window. Its cache
+holds every position in every layer (`compat.new_unbounded_cache`), and the window is applied in the attention
+mask: by transformers itself in the forwards without a tree mask (its sliding mask is exact on a layer that
+holds every position), and in the tree mask of the sliding layers otherwise. Why not crop like the target's
+engine: a sliding layer that records its past still hands attention only its last `window - 1 + new` positions,
+which in a DySpec tree's second expansion round are partly earlier nodes of other branches, cutting context a
+deeper node needs; holding everything is exact for any tree shape. The cost is the draft's sliding layers
+keeping (and attending over, masked) the whole sequence instead of the window: small for a small draft.
 """
 from __future__ import annotations
 
@@ -103,8 +112,8 @@ class DraftCall:
     #: drawn from a distribution shaped like the target's processed one
     temperature: float = 1.0
     top_k: int = 0
-    #: the draft has sliding-window layers and the sequence outgrew its window: no more drafts this call
-    window_reached: bool = False
+    #: the position of the last drafted tree's root (-1 before the first)
+    root_position: int = -1
 
 
 class DraftModelDrafter(Drafter):
@@ -129,8 +138,16 @@ class DraftModelDrafter(Drafter):
         self.generator = torch.Generator().manual_seed(seed)
         self._cache_kwarg = compat.cache_kwarg(draft)
         self._logits_to_keep = compat.forward_accepts(draft, "logits_to_keep")
-        windows = [w for w in compat.sliding_windows(compat.new_dynamic_cache(draft.config)) if w is not None]
-        self._window = min(windows, default=None)
+        windows = compat.sliding_windows(compat.new_dynamic_cache(draft.config))
+        distinct = sorted({w for w in windows if w is not None})
+        if len(distinct) > 1:
+            raise UnsupportedModelError(
+                f"draft_model: the draft's sliding-window layers use different windows {distinct}; its tree mask "
+                "takes one window. Pick a draft whose sliding layers share one window")
+        #: the draft's sliding window (None: it has no sliding layers), applied in its tree masks
+        self._window = distinct[0] if distinct else None
+        #: whether some draft layers attend to everything (then its tree mask goes per layer type)
+        self._has_full_layers = any(w is None for w in windows)
         dtype = next(draft.parameters()).dtype
         self._mask_dtype = dtype if dtype.is_floating_point else torch.float32
         self.device = next(draft.parameters()).device
@@ -140,6 +157,10 @@ class DraftModelDrafter(Drafter):
         self.accepted = 0
         self.steps = 0
         self.kept_from_tree = 0
+        # drafting steps whose root lies at or past the draft's window, and their drafted / accepted tokens
+        self.steps_past_window = 0
+        self.drafted_past_window = 0
+        self.accepted_past_window = 0
 
     # -- per call
     def start(self, prompt: list[int], info: CallInfo) -> DraftCall:
@@ -147,8 +168,11 @@ class DraftModelDrafter(Drafter):
         sampling = bool(getattr(config, "do_sample", False))
         temperature = float(getattr(config, "temperature", None) or 1.0) if sampling else 1.0
         top_k = int(getattr(config, "top_k", None) or 0) if sampling else 0
-        return DraftCall(cache=compat.new_dynamic_cache(self.draft_model.config), sampling=sampling,
-                         temperature=temperature, top_k=top_k)
+        return DraftCall(cache=self._new_cache(), sampling=sampling, temperature=temperature, top_k=top_k)
+
+    def _new_cache(self):
+        """An empty draft cache: every layer keeps every position (sliding ones too; see the module docstring)."""
+        return compat.new_unbounded_cache(self.draft_model.config)
 
     def _forward(self, call: DraftCall, tokens: list[int], positions: list[int], mask) -> torch.Tensor:
         """One draft forward over `tokens` (cached afterwards): fp32 log-probabilities [len(tokens), vocab]."""
@@ -191,7 +215,7 @@ class DraftModelDrafter(Drafter):
                 node, kept = child, kept + 1
                 self.kept_from_tree += 1
         if not slots:
-            call.cache = compat.new_dynamic_cache(self.draft_model.config)
+            call.cache = self._new_cache()
         elif slots != list(range(call.cache.get_seq_length())):
             compat.keep_cache_positions(call.cache, torch.tensor(slots, dtype=torch.long))
         call.tree, call.slots = None, {}
@@ -213,14 +237,12 @@ class DraftModelDrafter(Drafter):
 
     def draft(self, tree: DraftTree, context: list[int], call: DraftCall) -> None:
         budget = tree.max_nodes - tree.num_drafted
-        if budget <= 0 or call.window_reached:
-            return
-        if self._window is not None and len(context) + budget + 1 >= self._window - 1:
-            # Past its window a sliding layer drops positions a rolled-back tree would need: stop drafting.
-            call.window_reached = True
+        root_position = len(context) - 1
+        call.root_position = root_position
+        if budget <= 0:
             return
         self.steps += 1
-        root_position = len(context) - 1
+        drafted_before = tree.num_drafted
         root_logprobs = self._sync(call, context)
         # Per tree node of this step: its slot in the draft cache (the root's is the last context position).
         slots: dict[int, int] = {0: root_position}
@@ -258,19 +280,33 @@ class DraftModelDrafter(Drafter):
             if not expandable or tree.full:
                 break
             # One draft forward over the new nodes: each sees the context and its own ancestors.
-            mask = self._tree_mask(tree, expandable, slots, cache_length)
+            mask = self._tree_mask(tree, expandable, slots, cache_length, root_position)
             logprobs = self._forward(call, [tree.tokens[n] for n in expandable],
                                      [root_position + tree.depths[n] for n in expandable], mask)
             for i, node in enumerate(expandable):
                 slots[node] = cache_length + i
                 push(node, path_logp[node], logprobs[i])
             cache_length += len(expandable)
-        self.drafted += tree.num_drafted
+        # only the nodes this drafter added (another drafter of the patch may have drafted into the tree first)
+        mine = tree.num_drafted - drafted_before
+        self.drafted += mine
+        if self._past_window(root_position):
+            self.steps_past_window += 1
+            self.drafted_past_window += mine
         call.tree = tree
         call.slots = {node: slot for node, slot in slots.items() if node}
 
-    def _tree_mask(self, tree: DraftTree, nodes: list[int], slots: dict[int, int], cache_length: int):
-        """Additive mask (1, 1, len(nodes), cache_length + len(nodes)): context, ancestors' slots, itself."""
+    def _past_window(self, root_position: int) -> bool:
+        """Whether a tree rooted here reaches past the draft's window (its sliding layers then mask old context)."""
+        return self._window is not None and root_position + 1 >= self._window
+
+    def _tree_mask(self, tree: DraftTree, nodes: list[int], slots: dict[int, int], cache_length: int,
+                   root_position: int):
+        """Additive mask (1, 1, len(nodes), cache_length + len(nodes)): context, ancestors' slots, itself.
+
+        With sliding layers, their mask also hides every column whose position lies `window` or more before the
+        node's own (context and ancestors alike); a model with full layers too gets one mask per layer type.
+        """
         allowed = torch.zeros(len(nodes), cache_length + len(nodes), dtype=torch.bool)
         context_length = slots[0] + 1
         allowed[:, :context_length] = True
@@ -280,19 +316,43 @@ class DraftModelDrafter(Drafter):
             while parent > 0:
                 allowed[i, slots[parent]] = True
                 parent = tree.parents[parent]
+        if self._window is None:
+            return self._additive(allowed)
+        # positions of the columns: the context's own, then each drafted node's (root + depth) at its slot
+        column = torch.arange(cache_length + len(nodes))
+        for node, slot in slots.items():
+            if node:
+                column[slot] = root_position + tree.depths[node]
+        for i, node in enumerate(nodes):
+            column[cache_length + i] = root_position + tree.depths[node]
+        row = torch.tensor([root_position + tree.depths[n] for n in nodes])[:, None]
+        sliding = self._additive(allowed & (column[None, :] > row - self._window))
+        if not self._has_full_layers:
+            return sliding
+        return {"sliding_attention": sliding, "full_attention": self._additive(allowed)}
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        """A float mask (0 / dtype min) of shape (1, 1, rows, columns) on the draft's device."""
         mask = torch.zeros(allowed.shape, dtype=self._mask_dtype)
         mask.masked_fill_(~allowed, torch.finfo(self._mask_dtype).min)
         return mask[None, None].to(self.device)
 
     def update(self, tree: DraftTree, topk, accepted: list[int], context: list[int], call: DraftCall) -> None:
         self.accepted += len(accepted)
+        if self._past_window(call.root_position):
+            self.accepted_past_window += len(accepted)
 
     def stats(self) -> dict[str, Any]:
-        return {"shape": self.shape, "draft_forwards": self.draft_forwards,
-                "draft_forwards_per_step": self.draft_forwards / max(self.steps, 1),
-                "drafted_tokens": self.drafted, "accepted_tokens": self.accepted,
-                "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
-                "kv_kept_from_tree": self.kept_from_tree}
+        stats = {"shape": self.shape, "draft_forwards": self.draft_forwards,
+                 "draft_forwards_per_step": self.draft_forwards / max(self.steps, 1),
+                 "drafted_tokens": self.drafted, "accepted_tokens": self.accepted,
+                 "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
+                 "kv_kept_from_tree": self.kept_from_tree}
+        if self._window is not None:
+            stats.update(window=self._window, steps_past_window=self.steps_past_window,
+                         drafted_past_window=self.drafted_past_window,
+                         accepted_past_window=self.accepted_past_window)
+        return stats
 
 
 # ----- the technique ---------------------------------------------------------------------------------------
