@@ -283,3 +283,90 @@ def test_rasd_merges_draft_tree_and_retrieval_branches_losslessly():
     assert stats["fallback"] is None and stats["forwards"] < 30
     assert stats["drafters"]["draft_model"]["drafted_tokens"] > 0
     assert stats["drafters"]["ngram_lookup"]["lookup_hit_rate"] > 0
+
+
+# ----- a draft named in a recipe (Hub id + revision): from_pretrained, never the repository's code ----------
+
+def _upload(api, repo: str, model, folder) -> str:
+    model.save_pretrained(folder)
+    return api.upload_folder(repo_id=repo, folder_path=str(folder)).oid
+
+
+def test_recipe_file_names_the_draft_by_id_and_revision(hub_server, tmp_path, monkeypatch):
+    """A local recipe file naming the draft by repo id and commit loads that commit (not the branch head) with
+    from_pretrained and trust_remote_code=False; a Hub-published recipe naming a draft needs the caller's trust."""
+    import json
+
+    import transformers
+    from huggingface_hub import HfApi
+
+    from hfpatch.recipe import RECIPE_FILE
+
+    target = tiny_model("llama")
+    pinned = _draft_for(target, "llama")
+    newer = copy.deepcopy(pinned)
+    with torch.no_grad():
+        newer.lm_head.weight.mul_(-1.0)  # a later commit with other weights on the same branch
+    api = HfApi()
+    repo = hub_server.new_repo_id("recipe-draft")
+    api.create_repo(repo)
+    commit = _upload(api, repo, pinned, tmp_path / "v1")
+    assert _upload(api, repo, newer, tmp_path / "v2") != commit
+    doc = _recipe(tree="dynamic", max_nodes=8, width=4, min_probability=0.0, draft_model=repo, draft_revision=commit)
+    (tmp_path / "recipe").mkdir()
+    (tmp_path / "recipe" / RECIPE_FILE).write_text(json.dumps(doc))
+
+    loads = []
+    original = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+    def record(cls, *args, **kwargs):
+        loads.append((args, kwargs))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(record))
+    prompt = _prompts(1, seed=5)[0]
+    ref = target.generate(prompt, max_new_tokens=12, do_sample=False)
+    with hfpatch.patch(target, str(tmp_path / "recipe")) as handle:
+        assert torch.equal(target.generate(prompt, max_new_tokens=12, do_sample=False), ref)
+        assert _stats(handle)["forwards"] < 12  # the pinned draft agrees with the target: drafts were accepted
+        loaded = handle.technique("draft_model").draft
+    assert [(a, k["revision"], k["trust_remote_code"]) for a, k in loads] == [((repo,), commit, False)]
+    torch.testing.assert_close(loaded.lm_head.weight, pinned.lm_head.weight)  # the pinned commit's weights
+
+    published = hub_server.new_repo_id("recipe-naming-a-draft")
+    api.create_repo(published)
+    api.upload_file(path_or_fileobj=json.dumps(doc).encode(), path_in_repo=RECIPE_FILE, repo_id=published)
+    with pytest.raises(RecipeError, match=r"draft_model\.draft_model"):
+        hfpatch.patch(target, published)
+    assert len(loads) == 1 and "generate" not in target.__dict__  # refused before anything was loaded
+    with hfpatch.patch(target, published, trust_resources=["draft_model.draft_model"]):
+        assert torch.equal(target.generate(prompt, max_new_tokens=12, do_sample=False), ref)
+    assert len(loads) == 2
+
+
+def test_a_draft_needing_its_repositorys_code_is_refused_without_running_it(hub_server, tmp_path):
+    import json
+
+    from huggingface_hub import HfApi
+
+    marker = tmp_path / "remote-code-ran"
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "hfpatch_test_custom_draft", "vocab_size": 128,
+        "auto_map": {"AutoConfig": "modeling_custom.CustomConfig",
+                     "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}}))
+    (folder / "modeling_custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    api = HfApi()
+    repo = hub_server.new_repo_id("custom-code-draft")
+    api.create_repo(repo)
+    commit = api.upload_folder(repo_id=repo, folder_path=str(folder)).oid
+    target = tiny_model("llama")
+    for source, revision in ((repo, commit), (str(folder), None)):
+        with pytest.raises(PatchError, match="never runs a repository's code") as err:
+            hfpatch.patch(target, "draft-model", draft_model=source, draft_revision=revision)
+        assert "pass it at patch time" in str(err.value) and source in str(err.value)
+    assert not marker.exists() and "generate" not in target.__dict__
+    # and no recipe can ask for the repository's code to be run
+    with pytest.raises(RecipeError, match="trust_remote_code"):
+        hfpatch.patch(target, _recipe(draft_model=repo, draft_revision=commit, trust_remote_code=True))

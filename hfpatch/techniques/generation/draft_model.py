@@ -435,7 +435,18 @@ class DraftModel(DrafterTechnique):
                                   "with the target's own first layers")
             return given
         dtype = next(model.parameters()).dtype
-        return compat.load_causal_lm(given, self.params.draft_revision, dtype)
+        try:
+            return compat.load_causal_lm(given, self.params.draft_revision, dtype)
+        except ValueError as err:
+            if "trust_remote_code" not in str(err):
+                raise
+            # transformers refused to run the repository's code and suggests trust_remote_code=True, which a
+            # recipe can never turn on: say what the user can do instead.
+            raise UnsupportedModelError(
+                f"{self.name}: the draft {given!r} (revision {self.params.draft_revision!r}) needs its repository's "
+                "own Python code to load (auto_map), and hfpatch never runs a repository's code. Pick a draft whose "
+                "architecture transformers ships, or load it yourself after reading its code and pass it at patch "
+                "time (hfpatch.patch(model, recipe, draft_model=loaded))") from err
 
     def node_budget(self) -> int:
         return self.params.draft_length if self.params.tree == "chain" else self.params.max_nodes
