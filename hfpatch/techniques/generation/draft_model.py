@@ -43,6 +43,7 @@ from ...catalogue import register
 from ...errors import RecipeError, UnsupportedModelError
 from ...technique import param, params_to_dict
 from .base import DrafterTechnique
+from .draft_runtime import prepare_draft
 from .engine import CallInfo, Drafter
 from .tree import DraftTree
 
@@ -383,6 +384,12 @@ class DraftModelParams:
                                "replacement from its distribution (gumbel, Recursive SD); auto: gumbel when the "
                                "call samples")
     seed: int = param(0, help="seed of the drafter's own random generator (gumbel siblings)", ge=0)
+    draft_dtype: str | None = param(None, choices=(None, "bfloat16", "float32"),
+                                    help="draft with a private copy in this dtype (None: the draft's own). The "
+                                         "target alone decides the output, so this changes speed, never tokens")
+    draft_kernels: str = param("default", choices=("default", "onednn"),
+                               help="onednn: a private copy of the draft with packed oneDNN linear layers (CPU; "
+                                    "wide DySpec rounds cost about one token)")
     target_tokenizer: Any = param(None, help="patch-time only: the target's tokenizer, to check the draft's "
                                              "vocabulary by fingerprint (never saved)")
     draft_tokenizer: Any = param(None, help="patch-time only: the draft's tokenizer (never saved)")
@@ -422,6 +429,8 @@ class DraftModel(DrafterTechnique):
         self.draft: torch.nn.Module | None = None
         #: how the draft's vocabulary was checked against the target's
         self.vocabulary_check: str | None = None
+        #: how the draft runs (as given, or a private copy: dtype, kernels)
+        self.draft_runtime: dict[str, Any] | None = None
 
     def _load_draft(self, model) -> torch.nn.Module:
         given = self.params.draft_model
@@ -461,7 +470,8 @@ class DraftModel(DrafterTechnique):
                                         "mask; load the draft with attn_implementation='sdpa' or 'eager'")
         self.draft = draft
         p = self.params
-        return DraftModelDrafter(draft, p.tree, p.draft_length, p.branching, p.width, p.min_probability,
+        runner, self.draft_runtime = prepare_draft(draft, p.draft_dtype, p.draft_kernels)
+        return DraftModelDrafter(runner, p.tree, p.draft_length, p.branching, p.width, p.min_probability,
                                  p.siblings, p.seed)
 
     def export_params(self) -> dict[str, Any]:
@@ -487,4 +497,6 @@ class DraftModel(DrafterTechnique):
         stats = super().stats()
         if self.vocabulary_check is not None:
             stats["vocabulary_check"] = self.vocabulary_check
+        if self.draft_runtime is not None:
+            stats["draft_runtime"] = self.draft_runtime
         return stats
