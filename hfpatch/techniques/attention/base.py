@@ -12,6 +12,17 @@ one ``LayerState`` per layer, never on a class or module. A step continues a seq
 grew by exactly one position in the same batch; anything else (a new ``generate`` call, a cropped cache
 after speculative verification, a different batch) starts over with a full step.
 
+Static caches (``generate(..., cache_implementation="static")``, a ``StaticCache``) hand every layer the whole
+preallocated ``[B, Hkv, max_cache_len, D]`` buffer, whose tail holds positions not written yet, with a 4-D mask
+built for the full buffer. Every call is cut to the written prefix first (views: the user's cache is never
+copied or reallocated): its length is the last position any query may attend to, plus one, read from the mask
+once per forward (one small host read shared by all layers; a padded dynamic-cache batch used to read its mask
+in every layer). From there a static-cache decode step is the same step as on a dynamic cache: same length,
+same sinks / window / top-K, same continuation rule, so greedy output matches the dynamic cache. A forward
+traced by ``torch.compile`` (``generate`` compiles static-cache decoding on CUDA unless
+``disable_compile=True``) cannot run the data-dependent selection: it runs dense attention and
+``stats["fallback_reason"]`` says so.
+
 Shared parameters: ``budget`` = how many cached context positions a sparse step attends to (sinks and
 recent window included), ``sink`` = first valid positions always kept, ``window`` = most recent positions
 always kept. The current token is always attended. When ``budget`` covers the whole cache the step is
@@ -77,15 +88,36 @@ class LayerState:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def key_validity(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
-    """``[B, S]`` bool of attendable cached positions for a one-token query, or None when all are."""
+#: why a forward traced by torch.compile runs dense attention (stats["fallback_reason"])
+COMPILED_REASON = ("a torch.compile'd forward (generate compiles static-cache decoding on CUDA) ran dense attention: "
+                   "sparse selection is data-dependent; pass disable_compile=True to generate() to decode sparse")
+
+
+def _compiling() -> bool:
+    """Whether this call is being traced by torch.compile (dynamo evaluates this to a constant)."""
+    return torch.compiler.is_compiling()
+
+
+def written_prefix(attention_mask: torch.Tensor | None, batch: int, query_length: int,
+                   length: int) -> tuple[int, torch.Tensor | None]:
+    """``(n, valid)``: how many leading cached positions a call can attend to, and ``[B, n]`` bool of the
+    attendable ones among them (None when all are).
+
+    On a dynamic cache ``n`` is ``length``. On a static cache it is the written prefix: the mask row of every
+    query stops at the query's own position and the unwritten tail is masked for all of them. Without a mask
+    a multi-token call over a longer cache is sdpa's top-left causal attention (transformers skips the mask
+    of a static-cache prefill that starts at position 0), which never reads past ``query_length``."""
     if attention_mask is None:
-        return None
-    mask = attention_mask[:, 0, -1, :] if attention_mask.dim() == 4 else attention_mask
+        return (query_length if 1 < query_length < length else length), None
+    mask = attention_mask if attention_mask.dim() == 4 else attention_mask[:, None, None, :]
     if mask.dtype != torch.bool:
         mask = mask > torch.finfo(mask.dtype).min / 2
-    mask = mask[..., -length:].expand(batch, length)
-    return None if bool(mask.all()) else mask
+    seen = mask[..., -length:].any(dim=2).any(dim=1)  # [B or 1, length]: attendable by some query
+    end = (seen * torch.arange(1, length + 1, device=seen.device)).amax()  # last attendable position + 1
+    dense = (seen.sum(-1) == end).all()  # every row attends to all of [0, end): no padding, no holes
+    n, dense = torch.stack([end, dense.long()]).tolist()  # the one host read of the call
+    n = max(n, 1)
+    return n, (None if dense else seen[:, :n].expand(batch, n))
 
 
 def _growable_cache_problem(model, kwargs) -> str | None:
@@ -101,6 +133,23 @@ def _growable_cache_problem(model, kwargs) -> str | None:
     if not compat.uses_default_dynamic_cache(model):
         return "the model does not use a DynamicCache"
     return None
+
+
+def _auto_compile_off(model, kwargs) -> bool:
+    """Whether to pass ``disable_compile=True``: the call decodes on a compileable (static) cache on a device
+    where transformers compiles such decoding by itself, and the caller did not ask for or against compiling."""
+    config = kwargs.get("generation_config") or model.generation_config
+    if "disable_compile" in kwargs or kwargs.get("compile_config") is not None or \
+            getattr(config, "disable_compile", False) or getattr(config, "compile_config", None) is not None:
+        return False
+    if getattr(model, "device", torch.device("cpu")).type == "cpu":
+        return False  # transformers compiles only on accelerators unless a compile_config says otherwise
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is not None:
+        return bool(getattr(cache, "is_compileable", False))
+    implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
+    # transformers' static kinds (and their deprecated aliases, e.g. 'hybrid'); the dynamic ones never compile
+    return implementation is not None and implementation not in ("dynamic", "offloaded", "quantized", "paged")
 
 
 def _capacity_hint(model, args, kwargs) -> int | None:
@@ -130,6 +179,7 @@ class SparseAttentionTechnique(Technique):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.layers: dict[int, LayerState] = {}
+        self._prefix_seen: tuple | None = None  # ((mask, shapes, written_prefix), ...) of the latest forward
         self._stats: dict[str, Any] = {}
         self.reset_stats()
 
@@ -159,9 +209,11 @@ class SparseAttentionTechnique(Technique):
                                                     accepts_tree_mask=True)
         ctx.record(undo)
         ctx.record(self.layers.clear)
-        if getattr(self.params, "kv_cache", "dynamic") == "growable":
-            ctx.record(primitives.wrap_generate(
-                model, lambda original, *args, **kwargs: self._generate(model, original, args, kwargs)))
+        ctx.record(lambda: setattr(self, "_prefix_seen", None))  # drop the reference to the last mask
+        # generate() is wrapped for the in-place cache (kv_cache='growable') and, on every parameter setting, to
+        # keep transformers from compiling static-cache decoding on an accelerator (see _generate)
+        ctx.record(primitives.wrap_generate(
+            model, lambda original, *args, **kwargs: self._generate(model, original, args, kwargs)))
 
     def kernel_ops(self) -> tuple[KernelOp, ...]:
         """The kernel ops this technique's decode steps dispatch to with these parameters (their compiled CPU
@@ -195,14 +247,26 @@ class SparseAttentionTechnique(Technique):
         return f"reference (torch): the compiled CPU kernel did not build ({why})"
 
     def _generate(self, model, original, args, kwargs):
-        """``generate`` with an in-place KV cache when the caller brings none (see ``hfpatch.cache``)."""
-        problem = _growable_cache_problem(model, kwargs)
+        """``generate`` with an in-place KV cache when the caller brings none (see ``hfpatch.cache``), and
+        without transformers' automatic ``torch.compile`` of static-cache decoding, which would trace the
+        attention function and so run every decode step dense (``COMPILED_REASON``). A caller who asks for
+        compilation (``compile_config``, ``disable_compile=False``) gets it, and the dense fallback is in stats."""
+        growable = getattr(self.params, "kv_cache", "dynamic") == "growable"
+        problem = _growable_cache_problem(model, kwargs) if growable else "kv_cache='dynamic'"
         if problem is None:
             cache = growable_cache(model.config, _capacity_hint(model, args, kwargs))
             kwargs = {**kwargs, compat.cache_kwarg(model): cache}
+        compile_off = _auto_compile_off(model, kwargs)
+        if compile_off:
+            kwargs = {**kwargs, "disable_compile": True}
         out = original(*args, **kwargs)
         # after the call: the prefill resets the statistics
-        self._stats["kv_cache"] = "growable" if problem is None else f"transformers' ({problem})"
+        if growable:
+            self._stats["kv_cache"] = "growable" if problem is None else f"transformers' ({problem})"
+        if compile_off:
+            self._stats["auto_compile"] = ("off: generate() compiles static-cache decoding on this device, which "
+                                           "would run every decode step dense; pass compile_config= to compile "
+                                           "(dense) anyway")
         return out
 
     # ---------------------------------------------------------------------------------------------
@@ -219,6 +283,8 @@ class SparseAttentionTechnique(Technique):
             "cached_positions": 0,
             "kernel": None,
             "kv_cache": None,  # which cache the last generate() used (set by the generate wrapper)
+            "fallback_reason": None,  # why decode steps ran dense although sparse was asked for, if they did
+            "auto_compile": None,  # set when generate()'s automatic compile was turned off for the last call
         }
 
     def stats(self) -> dict[str, Any]:
@@ -251,12 +317,38 @@ class SparseAttentionTechnique(Technique):
         state.seq_len = length
         return state
 
+    def _prefix(self, attention_mask, batch: int, q_len: int, length: int) -> tuple[int, torch.Tensor | None]:
+        """``written_prefix`` of this forward's mask, computed at its first layer and reused by the others
+        (every full-attention layer of a forward gets the same mask object)."""
+        if attention_mask is None:
+            return written_prefix(None, batch, q_len, length)
+        shapes = (batch, q_len, length)
+        for mask, seen_shapes, facts in self._prefix_seen or ():
+            if mask is attention_mask and seen_shapes == shapes:
+                return facts
+        facts = written_prefix(attention_mask, batch, q_len, length)
+        # the last two masks: models that alternate full and sliding-window layers pass two per forward
+        self._prefix_seen = ((self._prefix_seen or ())[-1:]) + ((attention_mask, shapes, facts),)
+        return facts
+
     def _attention(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        if _compiling():
+            # Traced code cannot branch on the selected positions; say so instead of serving dense silently.
+            self._stats["fallback_reason"] = COMPILED_REASON
+            return self._full(module, query, key, value, attention_mask, scaling, dropout, kwargs)
         batch, _, q_len, dim = query.shape
+        n, valid = self._prefix(attention_mask, batch, q_len, key.shape[2])
+        if n < key.shape[2]:  # a static cache: attend within the written prefix (views, nothing is copied)
+            key, value = key[:, :, :n], value[:, :, :n]
+            if attention_mask is not None:
+                attention_mask = attention_mask[..., :n]
         length = key.shape[2]
         layer = getattr(module, "layer_idx", 0) or 0
-        decode = (q_len == 1 and length > 1 and not module.training and kwargs.get("softcap") is None
-                  and getattr(module, "sliding_window", None) is None and query.dim() == 4)
+        step = q_len == 1 and length > 1 and not module.training
+        if step and layer == 0:  # counted at layer 0 even when it is a sliding-window layer (Gemma 3)
+            self._stats["decode_steps"] += 1
+        decode = (step and kwargs.get("softcap") is None and getattr(module, "sliding_window", None) is None
+                  and query.dim() == 4)
         if not decode:
             if q_len > 1:
                 if length == q_len and layer == 0:
@@ -268,11 +360,8 @@ class SparseAttentionTechnique(Technique):
                 self.layers.pop(layer, None)
             return self._full(module, query, key, value, attention_mask, scaling, dropout, kwargs)
 
-        if layer == 0:
-            self._stats["decode_steps"] += 1
         state = self._state(layer, batch, length)
         scale = dim ** -0.5 if scaling is None else scaling
-        valid = key_validity(attention_mask, batch, length)
         out, index = self.attend(layer, state, query[:, :, 0, :], key, value, valid, scale)
         if out is None or index is None:
             self._stats["full_layer_steps"] += 1
