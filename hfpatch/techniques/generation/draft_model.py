@@ -339,9 +339,11 @@ class DraftModelDrafter(Drafter):
         return mask[None, None].to(self.device)
 
     def update(self, tree: DraftTree, topk, accepted: list[int], context: list[int], call: DraftCall) -> None:
-        self.accepted += len(accepted)
+        # only accepted nodes this drafter proposed (in RASD the n-gram branches share the tree)
+        mine = sum(1 for node in accepted if self.name in tree.estimates[node])
+        self.accepted += mine
         if self._past_window(call.root_position):
-            self.accepted_past_window += len(accepted)
+            self.accepted_past_window += mine
 
     def stats(self) -> dict[str, Any]:
         stats = {"shape": self.shape, "draft_forwards": self.draft_forwards,
