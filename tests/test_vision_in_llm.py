@@ -309,6 +309,52 @@ def test_todre_stage_two_drops_every_visual_token_at_the_first_layer_below_thres
     assert out[0, ids.shape[1]:].tolist() == sequence[0, ids.shape[1]:].tolist()
 
 
+def _reference_two_stage_next_token(model, ids, pixel_values, stage1, layer_k, stage2):
+    """Greedy next token by hand for ToDRE with both stages: every layer reads only the `stage1` prompt positions
+    (text + the visual tokens stage 1 kept) at their ORIGINAL positions, layers >= K only `stage2` (the text);
+    every generated token everywhere; no cache."""
+    inner = model.model
+    embeds = inner.get_input_embeddings()(ids)
+    features = inner.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+    features = torch.cat(list(features)).to(embeds.dtype)
+    hidden = embeds.masked_scatter((ids == LLAVA_IMAGE)[..., None].expand_as(embeds), features)
+    lm = inner.language_model
+    generated = torch.arange(int(stage1.max()) + 1, ids.shape[1])
+    positions = torch.cat([stage1, generated])
+    later = torch.cat([stage2, generated])
+    hidden = hidden[:, positions]
+    for index, decoder_layer in enumerate(lm.layers):
+        if index == layer_k:
+            survive = torch.isin(positions, later)
+            hidden, positions = hidden[:, survive], positions[survive]
+        cos, sin = lm.rotary_emb(hidden, positions[None])
+        hidden = decoder_layer(hidden, attention_mask=None, position_embeddings=(cos, sin), position_ids=positions[None])
+    return int(model.lm_head(lm.norm(hidden))[0, -1].argmax())
+
+
+def test_todre_both_stages_generate_equals_hand_pruned_reference():
+    # The assembled LLaVA's ToDRE answers (docs/results/vision.md) were checked the same way on the real model:
+    # stage 1 keeps the k-center tokens at their original positions, stage 2 removes them from layer K on.
+    from hfpatch.kernels.diverse_select import diverse_select
+
+    model = four_layer_llava()
+    inputs = llava_inputs(seed=6, text=(6, 7, 8))
+    ids = inputs["input_ids"]
+    with hfpatch.patch(model, recipe("todre", budget=2, threshold=1.0, start_layer=2)) as handle:
+        out = generate(model, inputs, n=5)
+        stats = handle.stats["todre"]
+    assert stats["tokens_after"] == 2 and stats["stage2"]["layer"] == 2 and stats["stage2"]["kept_visual_tokens"] == [0]
+    features = model.model.get_image_features(inputs["pixel_values"], return_dict=True).pooler_output[0]
+    image = torch.nonzero(ids[0] == LLAVA_IMAGE).flatten()
+    text = torch.nonzero(ids[0] != LLAVA_IMAGE).flatten()
+    stage1 = torch.cat([text, image[diverse_select(features, 2, method="k_center")]]).sort().values
+    sequence = ids
+    for _ in range(5):
+        token = _reference_two_stage_next_token(model, sequence, inputs["pixel_values"], stage1, 2, text)
+        sequence = torch.cat([sequence, torch.tensor([[token]])], dim=1)
+    assert out[0, ids.shape[1]:].tolist() == sequence[0, ids.shape[1]:].tolist()
+
+
 def test_todre_both_stages_on_a_padded_batch_rows_equal_single_runs():
     model = four_layer_llava()
     long_row, short_row = llava_inputs(seed=1, text=(6, 7, 8, 9)), llava_inputs(seed=2, text=(9,))
