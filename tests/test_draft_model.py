@@ -370,3 +370,22 @@ def test_a_draft_needing_its_repositorys_code_is_refused_without_running_it(hub_
     # and no recipe can ask for the repository's code to be run
     with pytest.raises(RecipeError, match="trust_remote_code"):
         hfpatch.patch(target, _recipe(draft_model=repo, draft_revision=commit, trust_remote_code=True))
+
+
+def test_drafted_and_accepted_count_only_this_drafters_nodes():
+    """In a tree shared with another drafter (RASD), the draft model's statistics count its own nodes only, so its
+    acceptance rate is a rate (before, the other drafter's accepted nodes were counted too)."""
+    target = tiny_model("llama")
+    drafter = DraftModelDrafter(_draft_for(target, "llama"), "chain", draft_length=3, branching=1, width=1,
+                                min_probability=0.0, siblings="top")
+    call = drafter.start([], CallInfo(target.generation_config, None))
+    context = _prompts(1, seed=4)[0][0].tolist()
+    tree = DraftTree(context[-1], max_nodes=4)
+    other = tree.add_child(0, 126, 0.9, "ngram_lookup")  # a retrieval branch drafted first
+    drafter.draft(tree, context, call)
+    assert "draft_model" not in tree.estimates[other] and tree.num_drafted == 4
+    drafter.update(tree, None, [other], context + [126, 5], call)
+    first = tree.children[0][next(t for t in tree.children[0] if t != 126)]
+    drafter.update(tree, None, [first], context + [tree.tokens[first], 5], call)
+    stats = drafter.stats()
+    assert (stats["drafted_tokens"], stats["accepted_tokens"]) == (3, 1)
