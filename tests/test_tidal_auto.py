@@ -206,3 +206,42 @@ def test_probe_precision_auto_matches_the_model_dtype_scores():
     assert fast.need == pytest.approx(exact.need, abs=0.02)
     with pytest.raises(ValueError, match="precision"):
         rp.probe(model, adapter, budget=10, precision="fp8")
+
+
+def test_probe_in_passes_of_one_prompt_scores_as_one_batch():
+    """The probe's prompts run one per forward by default (smaller activations): the scores are the batch's."""
+    model = deep_model()
+    adapter = arch.adapter_for(model)
+    one = rp.probe(model, adapter, budget=10, precision="model")
+    batched = rp.probe(model, adapter, budget=10, precision="model", rows_per_pass=rp.BATCH)
+    assert one.need == pytest.approx(batched.need, abs=2e-4) and one.cover == batched.cover
+
+
+def test_probe_stops_after_the_last_layer_it_scores():
+    """The forward ends inside the last selectable layer's attention: its MLP and any later layer never run."""
+    ran = []
+
+    def watch(model, modules):
+        return [m.register_forward_hook(lambda mod, *_: ran.append(mod)) for m in modules]
+
+    model = deep_model(layers=6)
+    layers = arch.adapter_for(model).decoder_layers()
+    hooks = watch(model, [layers[-1].mlp, layers[-2].mlp])
+    rp.probe(model, arch.adapter_for(model), budget=10)
+    assert ran == [layers[-2].mlp] * rp.BATCH  # the last layer's MLP never ran
+    for h in hooks:
+        h.remove()
+    ran.clear()
+    model = gemma_like(layers=14)  # full attention at 5 and 11; 12, 13 sliding: never reached
+    layers = arch.adapter_for(model).decoder_layers()
+    hooks = watch(model, [layers[11].mlp, layers[12], layers[13]])
+    result = rp.probe(model, arch.adapter_for(model), budget=8)
+    assert ran == [] and [i for i, s in enumerate(result.selectable) if s] == [5, 11]
+    assert model.config._attn_implementation in (None, "sdpa")  # the switch is undone after the early stop
+
+
+def test_probe_reports_progress_per_pass():
+    model = deep_model()
+    seen = []
+    rp.probe(model, arch.adapter_for(model), budget=10, progress=lambda done, total, s: seen.append((done, total)))
+    assert seen == [(i + 1, rp.BATCH) for i in range(rp.BATCH)]

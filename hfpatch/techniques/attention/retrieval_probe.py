@@ -13,10 +13,13 @@ alone (no tokenizer, no dataset, no download), so that ``patch()`` can run it on
   heads). (The benchmark script counts every passcode token; on random tokens a retrieving head looks at the
   one position it needs, so the probe asks about that one.)
 
-One forward pass over ``batch`` such prompts (passcodes at different depths), through a temporary per-instance
+``BATCH`` such prompts (passcodes at different depths), one forward each, through a temporary per-instance
 attention function that runs transformers' sdpa for the outputs and, for the answer queries only, computes the
-attention probabilities (what eager attention would return) and scores them. The switch is undone before the
-function returns, success or not.
+attention probabilities (what eager attention would return) and scores them. The forward stops inside the last
+layer that can select (its attention output, its MLP and any later sliding-window layers are never needed). The
+switch is undone before the function returns, success or not. Cost on SmolLM2-135M: about 11 s of one core's
+CPU time (4 x 2048 tokens; docs/results/sparse-attention.md, with the cheaper prompts that were tried and why
+they were not kept).
 
 `choose_layers` turns the scores into selection layers (rule in its docstring); `fingerprint` names the
 weights a calibration belongs to; `calibrate` caches results per fingerprint in this process.
@@ -50,8 +53,10 @@ NEED_FRACTION = 0.25
 NEED_FLOOR = 4
 #: A selection layer serves a retrieval layer at most REACH layers after it when its cover is >= COVER.
 COVER, REACH = 0.75, 2
-#: Models with more parameters than this print a line before the probe (it takes seconds).
+#: Models with more parameters than this print a line before the probe (it takes seconds) and after it.
 SLOW_PARAMETERS = 50_000_000
+#: ... and, for those, a progress line after each prompt once the probe has run this many seconds.
+PROGRESS_AFTER = 5.0
 
 
 @dataclasses.dataclass
@@ -124,12 +129,15 @@ def _fast_matmuls(device: torch.device, precision: str):
 
 
 def probe(model, adapter, *, budget: int, seed: int = 0, length: int | None = None,
-          precision: str = "auto") -> ProbeResult:
+          precision: str = "auto", rows_per_pass: int = 1, progress=None) -> ProbeResult:
     """Run the retrieval probe on `model` (unchanged afterwards) and return each layer's need and cover.
 
     ``precision="auto"`` runs the forward's matrix products in bfloat16 where the device has native bfloat16
     (the scores themselves are computed in float32; the chosen layers on SmolLM2-135M are the same as in
-    float32, docs/results/sparse-attention.md); ``"model"`` keeps the model's dtype throughout."""
+    float32, docs/results/sparse-attention.md); ``"model"`` keeps the model's dtype throughout.
+
+    ``rows_per_pass`` prompts go through each forward (1: the same scores as one batch, smaller activations,
+    about 15% less CPU time on SmolLM2-135M); ``progress(done, total, seconds)`` is called after each."""
     if precision not in ("auto", "model"):
         raise ValueError(f"precision must be 'auto' or 'model', not {precision!r}")
     config = adapter.text_config()
@@ -145,35 +153,48 @@ def probe(model, adapter, *, budget: int, seed: int = 0, length: int | None = No
     answers = SPAN - CUE  # queries from the cue's last token on predict a passcode token
     first = length - answers
 
+    # Which layers are scored: every layer can be, but a sliding-window layer (known from the config) never
+    # selects; the forward stops after the last layer that can (its output and everything after it are unused).
+    kinds = list(getattr(config, "layer_types", None) or [])
+    for i, kind in enumerate(kinds[:num_layers]):
+        selectable[i] = "sliding" not in str(kind)
+    last = max((i for i in range(num_layers) if selectable[i]), default=num_layers - 1)
+    rows: list[int] = []  # the prompts (rows of `ids`) in the current forward pass
+
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-        out = compat.sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                            scaling=scaling, **kwargs)
         layer = getattr(module, "layer_idx", 0) or 0
         window = getattr(module, "sliding_window", None)
         if window is not None:
             selectable[layer] = False
         batch, heads, q_len, dim = query.shape
         if q_len != key.shape[2] or q_len < length:
-            return out
+            return compat.sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                                 scaling=scaling, **kwargs)
         # probabilities of the answer queries only: [B, Hq, answers, S], causal (and windowed) like eager
-        q = query[:, :, first:, :].float()
-        k = key.float().repeat_interleave(heads // key.shape[1], dim=1)
-        logits = (q @ k.transpose(-1, -2)) * (dim ** -0.5 if scaling is None else scaling)
+        # grouped per KV head (query head h reads KV head h // group), so the keys are read in place, not repeated
+        kv_heads = key.shape[1]
+        q = query[:, :, first:, :].float().reshape(batch, kv_heads, -1, dim)
+        logits = (q @ key.float().transpose(-1, -2)).reshape(batch, heads, answers, -1)
+        logits = logits * (dim ** -0.5 if scaling is None else scaling)
         if kwargs.get("softcap") is not None:
             logits = torch.tanh(logits / kwargs["softcap"]) * kwargs["softcap"]
-        rows = torch.arange(first, length)[:, None]
+        positions = torch.arange(first, length)[:, None]
         cols = torch.arange(length)[None, :]
-        allowed = cols <= rows
+        allowed = cols <= positions
         if window is not None:
-            allowed &= cols > rows - window
+            allowed &= cols > positions - window
         probs = logits.masked_fill(~allowed.to(logits.device), float("-inf")).softmax(-1)
-        for b, span in enumerate(spans):
+        for b, row in enumerate(rows):
+            span = spans[row]
             p = probs[b].cpu()  # [Hq, answers, S]
             need[layer] += p[:, :, span].sum(-1).max(0).values.mean() / len(spans)
             top = p.sum(0).topk(cut, dim=-1).indices  # [answers, cut]
             target = span[CUE:, None]  # the passcode token each answer query has to fetch
             cover[layer] += (top == target).any(-1).float().mean() / len(spans)
-        return out
+        if layer >= last:
+            raise _Done  # nothing after this layer is scored: skip its attention output and the layers after it
+        return compat.sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                             scaling=scaling, **kwargs)
 
     start = time.perf_counter()
     sub = adapter.text_sub_config()
@@ -182,11 +203,24 @@ def probe(model, adapter, *, budget: int, seed: int = 0, length: int | None = No
     try:
         device = next(adapter.language_model.parameters()).device
         with torch.no_grad(), _fast_matmuls(device, precision):
-            adapter.language_model(input_ids=ids.to(device), use_cache=False)
+            # Prompts in small groups (one by default): the same scores as one batch, but the activations of
+            # a group stay small enough for the CPU's caches and the allocator's free lists.
+            for first_row in range(0, len(spans), rows_per_pass):
+                rows[:] = range(first_row, min(first_row + rows_per_pass, len(spans)))
+                try:
+                    adapter.language_model(input_ids=ids[rows].to(device), use_cache=False)
+                except _Done:
+                    pass
+                if progress is not None:
+                    progress(rows[-1] + 1, len(spans), time.perf_counter() - start)
     finally:
         undo()
     return ProbeResult(need=[round(float(x), 4) for x in need], cover=[round(float(x), 4) for x in cover],
                        selectable=selectable, length=length, budget=cut, seconds=time.perf_counter() - start)
+
+
+class _Done(Exception):
+    """Raised inside the probe's forward once the last layer it scores is done (never leaves `probe`)."""
 
 
 def choose_layers(result: ProbeResult, full_layers: int) -> list[int]:
@@ -249,11 +283,16 @@ def calibrate(model, adapter, *, budget: int, full_layers: int, seed: int = 0,
         return list(layers), result, True
     slow = sum(p.numel() for p in adapter.language_model.parameters()) > SLOW_PARAMETERS
     if slow:
-        logger.warning("hfpatch: tidal_decode is probing which layers of this model retrieve (one forward pass "
-                       "over %d x %d tokens; once per model in this process, and handle.to_recipe() keeps the "
-                       "result)", BATCH, LENGTH)
+        logger.warning("hfpatch: tidal_decode is probing which layers of this model retrieve (%d forward passes "
+                       "of %d tokens; once per model in this process, and handle.to_recipe() keeps the result)",
+                       BATCH, LENGTH)
     probe_calls += 1
-    result = probe(model, adapter, budget=budget, seed=seed)
+
+    def progress(done, total, seconds):
+        if slow and done < total and seconds > PROGRESS_AFTER:
+            logger.warning("hfpatch: retrieval probe %d/%d prompts (%.0f s)", done, total, seconds)
+
+    result = probe(model, adapter, budget=budget, seed=seed, progress=progress)
     layers = choose_layers(result, full_layers)
     if slow:
         logger.warning("hfpatch: tidal_decode selection layers %s (probe took %.1f s)", layers, result.seconds)
