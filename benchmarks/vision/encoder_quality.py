@@ -6,7 +6,14 @@ heads and all 257 queries, CLS column dropped: HiPrune's score). Each method kee
 (11% / 22% / 33% of 256 by default); quality is measured three ways on the EVALUATION split:
 
 - probe: a linear probe (multinomial logistic regression) trained on the mean of ALL 256 tokens of the tuning
-  split, evaluated frozen on the mean of the KEPT tokens;
+  split, evaluated frozen on the mean of the KEPT tokens (it rewards selections whose mean looks like all
+  tokens' mean, e.g. pooling and random, and punishes any biased choice);
+- attention probe: a set reader closer to how a language model uses the tokens (``AttentionProbe``: learned
+  queries attend over the tokens, a linear head reads the pooled vectors), trained on ALL 256 tokens of the
+  tuning split, evaluated frozen on the KEPT tokens;
+- kept on ink: the share of kept tokens whose patch holds the digit's ink (descriptive only);
+- refit (diagnostic): the mean probe refitted on each method's kept tokens of the tuning split, evaluated on
+  the evaluation split's kept tokens: how much the kept tokens still say, once the reader is not shifted;
 - kNN: 10-nearest-neighbour vote (cosine) of the kept-token mean against the tuning split's all-token means;
 - coverage: for each of the 256 tokens, the best cosine similarity to a kept token, averaged (1.0 = every
   token has an identical kept token).
@@ -142,6 +149,67 @@ class Probe:
             return float((((x - self.mean) / self.std) @ self.w + self.b).argmax(-1).eq(y).float().mean())
 
 
+class AttentionProbe:
+    """A set reader: learned queries attend over the tokens given, a linear head reads the pooled vectors.
+
+    A language model reads visual tokens by attention, not by averaging them, so a selection that keeps the
+    informative tokens (e.g. the digit's strokes) and drops most of the background should not be punished
+    the way the mean probe punishes it. Per token: channel standardisation (tuning statistics), then keys
+    ``[key_dim]`` and values ``[value_dim]`` (linear); each of ``queries`` learned queries takes a softmax
+    over the tokens present; the pooled values are concatenated and a linear head gives the 10 logits.
+    Trained once on ALL 256 tokens of the tuning digits (Adam, fixed steps and sizes, seeded; nothing is
+    chosen on the evaluation split), then evaluated frozen on whatever tokens a method keeps: the softmax
+    simply runs over fewer tokens.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, *, queries: int = 4, key_dim: int = 32,
+                 value_dim: int = 64, steps: int = 300, batch: int = 64, lr: float = 3e-3,
+                 weight_decay: float = 1e-4, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        d = x.shape[-1]
+        flat = x.reshape(-1, d)
+        self.mean, self.std = flat.mean(0), flat.std(0).clamp_min(1e-6)
+
+        def init(*shape):
+            return (torch.randn(*shape, generator=g) / shape[0] ** 0.5).requires_grad_(True)
+
+        self.wk, self.wv = init(d, key_dim), init(d, value_dim)
+        self.q = init(key_dim, queries)
+        self.head = init(queries * value_dim, 10)
+        self.bias = torch.zeros(10, requires_grad=True)
+        params = [self.wk, self.wv, self.q, self.head, self.bias]
+        # AdamW written out: torch.optim's first step imports torch._dynamo (~20 s on a loaded core), which
+        # would cost more than this whole probe
+        m = [torch.zeros_like(t) for t in params]
+        v = [torch.zeros_like(t) for t in params]
+        self.losses = []
+        for step in range(1, steps + 1):
+            pick = torch.randint(len(x), (min(batch, len(x)),), generator=g)
+            loss = torch.nn.functional.cross_entropy(self.logits(x[pick]), y[pick])
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                for t, grad, m_t, v_t in zip(params, grads, m, v):
+                    m_t.mul_(0.9).add_(grad, alpha=0.1)
+                    v_t.mul_(0.999).addcmul_(grad, grad, value=0.001)
+                    update = (m_t / (1 - 0.9 ** step)) / ((v_t / (1 - 0.999 ** step)).sqrt() + 1e-8)
+                    t.mul_(1 - lr * weight_decay).sub_(update, alpha=lr)
+            self.losses.append(float(loss.detach()))
+        for t in params:
+            t.requires_grad_(False)
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[n, T, D]`` tokens (any T >= 1) -> ``[n, 10]``."""
+        z = (tokens - self.mean) / self.std
+        k, v = z @ self.wk, z @ self.wv  # [n, T, key], [n, T, value]
+        attn = torch.softmax((k @ self.q) / self.q.shape[0] ** 0.5, dim=1)  # [n, T, queries], over tokens
+        pooled = torch.einsum("ntq,ntv->nqv", attn, v).flatten(1)
+        return pooled @ self.head + self.bias
+
+    def accuracy(self, tokens: torch.Tensor, y: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(self.logits(tokens).argmax(-1).eq(y).float().mean())
+
+
 def knn_accuracy(db: torch.Tensor, db_y: torch.Tensor, q: torch.Tensor, q_y: torch.Tensor, k: int = 10) -> float:
     dbn = torch.nn.functional.normalize(db, dim=-1)
     qn = torch.nn.functional.normalize(q, dim=-1)
@@ -157,10 +225,27 @@ def coverage(features: torch.Tensor, kept: torch.Tensor) -> float:
     return float((f @ k.transpose(1, 2)).max(-1).values.mean())
 
 
-def evaluate(kept: torch.Tensor, ev: dict, probe: Probe, db: torch.Tensor, db_y: torch.Tensor) -> dict:
+def ink_mask(split: str, n: int, threshold: float = 0.05) -> torch.Tensor:
+    """``[n, 256]`` bool: the patch holds the digit's ink (more than ``threshold`` of its pixels are brighter
+    than halfway between background and full white). Describes what a method keeps; never used to choose."""
+    px = va.mnist_digits(split, n=n).pixels[:, 0]  # channel 0 of the normalised grey image
+    lo, hi = px.amin(), px.amax()
+    bright = (px > (lo + hi) / 2).float()
+    return bright.reshape(n, GRID, va.PATCH_SIZE, GRID, va.PATCH_SIZE).mean((2, 4)).reshape(n, N_TOKENS) > threshold
+
+
+def evaluate(kept: torch.Tensor, ev: dict, probe: Probe, db: torch.Tensor, db_y: torch.Tensor,
+             attention: AttentionProbe | None = None, idx: torch.Tensor | None = None) -> dict:
+    """Scores of one method's kept tokens ``[n, k, D]``; ``idx`` ``[n, k]`` (None for merged tokens) gives the
+    share of kept tokens on ink (``ev["ink"]``)."""
     mean = kept.mean(1)
-    return {"probe": probe.accuracy(mean, ev["labels"]), "knn": knn_accuracy(db, db_y, mean, ev["labels"]),
-            "coverage": coverage(ev["features"], kept)}
+    res = {"probe": probe.accuracy(mean, ev["labels"]), "knn": knn_accuracy(db, db_y, mean, ev["labels"]),
+           "coverage": coverage(ev["features"], kept)}
+    if attention is not None:
+        res["attention_probe"] = attention.accuracy(kept, ev["labels"])
+    if idx is not None and "ink" in ev:
+        res["ink_share"] = float(torch.gather(ev["ink"], 1, idx).float().mean())
+    return res
 
 
 # ---------------------------------------------------------------------------------------------- study
@@ -214,7 +299,12 @@ def main(argv=None) -> int:
     ev = encode("evaluation", args.evaluation)
     db, db_y = tune["features"].mean(1), tune["labels"]
     probe = Probe(db, db_y)
-    results: dict = {"unpruned": evaluate(ev["features"], ev, probe, db, db_y)}
+    t1 = time.perf_counter()
+    attention = AttentionProbe(tune["features"], tune["labels"], seed=0)
+    attention_seconds = round(time.perf_counter() - t1, 1)
+    ev["ink"] = ink_mask("evaluation", args.evaluation)
+    everything = torch.arange(N_TOKENS).expand(len(ev["labels"]), -1)
+    results: dict = {"unpruned": evaluate(ev["features"], ev, probe, db, db_y, attention, everything)}
     rows = [("unpruned", N_TOKENS, results["unpruned"], "")]
     missing = {}
     layer_table = None
@@ -224,30 +314,44 @@ def main(argv=None) -> int:
             object_layer, layer_table = choose_object_layer(tune, args.budgets, args.deep_layer, args.candidates)
         except ImportError as e:
             missing["hiprune"] = str(e)
+    def keep(method: str, data: dict, budget: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One method's kept tokens ``[n, k, D]`` of ``data`` and their indices (None when merged)."""
+        if method == "random":
+            idx = random_indices(len(data["labels"]), budget, seed)
+        elif method == "pooling":
+            return pooled_tokens(data["features"], budget), None
+        elif method == "divprune":
+            idx = divprune_indices(data["features"], budget)
+        elif method == "hiprune":
+            idx = hiprune_indices(data["scores"], object_layer, args.deep_layer, budget)
+        else:
+            raise SystemExit(f"unknown method {method!r}; choose from random pooling divprune hiprune")
+        return gather(data["features"], idx), idx
+
+    def score(method: str, budget: int, seed: int = 0) -> dict:
+        kept, idx = keep(method, ev, budget, seed)
+        res = evaluate(kept, ev, probe, db, db_y, attention, idx)
+        # Diagnostic, not a reader a VLM has: the mean probe refitted on this method's kept tokens of the
+        # TUNING digits. It separates "the kept tokens lost the digit" from "the all-token reader is shifted".
+        refit = Probe(keep(method, tune, budget, seed)[0].mean(1), tune["labels"])
+        res["probe_refit"] = refit.accuracy(kept.mean(1), ev["labels"])
+        return res
+
     for budget in args.budgets:
         for method in args.methods:
+            if method == "hiprune" and "hiprune" in missing:
+                continue
             try:
                 if method == "random":
-                    runs = [evaluate(gather(ev["features"], random_indices(len(ev["labels"]), budget, s)), ev, probe,
-                                     db, db_y) for s in range(args.seeds)]
+                    runs = [score(method, budget, s) for s in range(args.seeds)]
                     res = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
                     res.update({f"{k}_min": min(r[k] for r in runs) for k in runs[0]})
                     res.update({f"{k}_max": max(r[k] for r in runs) for k in runs[0]})
                     note = f"mean of {args.seeds} seeds"
-                elif method == "pooling":
-                    kept = pooled_tokens(ev["features"], budget)
-                    res, note = evaluate(kept, ev, probe, db, db_y), "x".join(map(str, pool_grid(budget))) + " grid"
-                elif method == "divprune":
-                    res, note = evaluate(gather(ev["features"], divprune_indices(ev["features"], budget)), ev, probe,
-                                         db, db_y), "max_min"
-                elif method == "hiprune":
-                    if "hiprune" in missing:
-                        continue
-                    idx = hiprune_indices(ev["scores"], object_layer, args.deep_layer, budget)
-                    res = evaluate(gather(ev["features"], idx), ev, probe, db, db_y)
-                    note = f"object layer {object_layer}, deep layer {args.deep_layer}"
                 else:
-                    raise SystemExit(f"unknown method {method!r}; choose from random pooling divprune hiprune")
+                    res = score(method, budget)
+                    note = {"pooling": "x".join(map(str, pool_grid(budget))) + " grid", "divprune": "max_min",
+                            "hiprune": f"object layer {object_layer}, deep layer {args.deep_layer}"}.get(method, "")
             except ImportError as e:
                 missing[method] = str(e)
                 continue
@@ -260,14 +364,23 @@ def main(argv=None) -> int:
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
         "tuning": args.tuning, "evaluation": args.evaluation, "budgets": args.budgets,
         "object_layer": object_layer, "object_layer_tuning_accuracy": layer_table, "deep_layer": args.deep_layer,
+        "attention_probe": {"seconds": attention_seconds, "first_loss": attention.losses[0],
+                            "last_loss": attention.losses[-1]},
         "results": results, "missing": missing, "seconds": round(time.perf_counter() - t0, 1),
     }
     base = results["unpruned"]
-    print(f"| method | tokens kept | probe acc | % of unpruned | kNN acc | coverage | note |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| method | tokens kept | mean probe acc | % of unpruned | attention probe acc | % of unpruned | kNN acc "
+          "| coverage | kept on ink | mean probe refit on kept (diagnostic) | note |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for method, budget, res, note in rows:
+        ink = f"{100 * res['ink_share']:.0f}%" if "ink_share" in res else "(merged)"
+        refit = f"{100 * res['probe_refit']:.1f}" if "probe_refit" in res else ""
         print(f"| {method} | {budget} ({100 * budget / N_TOKENS:.0f}%) | {100 * res['probe']:.1f} | "
-              f"{100 * res['probe'] / base['probe']:.1f} | {100 * res['knn']:.1f} | {res['coverage']:.3f} | {note} |")
+              f"{100 * res['probe'] / base['probe']:.1f} | {100 * res['attention_probe']:.1f} | "
+              f"{100 * res['attention_probe'] / base['attention_probe']:.1f} | {100 * res['knn']:.1f} | "
+              f"{res['coverage']:.3f} | {ink} | {refit} | {note} |")
+    print(f"attention probe: trained {attention_seconds} s on {args.tuning} tuning digits (all 256 tokens), "
+          f"loss {attention.losses[0]:.3f} -> {attention.losses[-1]:.3f}")
     if layer_table:
         print("HiPrune object layer on the tuning split (probe on tuning[:half], accuracy on tuning[half:], "
               f"mean of budgets {args.budgets[:2]}): " + ", ".join(f"{k}: {100 * v:.1f}" for k, v in layer_table.items())
