@@ -10,9 +10,11 @@ depend on what the weights are. Two measurements, side by side in one process:
 
 1. Decode through ``model.generate`` at 32k / 64k / 128k context, batch 1 and 8 (cases whose KV cache would not
    fit are skipped and listed): ms per decode step (the median gap between logits-processor calls, synchronised,
-   so the prefill is not counted) for dense attention (DynamicCache), dense with ``cache_implementation="static"``,
-   and each sparse recipe (``--recipes``, budget ``--budget``), plus what ``handle.stats`` says the recipe did
-   (``sparse_fraction``, fallback reasons). Target (issue 16): >= 1.5x dense at 64k.
+   so the prefill is not counted) for dense attention (DynamicCache), dense with ``cache_implementation="static"``
+   (which transformers compiles on CUDA), and each sparse recipe (``--recipes``, budget ``--budget``) on its
+   default cache and on the static cache (served sparse over the written prefix; the patched ``generate`` turns
+   transformers' auto-compile off for it, since a traced step could only run dense), plus what ``handle.stats``
+   says the recipe did (``sparse_fraction``, fallback reasons). Target (issue 16): >= 1.5x dense at 64k.
 2. Tree verification: one forward of a 16 / 32 / 64 / 80-node draft tree (additive tree mask, explicit
    positions, the way the speculative engine verifies) over a ``--tree-context`` prefix, against a one-token
    decode step over the same prefix. The ratio decides which trees pay on this GPU. Target: 64 nodes <= 1.3x.
@@ -114,6 +116,9 @@ def decode_table(model, config, args) -> tuple[list[dict], list[str]]:
     capacity = torch.cuda.get_device_properties(0).total_memory if args.device == "cuda" else float("inf")
     methods = [("dense", None, {}), ("dense, static cache", None, {"cache_implementation": "static"})]
     methods += [(name, name, {}) for name in args.recipes.split(",") if name]
+    # the static cache is a served sparse path too (patched generate() turns transformers' auto-compile off)
+    methods += [(f"{name}, static cache", name, {"cache_implementation": "static"})
+                for name in args.recipes.split(",") if name]
     for length in (int(n) for n in args.lengths.split(",")):
         for batch in (int(b) for b in args.batches.split(",")):
             need = weights + 1.3 * kv_bytes(config, length + args.new, batch, dtype_bytes)
@@ -229,7 +234,8 @@ def main(argv=None) -> int:
         served = ""
         if row["stats"]:
             served = "; ".join(f"{k}: sparse_fraction {v.get('sparse_fraction', 0):.2f}" + (
-                f", fallback {v['fallback_reason']}" if v.get("fallback_reason") else "")
+                f", fallback {v['fallback_reason']}" if v.get("fallback_reason") else "") + (
+                ", auto-compile off" if v.get("auto_compile") else "")
                 for k, v in row["stats"].items() if isinstance(v, dict))
         print(f"| {row['length']} | {row['batch']} | {row['method']} | {row['ms_per_step']} | {row['vs_dense']} | "
               f"{served} |")
