@@ -75,6 +75,22 @@ def test_private_draft_keeps_greedy_output_identical_and_the_given_draft_untouch
     assert all(m.forward == draft_forwards[name] for name, m in draft.named_modules())
 
 
+def test_the_private_copy_is_freed_at_unpatch_while_the_handle_is_kept():
+    import gc
+    import weakref
+
+    target = _target("llama")
+    draft = _draft_for(target, "llama")
+    handle = hfpatch.patch(target, _recipe(**DYNAMIC, draft_dtype="bfloat16"), draft_model=draft)
+    target.generate(_prompts(1, seed=3)[0], max_new_tokens=4, do_sample=False)
+    private = weakref.ref(handle.techniques[0].drafter.draft_model)
+    assert private() is not draft
+    handle.unpatch()
+    gc.collect()
+    assert private() is None
+    assert handle.stats["draft_model"]["draft_runtime"]["dtype"] == "bfloat16"  # stats still readable
+
+
 def test_onednn_draft_refused_for_an_unsupported_dtype_with_the_fix():
     target = _target("llama")
     draft = _draft_for(target, "llama").to(torch.float16)

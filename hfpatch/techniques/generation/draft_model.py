@@ -476,6 +476,16 @@ class DraftModel(DrafterTechnique):
         return DraftModelDrafter(runner, p.tree, p.draft_length, p.branching, p.width, p.min_probability,
                                  p.siblings, p.seed)
 
+    def apply(self, model, ctx) -> None:
+        super().apply(model, ctx)
+        # a private copy of the draft (draft_dtype / draft_kernels) goes when the patch comes off, even while the
+        # user keeps the handle to read its stats
+        ctx.record(self._drop_private_draft)
+
+    def _drop_private_draft(self) -> None:
+        if self.drafter is not None and self.drafter.draft_model is not self.draft:
+            self.drafter.draft_model = None
+
     def export_params(self) -> dict[str, Any]:
         """The parameters a recipe keeps: a loaded draft becomes its Hub id and commit when it came from the Hub
         (else nothing: the recipe then needs draft_model= again), tokenizers are never saved."""
