@@ -111,6 +111,27 @@ def test_a_callers_static_cache_is_used_in_place():
     assert int(cache.layers[0].cumulative_length) == ids.shape[1] + 9
 
 
+def test_forward_calls_on_a_static_cache_match_the_dynamic_cache():
+    """A decode loop of plain forward calls (no generate, no attention mask given): same logits on both caches."""
+    model = model_of()
+    ids = prompt(n=1)[0]
+
+    def decode(cache):
+        with torch.no_grad():
+            out = model(ids, cache=cache)
+            steps = []
+            for _ in range(6):
+                out = model(out.logits[:, -1:].argmax(-1), cache=cache)
+                steps.append(out.logits[:, -1])
+        return torch.stack(steps)
+
+    with hfpatch.patch(model, "recycled-attention-paper", budget=12, sink=2, window=4, stride=4) as handle:
+        static = decode(transformers.StaticCache(config=model.config, max_cache_len=80))
+        assert handle.stats["recycled_attention"]["sparse_fraction"] > 0
+        dynamic = decode(transformers.DynamicCache(config=model.config))
+    torch.testing.assert_close(static, dynamic, atol=1e-5, rtol=1e-5)
+
+
 def test_sliding_window_layers_stay_dense_under_a_static_cache():
     """Gemma 3 style: the static cache's sliding layers are ring buffers; only full layers run sparse."""
     model = model_of("gemma3_text", layers=4)

@@ -339,9 +339,9 @@ class SparseAttentionTechnique(Technique):
         batch, _, q_len, dim = query.shape
         n, valid = self._prefix(attention_mask, batch, q_len, key.shape[2])
         if n < key.shape[2]:  # a static cache: attend within the written prefix (views, nothing is copied)
+            if attention_mask is not None:  # aligned on the last key, as written_prefix reads it
+                attention_mask = attention_mask[..., attention_mask.shape[-1] - key.shape[2]:][..., :n]
             key, value = key[:, :, :n], value[:, :, :n]
-            if attention_mask is not None:
-                attention_mask = attention_mask[..., :n]
         length = key.shape[2]
         layer = getattr(module, "layer_idx", 0) or 0
         step = q_len == 1 and length > 1 and not module.training
