@@ -199,6 +199,20 @@ def test_generate_turns_off_transformers_auto_compile_of_static_decoding_on_an_a
     assert not base._auto_compile_off(cuda, {"cache_implementation": "static", "disable_compile": False})
 
 
+def test_generate_passes_disable_compile_and_says_so(monkeypatch):
+    """Where transformers would compile (an accelerator; faked here), the patched generate passes
+    disable_compile=True, decodes sparse, and stats say auto-compile was turned off."""
+    model = model_of()
+    ids, mask = prompt(n=1)
+    seen = []
+    monkeypatch.setattr(base, "_auto_compile_off", lambda model, kwargs: seen.append(kwargs) or True)
+    with hfpatch.patch(model, "recycled-attention", budget=12, sink=2, window=4) as handle:
+        run(model, ids, mask, new=4, cache_implementation="static")
+        stats = handle.stats["recycled_attention"]
+    assert seen and stats["auto_compile"].startswith("off") and stats["sparse_fraction"] > 0
+    assert stats["fallback_reason"] is None
+
+
 def test_written_prefix_reads_the_mask():
     causal = torch.ones(2, 1, 1, 10, dtype=torch.bool)
     assert written_prefix(causal, 2, 1, 10) == (10, None)  # dynamic cache: everything is written
