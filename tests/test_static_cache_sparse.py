@@ -213,6 +213,27 @@ def test_generate_passes_disable_compile_and_says_so(monkeypatch):
     assert stats["fallback_reason"] is None
 
 
+def test_the_mask_is_read_once_per_forward_and_not_for_dynamic_multi_token_calls(monkeypatch):
+    """Host reads: one per forward that needs one (shared by the layers), none for a dynamic-cache prefill."""
+    model = model_of()
+    ids, mask = prompt()  # padded: every forward gets a 4-D mask
+    reads = []
+    real = base.written_prefix
+
+    def counted(attention_mask, batch, query_length, length):
+        if attention_mask is not None:
+            reads.append(query_length)
+        return real(attention_mask, batch, query_length, length)
+
+    monkeypatch.setattr(base, "written_prefix", counted)
+    with hfpatch.patch(model, "recycled-attention", budget=12, sink=2, window=4):
+        run(model, ids, mask, new=5)
+        assert reads == [1] * 4  # four decode forwards of six layers each; the dynamic prefill reads nothing
+        reads.clear()
+        run(model, ids, mask, new=5, cache_implementation="static")
+        assert reads == [ids.shape[1]] + [1] * 4  # the static prefill needs its prefix too
+
+
 def test_written_prefix_reads_the_mask():
     causal = torch.ones(2, 1, 1, 10, dtype=torch.bool)
     assert written_prefix(causal, 2, 1, 10) == (10, None)  # dynamic cache: everything is written

@@ -16,8 +16,9 @@ Static caches (``generate(..., cache_implementation="static")``, a ``StaticCache
 preallocated ``[B, Hkv, max_cache_len, D]`` buffer, whose tail holds positions not written yet, with a 4-D mask
 built for the full buffer. Every call is cut to the written prefix first (views: the user's cache is never
 copied or reallocated): its length is the last position any query may attend to, plus one, read from the mask
-once per forward (one small host read shared by all layers; a padded dynamic-cache batch used to read its mask
-in every layer). From there a static-cache decode step is the same step as on a dynamic cache: same length,
+once per forward and shared by all layers (one small host read; a language-model pre-hook tells static-cache
+forwards apart by the cache's type, so multi-token calls on a dynamic cache read nothing, and a padded decode
+step reads its mask once instead of once per layer). From there a static-cache decode step is the same step as on a dynamic cache: same length,
 same sinks / window / top-K, same continuation rule, so greedy output matches the dynamic cache. A forward
 traced by ``torch.compile`` (``generate`` compiles static-cache decoding on CUDA unless
 ``disable_compile=True``) cannot run the data-dependent selection: it runs dense attention and
@@ -180,6 +181,7 @@ class SparseAttentionTechnique(Technique):
         super().__init__(*args, **kwargs)
         self.layers: dict[int, LayerState] = {}
         self._prefix_seen: tuple | None = None  # ((mask, shapes, written_prefix), ...) of the latest forward
+        self._static_forward = False  # whether the current forward's cache is a static (compileable) one
         self._stats: dict[str, Any] = {}
         self.reset_stats()
 
@@ -210,6 +212,8 @@ class SparseAttentionTechnique(Technique):
         ctx.record(undo)
         ctx.record(self.layers.clear)
         ctx.record(lambda: setattr(self, "_prefix_seen", None))  # drop the reference to the last mask
+        # which cache each forward runs on: only a static cache's calls need their written prefix read
+        ctx.record(primitives.add_forward_hook(ctx.adapter.language_model, self._see_cache, pre=True))
         # generate() is wrapped for the in-place cache (kv_cache='growable') and, on every parameter setting, to
         # keep transformers from compiling static-cache decoding on an accelerator (see _generate)
         ctx.record(primitives.wrap_generate(
@@ -317,6 +321,12 @@ class SparseAttentionTechnique(Technique):
         state.seq_len = length
         return state
 
+    def _see_cache(self, module, args, kwargs) -> None:
+        """Forward pre-hook of the language model: note whether this forward runs on a static cache (a type
+        fact, no device read)."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        self._static_forward = bool(getattr(cache, "is_compileable", False))
+
     def _prefix(self, attention_mask, batch: int, q_len: int, length: int) -> tuple[int, torch.Tensor | None]:
         """``written_prefix`` of this forward's mask, computed at its first layer and reused by the others
         (every full-attention layer of a forward gets the same mask object)."""
@@ -337,7 +347,10 @@ class SparseAttentionTechnique(Technique):
             self._stats["fallback_reason"] = COMPILED_REASON
             return self._full(module, query, key, value, attention_mask, scaling, dropout, kwargs)
         batch, _, q_len, dim = query.shape
-        n, valid = self._prefix(attention_mask, batch, q_len, key.shape[2])
+        if q_len == 1 or self._static_forward:
+            n, valid = self._prefix(attention_mask, batch, q_len, key.shape[2])
+        else:  # a multi-token call over a dynamic cache (prefill, tree verification) reads nothing: full sdpa
+            n, valid = key.shape[2], None
         if n < key.shape[2]:  # a static cache: attend within the written prefix (views, nothing is copied)
             if attention_mask is not None:  # aligned on the last key, as written_prefix reads it
                 attention_mask = attention_mask[..., attention_mask.shape[-1] - key.shape[2]:][..., :n]
