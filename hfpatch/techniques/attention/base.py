@@ -16,12 +16,12 @@ Static caches (``generate(..., cache_implementation="static")``, a ``StaticCache
 preallocated ``[B, Hkv, max_cache_len, D]`` buffer, whose tail holds positions not written yet, with a 4-D mask
 built for the full buffer. Every call is cut to the written prefix first (views: the user's cache is never
 copied or reallocated): its length is the last position any query may attend to, plus one, read from the mask
-once per forward and shared by all layers (one small host read; a language-model pre-hook tells static-cache
-forwards apart by the cache's type, so multi-token calls on a dynamic cache read nothing, and a padded decode
-step reads its mask once instead of once per layer). From there a static-cache decode step is the same step as on a dynamic cache: same length,
-same sinks / window / top-K, same continuation rule, so greedy output matches the dynamic cache. A forward
-traced by ``torch.compile`` (``generate`` compiles static-cache decoding on CUDA unless
-``disable_compile=True``) cannot run the data-dependent selection: it runs dense attention and
+once per forward and shared by all layers. That is one small host read; a pre-hook on the language model tells
+static-cache forwards apart by the cache's type, so multi-token calls on a dynamic cache read nothing, and a
+padded decode step reads its mask once instead of once per layer. From there a static-cache decode step is the
+same step as on a dynamic cache (same length, sinks, window, top-K and continuation rule), so greedy output
+matches the dynamic cache. A forward traced by ``torch.compile`` (``generate`` compiles static-cache decoding
+on CUDA unless ``disable_compile=True``) cannot run the data-dependent selection: it runs dense attention and
 ``stats["fallback_reason"]`` says so.
 
 Shared parameters: ``budget`` = how many cached context positions a sparse step attends to (sinks and
