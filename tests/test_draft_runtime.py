@@ -9,7 +9,7 @@ from test_speculative import _prompts
 
 import hfpatch
 from hfpatch.errors import PatchError
-from hfpatch.techniques.compute.onednn_linear import onednn_available
+from hfpatch.kernels.onednn_linear import onednn_available
 from hfpatch.techniques.generation.draft_runtime import copy_in_dtype, prepare_draft
 
 DYNAMIC = {"tree": "dynamic", "max_nodes": 12, "width": 4, "min_probability": 0.0}

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ...errors import PatchError
-from ..compute.onednn_linear import PackedLinear, onednn_available
+from ...kernels.onednn_linear import PackedLinear, onednn_available
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
