@@ -22,10 +22,15 @@ Two studies:
           python benchmarks/speculative/draft_pair.py window [--new-tokens 64]
 
 The prompts below are written for this study (code / rewrite / chat / QA) and are not the tests' prompts.
+PROMPTS is the evaluation split; TUNING_PROMPTS (other tasks of the same kinds) is the only split recipe settings
+are chosen on: `pair --split tuning --variants FILE` times candidate settings (a JSON list of
+[label, recipe, {overrides}]) beside plain greedy and transformers assisted generation.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import hashlib
 import json
 import platform
@@ -51,6 +56,19 @@ PROMPTS = {
     "code-edit": "Add type hints and a guard for an empty list to this function, and return the result:\n\n"
                  "def average(values):\n    total = 0\n    for v in values:\n        total += v\n"
                  "    return total / len(values)\n",
+}
+
+TUNING_PROMPTS = {
+    "code": "Write a Python class `LRUCache` with `get(key)` and `put(key, value)` methods in O(1) time, using "
+            "an OrderedDict. Add a short usage example.",
+    "rewrite": "Rewrite this note as a polite email to a landlord:\n\nhey the heater in flat 4 is broken again, "
+               "third time this winter. its freezing and the kids are sick. can someone come tomorrow morning "
+               "before 10? also the hallway light is out.",
+    "chat": "What are three good habits for keeping a small vegetable garden healthy? One sentence each.",
+    "qa": "What is the difference between a list and a tuple in Python, and when should each be used?",
+    "code-edit": "Convert this loop into a list comprehension and add a docstring:\n\n"
+                 "def squares_of_evens(numbers):\n    result = []\n    for n in numbers:\n"
+                 "        if n % 2 == 0:\n            result.append(n * n)\n    return result\n",
 }
 
 
@@ -117,7 +135,7 @@ def exits(args) -> dict:
                 spec = time.perf_counter() - t0
                 stats = handle.stats["early_exit"]
             identical &= torch.equal(out, ref)
-            if round_:
+            if round_ or args.rounds == 0:
                 times["plain"].append(plain)
                 times["early-exit"].append(spec)
                 mats.append(stats["mean_accepted_tokens_per_forward"])
@@ -129,21 +147,39 @@ def exits(args) -> dict:
 
 # ----- pair --------------------------------------------------------------------------------------------------
 
-def _methods(draft):
-    """(label, generate kwargs, recipe or None, overrides)."""
+def _methods(draft, fast_draft):
+    """(label, generate kwargs, recipe or None, overrides). `fast_draft` is the draft as the -cpu recipes run it
+    (a bfloat16 copy with packed oneDNN layers), handed to transformers too so that the comparison also shows
+    what the speculation itself adds beyond a cheaper draft."""
     return [
         ("plain greedy", {}, None, {}),
         ("transformers assisted", {"assistant_model": draft}, None, {}),
+        ("transformers assisted, draft bf16+oneDNN", {"assistant_model": fast_draft}, None, {}),
         ("transformers prompt lookup", {"prompt_lookup_num_tokens": 10}, None, {}),
         ("hfpatch recycling+lookup", {}, "recycling+lookup", {}),
         ("hfpatch draft-model (chain)", {}, "draft-model", {"draft_model": draft}),
         ("hfpatch dyspec", {}, "dyspec", {"draft_model": draft}),
         ("hfpatch rasd", {}, "rasd", {"draft_model": draft}),
+        ("hfpatch draft-model-cpu", {}, "draft-model-cpu", {"draft_model": draft}),
+        ("hfpatch dyspec-cpu", {}, "dyspec-cpu", {"draft_model": draft}),
+        ("hfpatch rasd-cpu", {}, "rasd-cpu", {"draft_model": draft}),
     ]
+
+
+def _engine_stats(handle) -> dict:
+    """The speculative engine's statistics in a handle (a recipe may start with a compute technique)."""
+    return next(s for s in handle.stats.values() if "mean_accepted_tokens_per_forward" in s or "fallback" in s)
 
 
 def _side_by_side(target, encoded: dict, methods, rounds: int, new_tokens: int) -> dict:
     """Every method on every prompt, interleaved; round 0 warms up and gives plain greedy's reference outputs."""
+    if rounds == 0:
+        # no discarded round: warm every method up once on a short cut of the first prompt instead
+        warm = next(iter(encoded.values()))[:, :16]
+        for label, kwargs, recipe, overrides in methods:
+            with (hfpatch.patch(target, recipe, **overrides) if recipe else contextlib.nullcontext()):
+                target.generate(warm, max_new_tokens=4, do_sample=False, **kwargs)
+            gc.collect()
     reference = {}
     rows = {label: {"seconds": 0.0, "tokens": 0, "identical": True, "mat": [], "fallbacks": set()}
             for label, *_ in methods}
@@ -155,17 +191,18 @@ def _side_by_side(target, encoded: dict, methods, rounds: int, new_tokens: int) 
                     t0 = time.perf_counter()
                     out = target.generate(ids, max_new_tokens=new_tokens, do_sample=False, **kwargs)
                     seconds = time.perf_counter() - t0
-                    stats = next(iter(handle.stats.values())) if handle else None
+                    stats = _engine_stats(handle) if handle else None
                 finally:
                     if handle:
                         handle.unpatch()
+                    gc.collect()  # a recipe's private draft copy goes before the next method runs
                 if label == "plain greedy" and round_ == 0:
                     reference[name] = out
                 row = rows[label]
                 row["identical"] &= torch.equal(out, reference[name])
                 if stats and stats.get("fallback"):
                     row["fallbacks"].add(stats["fallback"])
-                if round_:
+                if round_ or rounds == 0:  # rounds 0: the one round is measured (after the short warm-up above)
                     row["seconds"] += seconds
                     row["tokens"] += out.shape[1] - ids.shape[1]
                     if stats and stats.get("fallback") is None:
@@ -184,9 +221,19 @@ def pair(args) -> dict:
     target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32).eval()
     draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(args.target)
-    encoded = {name: _encode(tok, text) for name, text in PROMPTS.items()}
-    table = _side_by_side(target, encoded, _methods(draft), args.rounds, args.new_tokens)
-    return {"target": args.target, "draft": args.draft, "table": table}
+    prompts = TUNING_PROMPTS if args.split == "tuning" else PROMPTS
+    encoded = {name: _encode(tok, text) for name, text in prompts.items()
+               if not args.only or name in args.only.split(",")}
+    from hfpatch.techniques.generation.draft_runtime import prepare_draft
+
+    if args.variants:
+        # candidate settings, timed beside the two references they must beat
+        methods = _methods(draft, None)[:2] + [(label, {}, recipe, {**overrides, "draft_model": draft})
+                                               for label, recipe, overrides in json.loads(Path(args.variants).read_text())]
+    else:
+        methods = _methods(draft, prepare_draft(draft, "bfloat16", "onednn")[0])
+    table = _side_by_side(target, encoded, methods, args.rounds, args.new_tokens)
+    return {"target": args.target, "draft": args.draft, "split": args.split, "table": table}
 
 
 def _long_code_prompts(tok, count: int, min_tokens: int) -> dict:
@@ -254,6 +301,10 @@ def main() -> None:
     p = sub.add_parser("pair")
     p.add_argument("--target", required=True)
     p.add_argument("--draft", required=True)
+    p.add_argument("--split", choices=("evaluation", "tuning"), default="evaluation")
+    p.add_argument("--only", default=None, help="comma-separated prompt names (default: all of the split)")
+    p.add_argument("--variants", default=None, help="JSON list of [label, recipe, {overrides}] to time instead "
+                                                     "of the built-in hfpatch methods (tuning)")
     w = sub.add_parser("window")
     w.add_argument("--prompts", type=int, default=4)
     w.add_argument("--min-tokens", type=int, default=560)
