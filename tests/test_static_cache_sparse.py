@@ -27,8 +27,8 @@ def model_of(kind="llama", layers=6, seed=0):
     """A tiny fp32 model deep enough for TidalDecode; keeps the config's layer kinds (the static cache reads them)."""
     data = tiny_config(kind).to_dict()
     data["num_hidden_layers"] = layers
-    if data.get("layer_types"):
-        data["layer_types"] = (["sliding_attention", "full_attention"] * layers)[:layers]
+    if data.get("layer_types"):  # the tiny config's pattern, repeated (Gemma 3: sliding, full, ...)
+        data["layer_types"] = [data["layer_types"][i % len(data["layer_types"])] for i in range(layers)]
     return tiny_model(kind, seed=seed, config=type(tiny_config(kind))(**data))
 
 
@@ -66,6 +66,18 @@ def test_static_cache_is_served_sparse_and_matches_the_dynamic_cache(recipe, row
         assert static[key] == dynamic[key], key
     # the prefill of a static cache is a prefill (it used to count as a multi-token step over a cache)
     assert static["multi_token_steps"] == 0 and "note" not in static
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3", "phi3", "gpt2"])
+def test_static_cache_matches_the_dynamic_cache_on_other_architectures(kind):
+    model = model_of(kind)
+    ids, mask = prompt()
+    with hfpatch.patch(model, "recycled-attention-paper", budget=12, sink=2, window=4, stride=4) as handle:
+        dyn_seq, dyn_logits = run(model, ids, mask)
+        static_seq, static_logits = run(model, ids, mask, cache_implementation="static")
+        stats = handle.stats["recycled_attention"]
+    assert torch.equal(static_seq, dyn_seq) and stats["sparse_fraction"] > 0
+    torch.testing.assert_close(static_logits, dyn_logits, atol=1e-5, rtol=1e-5)
 
 
 def test_a_sparse_step_changes_the_static_output_like_the_dynamic_one():
