@@ -5,6 +5,12 @@ and whole-``generate`` time per budget on this CPU, configurations interleaved r
 
     python benchmarks/vision/llava_answers.py --threads 2 --n 200 --speed --out /tmp/vision_llava.json
     python benchmarks/vision/llava_answers.py --methods hiprune:object_layer=4 divprune random_prune:seed=0
+    python benchmarks/vision/llava_answers.py --split tuning --offset 600 --n 30 --budgets 28 \
+        --methods todre:threshold=0 todre:threshold=1.0,start_layer=8      # calibration: tuning digits only
+
+``--reference earlier.json`` reuses the unpruned answers of an earlier run on the same images and model
+(checked), so a run split by budget does not repeat the unpruned pass. The JSON is rewritten after every
+configuration, with each image's answer, so a run cut short keeps what finished.
 
 A method is a registered technique name with optional parameters (``name:key=value,...``); ``random_prune``
 without a seed runs seeds 0 .. --random-seeds - 1. A technique not registered in this checkout is reported as missing, not
@@ -64,7 +70,14 @@ def score(got: list, labels: list[int], reference: list) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=200, help="evaluation-split digits (the first n: n/10 per digit)")
+    ap.add_argument("--n", type=int, default=200, help="digits of the split (from --offset on: n/10 per digit)")
+    ap.add_argument("--split", choices=["evaluation", "tuning"], default="evaluation",
+                    help="evaluation (report numbers) or tuning (choose settings; the projector trained on "
+                         "tuning rows 0-499, so calibrate from --offset 600 on)")
+    ap.add_argument("--offset", type=int, default=0, help="skip the split's first OFFSET digits (a multiple of 10 "
+                    "keeps the digits balanced)")
+    ap.add_argument("--reference", type=Path, default=None,
+                    help="reuse the unpruned answers stored in this earlier --out file (same split, images, model)")
     ap.add_argument("--budgets", type=int, nargs="+", default=[round(va.NUM_PATCHES * r) for r in (1 / 9, 2 / 9, 1 / 3)])
     ap.add_argument("--methods", nargs="+",
                     default=["hiprune", "divprune", "random_prune", "pool_prune", "fastv", "todre"])
@@ -81,15 +94,39 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     llava, tok, pre = va.assembled_llava()
-    data = va.mnist_digits("evaluation", n=args.n)
+    model_folder = va.assembled_llava_dir().name
+    full = va.mnist_digits(args.split, n=args.offset + args.n)
+    data = va.LabelledImages(pixels=full.pixels[args.offset:], labels=full.labels[args.offset:],
+                             index=full.index[args.offset:], names=full.names)
     labels = data.labels.tolist()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
     known = {t["name"] if isinstance(t, dict) else getattr(t, "name", t) for t in hfpatch.list_techniques()}
 
     t0 = time.perf_counter()
     results, missing, errors = {}, {}, {}
-    if not args.speed_only:
+
+    def write(speed=None) -> None:
+        if args.out:
+            args.out.write_text(json.dumps({
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit, "machine": machine(),
+                "command": command, "model": model_folder, "split": args.split, "offset": args.offset,
+                "rows": data.index.tolist(), "labels": labels, "evaluation_images": args.n, "budgets": args.budgets,
+                "results": results, "missing": missing, "errors": errors, "speed": speed}, indent=2))
+
+    if args.reference is not None and not args.speed_only:
+        ref = json.loads(args.reference.read_text())
+        if ref.get("model") != model_folder or ref.get("rows") != data.index.tolist():
+            raise SystemExit(f"{args.reference} holds answers of model {ref.get('model')} on rows "
+                             f"{str(ref.get('rows'))[:60]}..., not of {model_folder} on these {args.n} {args.split} "
+                             "digits; run without --reference")
+        results["unpruned"] = ref["results"]["unpruned"]
+        base = results["unpruned"]["answers"]
+    elif not args.speed_only:
         base = answers(llava, pre, data.pixels, args.batch)
-        results["unpruned"] = {**score(base, labels, base), "seconds": round(time.perf_counter() - t0, 1)}
+        results["unpruned"] = {**score(base, labels, base), "seconds": round(time.perf_counter() - t0, 1),
+                               "answers": base}
+        write()
         print(f"unpruned: accuracy {100 * results['unpruned']['accuracy']:.1f}% ({time.perf_counter() - t0:.0f} s)",
               file=sys.stderr, flush=True)
     for spec in ([] if args.speed_only else args.methods):
@@ -112,7 +149,7 @@ def main(argv=None) -> int:
                     print(f"{spec}@{budget}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
                     break
                 runs.append({**score(got, labels, base), "seconds": round(time.perf_counter() - t1, 1),
-                             "stats": {k: str(v)[:300] for k, v in stats.items()}})
+                             "stats": {k: str(v)[:300] for k, v in stats.items()}, "answers": got})
             if not runs:
                 continue
             key = f"{spec}@{budget}"
@@ -124,27 +161,25 @@ def main(argv=None) -> int:
                 results[key].update({f"{m}_max": max(r[m] for r in runs) for m in ("accuracy", "agreement")})
                 results[key]["seeds"] = len(runs)
                 results[key]["stats"] = runs[0]["stats"]
+                results[key]["runs"] = [{m: r[m] for m in ("accuracy", "agreement", "unparsed", "answers")}
+                                        for r in runs]
             print(f"{key}: accuracy {100 * results[key]['accuracy']:.1f}%, agreement "
                   f"{100 * results[key]['agreement']:.1f}%", file=sys.stderr, flush=True)
+            write()
 
     speed = None
     if args.speed or args.speed_only:
         speed = time_budgets(llava, pre, data.pixels, args)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit, "machine": machine(),
-              "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
-              "evaluation_images": args.n, "budgets": args.budgets, "results": results, "missing": missing,
-              "errors": errors, "speed": speed}
     ub = results["unpruned"]["accuracy"] if results else 1.0
-    print("| method | tokens kept | accuracy | % of unpruned | agreement with unpruned |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| method | tokens kept | accuracy | % of unpruned | agreement with unpruned | answers naming no digit |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for key, r in results.items():
         method, _, budget = key.partition("@")
         budget = int(budget) if budget else va.NUM_PATCHES
         spread = (f" ({100 * r['accuracy_min']:.1f}-{100 * r['accuracy_max']:.1f})" if "accuracy_min" in r else "")
         print(f"| {method} | {budget} ({100 * budget / va.NUM_PATCHES:.0f}%) | {100 * r['accuracy']:.1f}{spread} | "
-              f"{100 * r['accuracy'] / ub:.1f} | {100 * r['agreement']:.1f} |")
+              f"{100 * r['accuracy'] / ub:.1f} | {100 * r['agreement']:.1f} | {r['unparsed']:g} |")
     if speed:
         print(f"\nspeed ({args.speed_method}, batch 1, median of {args.rounds - 1} interleaved rounds):")
         print("| tokens kept | prefill ms | prefill speed-up | generate ms | generate speed-up |")
@@ -156,8 +191,7 @@ def main(argv=None) -> int:
         print(f"missing: {name}: {why}")
     for key, why in errors.items():
         print(f"error: {key}: {why}")
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
+    write(speed)
     return 0
 
 
