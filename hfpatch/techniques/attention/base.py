@@ -355,6 +355,9 @@ class SparseAttentionTechnique(Technique):
             if attention_mask is not None:  # aligned on the last key, as written_prefix reads it
                 attention_mask = attention_mask[..., attention_mask.shape[-1] - key.shape[2]:][..., :n]
             key, value = key[:, :, :n], value[:, :, :n]
+        if q_len == 1 and valid is None and attention_mask is not None and attention_mask.dtype == torch.bool:
+            # every cached position is attendable: no mask, as on a dynamic cache (sdpa's faster path, same numbers)
+            attention_mask = None
         length = key.shape[2]
         layer = getattr(module, "layer_idx", 0) or 0
         step = q_len == 1 and length > 1 and not module.training
