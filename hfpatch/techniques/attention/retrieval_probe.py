@@ -17,7 +17,7 @@ alone (no tokenizer, no dataset, no download), so that ``patch()`` can run it on
 attention function that runs transformers' sdpa for the outputs and, for the answer queries only, computes the
 attention probabilities (what eager attention would return) and scores them. The forward stops inside the last
 layer that can select (its attention output, its MLP and any later sliding-window layers are never needed). The
-switch is undone before the function returns, success or not. Cost on SmolLM2-135M: about 11 s of one core's
+switch is undone before the function returns, success or not. Cost on SmolLM2-135M: about 7-11 s of one core's
 CPU time (4 x 2048 tokens; docs/results/sparse-attention.md, with the cheaper prompts that were tried and why
 they were not kept).
 
@@ -137,7 +137,7 @@ def probe(model, adapter, *, budget: int, seed: int = 0, length: int | None = No
     float32, docs/results/sparse-attention.md); ``"model"`` keeps the model's dtype throughout.
 
     ``rows_per_pass`` prompts go through each forward (1: the same scores as one batch, smaller activations,
-    about 15% less CPU time on SmolLM2-135M); ``progress(done, total, seconds)`` is called after each."""
+    with the early stop 25-30% less CPU time on SmolLM2-135M and Gemma 3 270M); ``progress(done, total, seconds)`` is called after each."""
     if precision not in ("auto", "model"):
         raise ValueError(f"precision must be 'auto' or 'model', not {precision!r}")
     config = adapter.text_config()
