@@ -109,7 +109,7 @@ def test_tower_is_a_224px_dinov2_with_256_patch_tokens(tower):
 
 # ------------------------------------------------------------------------------------------- assembled LLaVA
 
-_BUILD_HINT = ("the assembled LLaVA is not built in this cache; build it once (~15 min on 2 CPU cores) with\n"
+_BUILD_HINT = ("the assembled LLaVA is not built in this cache; build it once (~30-60 min on one CPU core) with\n"
                "    python -c \"from hfpatch.apps import vision_assets as va; va.assembled_llava_dir(progress=True)\"")
 
 
@@ -173,9 +173,9 @@ def test_assembled_llava_reads_digits(llava):
     got = [pre.digit(t) for t in texts]
     # The answer phase taught the format: every answer names a digit ("This is the digit 7.").
     assert all(g is not None for g in got), texts
-    # The projector saw only 48 examples through the language model (CPU budget), so it reads digits above
-    # chance but far from well (docs/results/vision.md: its evaluation accuracy, and its bias towards "3"); an
-    # untrained or mis-wired projector (wrong feature layer, CLS kept) names no digit at all. Greedy and fixed
-    # images, so the count is deterministic: 2 of these 10 with the cached build.
+    # The projector saw 300 examples through the language model (format 4; CPU budget), so it reads most digits
+    # but not all (docs/results/vision.md: 63% of 60 evaluation digits); an untrained or mis-wired projector
+    # (wrong feature layer, CLS kept) names no digit at all, and format 3 (24 steps) read 2 of these 10. Greedy
+    # and fixed images, so the count is deterministic: 7 of these 10 with the format-4 build.
     correct = sum(g == y for g, y in zip(got, digits.labels.tolist()))
-    assert correct >= 2, (texts, digits.labels.tolist())
+    assert correct >= 5, (texts, digits.labels.tolist())
