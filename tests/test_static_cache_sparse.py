@@ -161,7 +161,9 @@ def test_unpatch_restores_static_decoding_and_a_second_instance_is_untouched():
     model, twin = model_of(), model_of()
     ids, mask = prompt()
     ref_seq, ref_logits = run(model, ids, mask, cache_implementation="static")
+    hooks = dict(model.model._forward_pre_hooks)
     handle = hfpatch.patch(model, "recycled-attention", budget=12, sink=2, window=4)
+    assert len(model.model._forward_pre_hooks) == len(hooks) + 1  # the cache-type pre-hook
     twin_seq, twin_logits = run(twin, ids, mask, cache_implementation="static")
     run(model, ids, mask, cache_implementation="static")
     assert handle.stats["recycled_attention"]["sparse_fraction"] > 0
@@ -172,6 +174,7 @@ def test_unpatch_restores_static_decoding_and_a_second_instance_is_untouched():
     torch.testing.assert_close(logits, ref_logits, atol=1e-6, rtol=1e-6)
     assert model.config._attn_implementation == twin.config._attn_implementation == "sdpa"
     assert handle.techniques[0]._prefix_seen is None  # no reference to a mask is kept after unpatch
+    assert dict(model.model._forward_pre_hooks) == hooks and not twin.model._forward_pre_hooks
 
 
 def test_a_compiled_forward_falls_back_to_dense_and_says_why(monkeypatch):
