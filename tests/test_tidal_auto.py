@@ -245,3 +245,20 @@ def test_probe_reports_progress_per_pass():
     seen = []
     rp.probe(model, arch.adapter_for(model), budget=10, progress=lambda done, total, s: seen.append((done, total)))
     assert seen == [(i + 1, rp.BATCH) for i in range(rp.BATCH)]
+
+
+def test_slow_probe_logs_before_per_prompt_and_after(monkeypatch, caplog):
+    """A model over SLOW_PARAMETERS gets a line before the probe, one per prompt once PROGRESS_AFTER seconds have
+    passed (all of them here: 0 s), and one with the layers and the time after it."""
+    monkeypatch.setattr(rp, "SLOW_PARAMETERS", 0)
+    monkeypatch.setattr(rp, "PROGRESS_AFTER", 0.0)
+    model = deep_model()
+    with caplog.at_level("WARNING", logger=rp.logger.name):
+        layers, _, cached = rp.calibrate(model, arch.adapter_for(model), budget=10, full_layers=2)
+    lines = [r.getMessage() for r in caplog.records]
+    assert not cached and "probing which layers" in lines[0] and f"{rp.BATCH} forward passes" in lines[0]
+    progress = lines[1:-1]  # after each prompt but the last (the closing line follows it)
+    assert len(progress) == rp.BATCH - 1
+    assert all(line.startswith(f"hfpatch: retrieval probe {i}/{rp.BATCH} prompts (")
+               for i, line in enumerate(progress, 1))
+    assert str(layers) in lines[-1] and "probe took" in lines[-1]
