@@ -13,6 +13,11 @@ ToDRE ("Token Diversity and task RElevance", 2025; no public code) prunes in two
    in every row of the batch, every visual token is dropped from the next layer on (`in_llm.InLLMPruner`:
    hidden states, per-layer masks and KV caches of the later layers). `threshold=0` turns stage 2 off.
 
+The rule fires at the FIRST observed layer below `threshold`, so it presumes the text's attention on the image only
+falls with depth. A model whose text reads the image late (SmolLM2-135M in the assembled LLaVA: shares of
+0.01-0.05 at layers 2-14, peaks of 0.1-0.25 at layers 15-24) loses the image at layer 3 with the defaults; choose
+`start_layer` past those layers on held-out data (docs/results/vision.md measures how).
+
 The decision is one per batch (rows are pruned at the same layer, so tensors stay rectangular): a row whose
 text still attends to its image keeps the batch's visual tokens. `handle.stats["todre"]` has stage 1's per-image
 counts, `visual_attention_share` (the largest row share at each observed layer) and stage 2's `layer`.
@@ -35,7 +40,11 @@ class ToDREParams(PruningParams):
     threshold: float = param(0.05, ge=0.0, le=1.0,
                              help="stage 2: drop every visual token after the first decoder layer where the text's "
                                   "attention share on visual tokens is below this (0 = stage 2 off)")
-    start_layer: int = param(2, ge=1, help="stage 2: the earliest decoder layer that may run without visual tokens")
+    start_layer: int = param(2, ge=1, help="stage 2: the earliest decoder layer that may run without visual tokens; "
+                                           "the rule assumes the text's attention on the image only falls with depth, "
+                                           "so on a model that reads the image late set it past those layers (the "
+                                           "assembled LLaVA's SmolLM2 reads it at layers 15-24 of 30 and needs 24: "
+                                           "docs/results/vision.md)")
 
 
 def text_queries(visual: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
