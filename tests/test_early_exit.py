@@ -18,10 +18,21 @@ def _deep(kind: str = "llama", layers: int = 4, seed: int = 0):
     return tiny_model(kind, seed=seed, config=config)
 
 
+def _agreeing(kind: str = "llama"):
+    """A 4-layer model whose layers after the second barely move the residual stream, so its early exits agree
+    with the full model (like a model trained to exit early); a random one's exits agree ~17% of the time."""
+    model = _deep(kind)
+    with torch.no_grad():
+        for layer in model.model.layers[2:]:
+            layer.self_attn.o_proj.weight.mul_(0.05)
+            layer.mlp.down_proj.weight.mul_(0.05)
+    return model
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "phi3"])
 @pytest.mark.parametrize("params", [{}, {"exit_layer": 2, "draft_length": 3}], ids=["del", "fixed"])
 def test_greedy_token_identical(kind, params):
-    model = _deep(kind)
+    model = _agreeing(kind)
     prompts = _prompts(3, seed=4)
     lengths = [1, 8, 25]
     expected = [model.generate(p, max_new_tokens=n, do_sample=False) for p, n in zip(prompts, lengths)]
@@ -52,6 +63,24 @@ def test_the_targets_cache_is_never_written_by_the_draft():
     mine, theirs = compat.output_cache(out), compat.output_cache(ref)
     for a, b in zip(mine.layers, theirs.layers):
         torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-5)
+
+
+def test_del_stops_drafting_within_a_few_steps_when_the_exits_disagree():
+    """A random model's exits rarely agree: the first scored steps replace the prior, and DEL decodes plainly
+    (the drafts it tried first cost forwards a slow-moving estimate used to keep paying for)."""
+    model = _deep("qwen3")
+    with torch.no_grad():  # the last layers dominate the residual stream: the exits' argmax is mostly wrong
+        for layer in model.model.layers[2:]:
+            layer.self_attn.o_proj.weight.mul_(8.0)
+            layer.mlp.down_proj.weight.mul_(8.0)
+    prompts = _prompts(3, seed=4)
+    with hfpatch.patch(model, "early-exit") as handle:
+        for p in prompts:
+            model.generate(p, max_new_tokens=25, do_sample=False)
+        drafter = _stats(handle)["drafters"]["early_exit"]
+    assert drafter["drafted_tokens"] <= 4
+    assert drafter["exit_chosen"].get(0, 0) >= 60  # of ~75 steps, plain decoding
+    assert 0 < drafter["head_cost_in_layers"] < 1  # a tiny vocabulary's head costs less than a layer
 
 
 def test_del_picks_plain_decoding_when_no_exit_agrees():

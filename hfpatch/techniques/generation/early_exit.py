@@ -12,10 +12,14 @@ for the accepted positions are scored against the tokens the target chose there 
 exit, at the cost of a norm and a head on a few rows), and the pair maximising the expected tokens per
 layer computed,
 
-    E[tokens | a_L, k] / (k * L + N),     E = (1 - a_L^(k+1)) / (1 - a_L)
+    E[tokens | a_L, k] / (k * (L + H) + N + H),     E = (1 - a_L^(k+1)) / (1 - a_L)
 
-with a_L the running agreement of exit L and N the number of layers, is used next step (k = 0, plain
-decoding, when no exit pays). An untrained exit agrees with the full model far less than a trained draft
+with a_L the running agreement of exit L, N the number of layers and H the final norm and LM head's cost in
+layers (their parameters over a decoder layer's: about 8 on SmolLM2-135M, whose 49k-row head outweighs eight
+of its layers; DEL's paper counts layers only, which on small models with large vocabularies makes every
+shallow exit look cheap), is used next step (k = 0, plain decoding, when no exit pays). The running
+agreement starts as a plain mean (weight 1/(n + 1) for the n-th observation, the prior counting as one) and
+settles into an exponential average of weight `rate`, so a few scored steps already replace the prior. An untrained exit agrees with the full model far less than a trained draft
 does; docs/results/speculative.md reports how often on SmolLM2-135M.
 """
 from __future__ import annotations
@@ -32,6 +36,10 @@ from ...technique import param
 from .base import DrafterTechnique
 from .engine import CallInfo, Drafter
 from .tree import DraftTree
+
+
+#: verified steps scored every time before `score_every` applies: the first estimates replace the prior fast
+WARM_UP_STEPS = 16
 
 
 @dataclasses.dataclass
@@ -74,6 +82,10 @@ class EarlyExitDrafter(Drafter):
         self.agreement = {layer: prior for layer in exits}
         self.observations = {layer: 0 for layer in exits}
         self._layer_kwarg = compat.cache_kwarg(self.layers[0])
+        #: the final norm and head's cost in decoder layers (parameter counts; a decode step reads every weight)
+        layer_params = sum(p.numel() for p in self.layers[0].parameters())
+        head_params = sum(p.numel() for module in (self.norm, self.head) for p in module.parameters())
+        self.head_cost = head_params / max(layer_params, 1)
         #: hidden states after each candidate exit layer in the last forward that ran it (the verification)
         self.captured: dict[int, torch.Tensor] = {}
         self.steps = self.drafted = self.accepted = 0
@@ -92,14 +104,15 @@ class EarlyExitDrafter(Drafter):
         n = len(self.layers)
         if self.fixed_exit is not None and self.fixed_length is not None:
             return self.fixed_exit, self.fixed_length
+        h = self.head_cost
         best = (0, 0)
-        best_rate = 1.0 / n  # plain decoding: one token per N layers
+        best_rate = 1.0 / (n + h)  # plain decoding: one token per N layers and a head
         for layer in ([self.fixed_exit] if self.fixed_exit is not None else self.exits):
             a = min(self.agreement[layer], 0.999)
             lengths = [self.fixed_length] if self.fixed_length is not None else range(1, self.max_length + 1)
             for k in lengths:
                 expected = (1 - a ** (k + 1)) / (1 - a)
-                rate = expected / (k * layer + n)
+                rate = expected / (k * (layer + h) + n + h)
                 if rate > best_rate:
                     best, best_rate = (layer, k), rate
         return best
@@ -145,7 +158,7 @@ class EarlyExitDrafter(Drafter):
         """Score every candidate exit on the positions the target just verified and accepted."""
         self.accepted += len(accepted)
         self._updates += 1
-        if (self._updates - 1) % self.score_every:
+        if self._updates > WARM_UP_STEPS and (self._updates - 1) % self.score_every:
             # the head on a few rows per exit costs a fraction of a forward on a large vocabulary: not every step
             self.captured.clear()
             return
@@ -161,11 +174,13 @@ class EarlyExitDrafter(Drafter):
             predicted = self._exit_logits(hidden[0, rows.to(hidden.device)]).argmax(-1).cpu()
             for hit in (predicted == wanted).tolist():
                 self.observations[layer] += 1
-                self.agreement[layer] += self.rate * (float(hit) - self.agreement[layer])
+                weight = max(self.rate, 1.0 / (self.observations[layer] + 1))
+                self.agreement[layer] += weight * (float(hit) - self.agreement[layer])
         self.captured.clear()
 
     def stats(self) -> dict[str, Any]:
         return {"agreement_by_exit": {layer: round(value, 3) for layer, value in self.agreement.items()},
+                "head_cost_in_layers": round(self.head_cost, 2),
                 "observations": sum(self.observations.values()),
                 "exit_chosen": dict(sorted(self.exit_counts.items())),
                 "drafted_tokens": self.drafted, "accepted_tokens": self.accepted,
@@ -182,7 +197,8 @@ class EarlyExitParams:
     max_draft_length: int = param(8, help="longest chain DEL may pick", ge=1, le=32)
     prior_agreement: float = param(0.5, help="agreement assumed for an exit before it is measured (so each is "
                                              "tried)", ge=0.0, le=1.0)
-    rate: float = param(0.05, help="weight of each new observation in an exit's running agreement", gt=0.0, le=1.0)
+    rate: float = param(0.05, help="weight of each new observation in an exit's running agreement once it has "
+                                   "about 1/rate of them (before that, a plain mean)", gt=0.0, le=1.0)
     score_every: int = param(4, help="score the candidate exits on every n-th verified step (each scoring runs "
                                      "the final norm and head on a few rows per exit)", ge=1, le=1024)
 
