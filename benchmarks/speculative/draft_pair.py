@@ -187,12 +187,15 @@ def _side_by_side(target, encoded: dict, methods, rounds: int, new_tokens: int) 
         for name, ids in encoded.items():
             for label, kwargs, recipe, overrides in methods:
                 handle = hfpatch.patch(target, recipe, **overrides) if recipe else None
+                forwards = [0]
+                counter = target.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
                 try:
                     t0 = time.perf_counter()
                     out = target.generate(ids, max_new_tokens=new_tokens, do_sample=False, **kwargs)
                     seconds = time.perf_counter() - t0
                     stats = _engine_stats(handle) if handle else None
                 finally:
+                    counter.remove()
                     if handle:
                         handle.unpatch()
                     gc.collect()  # a recipe's private draft copy goes before the next method runs
@@ -207,6 +210,10 @@ def _side_by_side(target, encoded: dict, methods, rounds: int, new_tokens: int) 
                     row["tokens"] += out.shape[1] - ids.shape[1]
                     if stats and stats.get("fallback") is None:
                         row["mat"].append(stats["mean_accepted_tokens_per_forward"])
+                    elif not recipe and label != "plain greedy":
+                        # transformers' own methods: new tokens per target forward (prefill included, as in
+                        # the engine's MAT)
+                        row["mat"].append((out.shape[1] - ids.shape[1]) / forwards[0])
                 print(f"round {round_} {name:10s} {label:30s} {seconds:6.2f}s", flush=True)
     plain = rows["plain greedy"]["seconds"]
     return {label: {"speed_vs_plain": round(plain / row["seconds"], 3), "identical": row["identical"],
@@ -226,7 +233,11 @@ def pair(args) -> dict:
                if not args.only or name in args.only.split(",")}
     from hfpatch.techniques.generation.draft_runtime import prepare_draft
 
-    if args.variants:
+    if args.methods:
+        wanted = args.methods.split(",")
+        methods = [m for m in _methods(draft, prepare_draft(draft, "bfloat16", "onednn")[0])
+                   if m[0] == "plain greedy" or any(w in m[0] for w in wanted)]
+    elif args.variants:
         # candidate settings, timed beside the two references they must beat
         methods = _methods(draft, None)[:2] + [(label, {}, recipe, {**overrides, "draft_model": draft})
                                                for label, recipe, overrides in json.loads(Path(args.variants).read_text())]
@@ -302,6 +313,8 @@ def main() -> None:
     p.add_argument("--target", required=True)
     p.add_argument("--draft", required=True)
     p.add_argument("--split", choices=("evaluation", "tuning"), default="evaluation")
+    p.add_argument("--methods", default=None, help="comma-separated parts of method labels to run (plain greedy "
+                                                    "always runs: it gives the reference outputs)")
     p.add_argument("--only", default=None, help="comma-separated prompt names (default: all of the split)")
     p.add_argument("--variants", default=None, help="JSON list of [label, recipe, {overrides}] to time instead "
                                                      "of the built-in hfpatch methods (tuning)")
