@@ -7,10 +7,10 @@ tensors, and the target's cache is never written). Its exit hidden state goes th
 the LM head; the argmax is the next draft token, a chain of k tokens per step.
 
 DEL's rule (Zarch et al., 2025, arXiv:2504.05598) picks the exit L and the length k from running acceptance
-statistics: after every verification the hidden states the target computed at each candidate exit layer
-for the accepted positions are scored against the tokens the target chose there (a shadow test of every
-exit, at the cost of a norm and a head on a few rows), and the pair maximising the expected tokens per
-layer computed,
+statistics: after a verification the hidden states the target computed at a candidate exit layer for the
+accepted positions are scored against the tokens the target chose there (a shadow test of the exits, one
+per scored step in turn, at the cost of a norm and a head on a few rows; scored steps thin out while no exit
+pays), and the pair maximising the expected tokens per layer computed,
 
     E[tokens | a_L, k] / (k * (L + H) + N + H),     E = (1 - a_L^(k+1)) / (1 - a_L)
 
@@ -19,8 +19,9 @@ layers (their parameters over a decoder layer's: about 8 on SmolLM2-135M, whose 
 of its layers; DEL's paper counts layers only, which on small models with large vocabularies makes every
 shallow exit look cheap), is used next step (k = 0, plain decoding, when no exit pays). The running
 agreement starts as a plain mean (weight 1/(n + 1) for the n-th observation, the prior counting as one) and
-settles into an exponential average of weight `rate`, so a few scored steps already replace the prior. An untrained exit agrees with the full model far less than a trained draft
-does; docs/results/speculative.md reports how often on SmolLM2-135M.
+settles into an exponential average of weight `rate`, so a few scored steps already replace the prior.
+An untrained exit agrees with the full model far less than a trained draft does;
+docs/results/speculative.md reports how often on SmolLM2-135M.
 """
 from __future__ import annotations
 
@@ -38,8 +39,11 @@ from .engine import CallInfo, Drafter
 from .tree import DraftTree
 
 
-#: verified steps scored every time before `score_every` applies: the first estimates replace the prior fast
-WARM_UP_STEPS = 16
+#: verified steps scored (one exit each, in turn) per candidate exit before `score_every` applies: the first
+#: estimates replace the prior fast
+WARM_UP_STEPS = 4
+#: longest interval between scored steps while no exit pays (the estimates still follow a changing context)
+MAX_SCORE_INTERVAL = 64
 
 
 @dataclasses.dataclass
@@ -79,6 +83,9 @@ class EarlyExitDrafter(Drafter):
         self.fixed_length = fixed_length
         self.score_every = score_every
         self._updates = 0
+        #: scoring: whose turn it is, steps since the last scored one, and the current interval
+        self._turn = self._since_scored = 0
+        self._interval = score_every
         self.agreement = {layer: prior for layer in exits}
         self.observations = {layer: 0 for layer in exits}
         self._layer_kwarg = compat.cache_kwarg(self.layers[0])
@@ -155,19 +162,28 @@ class EarlyExitDrafter(Drafter):
                 self.drafted += 1
 
     def update(self, tree: DraftTree, topk, accepted: list[int], context: list[int], call: EarlyExitCall) -> None:
-        """Score every candidate exit on the positions the target just verified and accepted."""
+        """Score one candidate exit (in turn) on the positions the target just verified and accepted.
+
+        One head per scored step, every step while warming up and then every `score_every` steps, the interval
+        doubling (up to MAX_SCORE_INTERVAL) while DEL keeps decoding plainly: on a small model with a large
+        vocabulary the head costs a fifth of a forward, so scoring every exit often would cost more than an
+        unpaying exit ever saves."""
         self.accepted += len(accepted)
         self._updates += 1
-        if self._updates > WARM_UP_STEPS and (self._updates - 1) % self.score_every:
-            # the head on a few rows per exit costs a fraction of a forward on a large vocabulary: not every step
-            self.captured.clear()
-            return
+        if self._updates > WARM_UP_STEPS * len(self.exits):
+            self._since_scored += 1
+            if self._since_scored < self._interval:
+                self.captured.clear()
+                return
+        self._since_scored = 0
         nodes = [0, *accepted]
         # the target's token after each of these nodes: the accepted children, then the bonus token
         chosen = context[len(context) - len(nodes):]
         rows = torch.tensor(nodes)
         wanted = torch.tensor(chosen)
-        for layer in self.exits:
+        scored = [self.fixed_exit] if self.fixed_exit is not None else [self.exits[self._turn % len(self.exits)]]
+        self._turn += 1
+        for layer in scored:
             hidden = self.captured.get(layer)
             if hidden is None or hidden.shape[1] != len(tree.tokens):
                 continue
@@ -177,6 +193,8 @@ class EarlyExitDrafter(Drafter):
                 weight = max(self.rate, 1.0 / (self.observations[layer] + 1))
                 self.agreement[layer] += weight * (float(hit) - self.agreement[layer])
         self.captured.clear()
+        paying = self.choose()[1] > 0
+        self._interval = self.score_every if paying else min(self._interval * 2, MAX_SCORE_INTERVAL)
 
     def stats(self) -> dict[str, Any]:
         return {"agreement_by_exit": {layer: round(value, 3) for layer, value in self.agreement.items()},
@@ -199,8 +217,9 @@ class EarlyExitParams:
                                              "tried)", ge=0.0, le=1.0)
     rate: float = param(0.05, help="weight of each new observation in an exit's running agreement once it has "
                                    "about 1/rate of them (before that, a plain mean)", gt=0.0, le=1.0)
-    score_every: int = param(4, help="score the candidate exits on every n-th verified step (each scoring runs "
-                                     "the final norm and head on a few rows per exit)", ge=1, le=1024)
+    score_every: int = param(4, help="score one candidate exit (in turn) on every n-th verified step while an "
+                                     "exit pays (each scoring runs the final norm and head on a few rows); the "
+                                     "interval doubles while none does", ge=1, le=1024)
 
 
 @register
