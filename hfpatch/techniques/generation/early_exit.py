@@ -213,8 +213,9 @@ class EarlyExitParams:
     draft_length: int | None = param(None, help="always draft this many tokens (null: DEL picks per step)",
                                      ge=1, le=32)
     max_draft_length: int = param(8, help="longest chain DEL may pick", ge=1, le=32)
-    prior_agreement: float = param(0.5, help="agreement assumed for an exit before it is measured (so each is "
-                                             "tried)", ge=0.0, le=1.0)
+    prior_agreement: float = param(0.0, help="agreement assumed for an exit before it is scored; the shadow test "
+                                             "scores every exit during plain decoding, so none needs a trial draft",
+                                   ge=0.0, le=1.0)
     rate: float = param(0.05, help="weight of each new observation in an exit's running agreement once it has "
                                    "about 1/rate of them (before that, a plain mean)", gt=0.0, le=1.0)
     score_every: int = param(4, help="score one candidate exit (in turn) on every n-th verified step while an "
