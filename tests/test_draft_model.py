@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from test_speculative import _chi_square_p_value, _prompts, _stats
+from test_speculative import _chi_square_p_value, _prompts, _sample_counts, _stats
 from tiny_models import TEXT_KINDS, tiny_config, tiny_model, word_level_tokenizer
 
 import hfpatch
@@ -76,12 +76,7 @@ def test_sampling_distribution_matches_vanilla():
     runs = 300
 
     def sample_counts(seed0: int, **extra) -> dict:
-        counts: dict = {}
-        for i in range(runs):
-            torch.manual_seed(seed0 + i)
-            seq = tuple(model.generate(prompt, **{**kwargs, **extra})[0, -3:].tolist())
-            counts[seq] = counts.get(seq, 0) + 1
-        return counts
+        return _sample_counts(model, prompt, seed0, runs, **{**kwargs, **extra})
 
     vanilla = sample_counts(0)
     # Recursive SD: siblings drawn without replacement (Gumbel-top-k) from the draft's distribution

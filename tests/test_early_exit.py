@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_speculative import _chi_square_p_value, _prompts, _stats
+from test_speculative import _chi_square_p_value, _prompts, _sample_counts, _stats
 from tiny_models import tiny_config, tiny_model
 
 import hfpatch
@@ -102,12 +102,7 @@ def test_sampling_distribution_matches_vanilla():
     runs = 300
 
     def counts(seed0: int, **extra) -> dict:
-        found: dict = {}
-        for i in range(runs):
-            torch.manual_seed(seed0 + i)
-            seq = tuple(model.generate(prompt, **{**kwargs, **extra})[0, -3:].tolist())
-            found[seq] = found.get(seq, 0) + 1
-        return found
+        return _sample_counts(model, prompt, seed0, runs, **{**kwargs, **extra})
 
     vanilla = counts(0)
     with hfpatch.patch(model, "early-exit", exit_layer=2, draft_length=2) as handle:

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import transformers
-from test_speculative import _chi_square_p_value, _stats
+from test_speculative import _chi_square_p_value, _sample_counts, _stats
 from tiny_models import _TEXT, tiny_model
 
 import hfpatch
@@ -252,12 +252,7 @@ def test_sampling_distribution_with_a_sliding_draft_past_the_window():
     runs = 300
 
     def counts(seed0: int, **extra) -> dict:
-        found: dict = {}
-        for i in range(runs):
-            torch.manual_seed(seed0 + i)
-            seq = tuple(model.generate(prompt, **{**kwargs, **extra})[0, -3:].tolist())
-            found[seq] = found.get(seq, 0) + 1
-        return found
+        return _sample_counts(model, prompt, seed0, runs, **{**kwargs, **extra})
 
     vanilla = counts(0)
     # Recursive SD's Gumbel siblings from a draft with a sliding and a full layer (the target's copy)

@@ -294,6 +294,18 @@ def _chi_square_p_value(counts_a: dict, counts_b: dict) -> float:
     return float(torch.special.gammaincc(torch.tensor(dof / 2), torch.tensor(stat / 2)))
 
 
+def _sample_counts(model, prompt: torch.Tensor, seed0: int, runs: int, **kwargs) -> dict:
+    """How often each sequence of new tokens comes out of `runs` sampled generate calls, the i-th seeded with
+    seed0 + i (the same seeds give plain decoding and a patched model the same random streams)."""
+    counts: dict = {}
+    new = kwargs["max_new_tokens"]
+    for i in range(runs):
+        torch.manual_seed(seed0 + i)
+        seq = tuple(model.generate(prompt, **kwargs)[0, -new:].tolist())
+        counts[seq] = counts.get(seq, 0) + 1
+    return counts
+
+
 def test_sampling_distribution_matches_vanilla():
     model = tiny_model("llama", seed=3)
     prompt = torch.tensor([[5, 17, 33, 5, 17]])
@@ -301,12 +313,7 @@ def test_sampling_distribution_matches_vanilla():
     runs = 400
 
     def sample_counts(seed0: int) -> dict:
-        counts: dict = {}
-        for i in range(runs):
-            torch.manual_seed(seed0 + i)
-            seq = tuple(model.generate(prompt, **kwargs)[0, -3:].tolist())
-            counts[seq] = counts.get(seq, 0) + 1
-        return counts
+        return _sample_counts(model, prompt, seed0, runs, **kwargs)
 
     vanilla = sample_counts(0)
     # The wider 40-node tree gives sampled paths more drafted children to descend into.
