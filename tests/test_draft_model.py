@@ -124,24 +124,28 @@ def test_eos_and_max_new_tokens_cut_inside_accepted_runs(shape):
             assert _stats(handle)["new_tokens"] == n
 
 
+def partially_accepted_tree(draft, context: list[int]):
+    """Draft a 10-node DySpec tree after `context`, then have the target accept the path to its deepest expanded
+    node and a token not drafted below it. Returns (drafter, call, accepted tokens, the new context, bonus)."""
+    drafter = DraftModelDrafter(draft, "dynamic", draft_length=4, branching=3, width=4, min_probability=0.0,
+                                siblings="top")
+    call = drafter.start([], CallInfo(draft.generation_config, None))
+    tree = DraftTree(context[-1], max_nodes=10)
+    drafter.draft(tree, context, call)
+    assert tree.num_drafted == 10
+    node = max(call.slots, key=lambda n: tree.depths[n])
+    accepted = [tree.tokens[n] for n in tree.path_to(node)]
+    assert len(accepted) >= 2 and call.slots[node] != len(context)  # not simply the next cache slot
+    bonus = next(t for t in range(3, 100) if t not in tree.children[node])
+    return drafter, call, accepted, context + accepted + [bonus], bonus
+
+
 def test_draft_cache_rolls_back_to_the_accepted_path():
     """After a partial acceptance the draft's cache holds exactly the KV of the accepted sequence (the cached
     context and the accepted drafted nodes, moved from their tree slots), as a fresh prefill would."""
     target = tiny_model("llama")
     draft = _draft_for(target, "llama")
-    drafter = DraftModelDrafter(draft, "dynamic", draft_length=4, branching=3, width=4, min_probability=0.0,
-                                siblings="top")
-    call = drafter.start([], CallInfo(target.generation_config, None))
-    context = _prompts(1, seed=6)[0][0].tolist()
-    tree = DraftTree(context[-1], max_nodes=10)
-    drafter.draft(tree, context, call)
-    assert tree.num_drafted == 10
-    # the target accepts the path to the deepest node whose parent was expanded, then a token not drafted
-    node = max(call.slots, key=lambda n: tree.depths[n])
-    accepted = [tree.tokens[n] for n in tree.path_to(node)]
-    assert len(accepted) >= 2 and call.slots[node] != len(context)  # not simply the next cache slot
-    bonus = next(t for t in range(3, 100) if t not in tree.children[node])
-    new_context = context + accepted + [bonus]
+    drafter, call, accepted, new_context, bonus = partially_accepted_tree(draft, _prompts(1, seed=6)[0][0].tolist())
     drafter.draft(DraftTree(bonus, max_nodes=0), new_context, call)  # a zero budget drafts nothing
     drafter.draft(DraftTree(bonus, max_nodes=1), new_context, call)
     assert drafter.kept_from_tree == len(accepted)

@@ -7,13 +7,12 @@ import copy
 import pytest
 import torch
 import transformers
+from test_draft_model import partially_accepted_tree
 from test_speculative import _chi_square_p_value, _sample_counts, _stats
 from tiny_models import _TEXT, tiny_model
 
 import hfpatch
 from hfpatch import compat
-from hfpatch.techniques.generation.draft_model import DraftModelDrafter
-from hfpatch.techniques.generation.engine import CallInfo
 from hfpatch.techniques.generation.tree import DraftTree
 
 WINDOW = 16
@@ -216,19 +215,7 @@ def test_sliding_draft_cache_rolls_back_past_the_window(kind):
     holds after a fresh prefill of the accepted sequence (sliding layers: the last window - 1 positions)."""
     target = _model(kind)
     draft = copy.deepcopy(target)
-    drafter = DraftModelDrafter(draft, "dynamic", draft_length=4, branching=3, width=4, min_probability=0.0,
-                                siblings="top")
-    call = drafter.start([], CallInfo(target.generation_config, None))
-    context = _long_prompt(6, length=37)[0].tolist()
-    tree = DraftTree(context[-1], max_nodes=10)
-    drafter.draft(tree, context, call)
-    assert tree.num_drafted == 10
-    # the target accepts the path to the deepest expanded node, then a token not drafted below it
-    node = max(call.slots, key=lambda n: tree.depths[n])
-    accepted = [tree.tokens[n] for n in tree.path_to(node)]
-    assert len(accepted) >= 2 and call.slots[node] != len(context)  # not simply the next cache slot
-    bonus = next(t for t in range(3, 100) if t not in tree.children[node])
-    new_context = context + accepted + [bonus]
+    drafter, call, accepted, new_context, bonus = partially_accepted_tree(draft, _long_prompt(6, length=37)[0].tolist())
     after = DraftTree(bonus, max_nodes=1)
     drafter.draft(after, new_context, call)
     assert drafter.kept_from_tree == len(accepted)
