@@ -181,12 +181,10 @@ class EarlyExitDrafter(Drafter):
         chosen = context[len(context) - len(nodes):]
         rows = torch.tensor(nodes)
         wanted = torch.tensor(chosen)
-        scored = [self.fixed_exit] if self.fixed_exit is not None else [self.exits[self._turn % len(self.exits)]]
+        layer = self.fixed_exit if self.fixed_exit is not None else self.exits[self._turn % len(self.exits)]
         self._turn += 1
-        for layer in scored:
-            hidden = self.captured.get(layer)
-            if hidden is None or hidden.shape[1] != len(tree.tokens):
-                continue
+        hidden = self.captured.get(layer)
+        if hidden is not None and hidden.shape[1] == len(tree.tokens):
             predicted = self._exit_logits(hidden[0, rows.to(hidden.device)]).argmax(-1).cpu()
             for hit in (predicted == wanted).tolist():
                 self.observations[layer] += 1
