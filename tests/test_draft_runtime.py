@@ -104,3 +104,31 @@ def test_bad_draft_dtype_is_refused_by_name():
     draft = _draft_for(target, "llama")
     with pytest.raises(Exception, match="draft_dtype"):
         hfpatch.patch(target, _recipe(**DYNAMIC, draft_dtype="float8"), draft_model=draft)
+
+
+DRAFT_RECIPES = sorted(r["name"] for r in hfpatch.list_recipes()
+                       if "draft_model" in {t["type"] for t in hfpatch.recipe.resolve_recipe(r["name"]).techniques})
+
+
+@needs_onednn
+@pytest.mark.parametrize("recipe", DRAFT_RECIPES)
+def test_every_builtin_draft_recipe_gives_the_unpatched_greedy_output(recipe):
+    """The -cpu recipes included: their private draft copies change only what is proposed; dyspec-cpu's packed
+    target (onednn_linear) matches the unpatched target up to float rounding, which these prompts do not meet."""
+    assert {"draft-model", "dyspec", "rasd", "draft-model-cpu", "dyspec-cpu", "rasd-cpu"} <= set(DRAFT_RECIPES)
+    target = _target("llama")
+    draft = _draft_for(target, "llama")
+    prompts = _prompts(3, seed=11)
+    expected = [target.generate(p, max_new_tokens=24, do_sample=False) for p in prompts]
+    techniques = {t["type"]: t for t in hfpatch.recipe.resolve_recipe(recipe).techniques}
+    # a tiny random draft spreads its probability thinly over 128 ids, so its trees would be cut to nothing:
+    # draft every candidate and keep the whole tree, so that verification really runs
+    overrides = {"min_probability": 0.0} if techniques["draft_model"]["tree"] == "dynamic" else {}
+    if "adaptive_tree" in techniques:
+        overrides.update(node_cost=0.0, first_draft_cost=0.0)
+    with hfpatch.patch(target, recipe, draft_model=draft, **overrides) as handle:
+        got = [target.generate(p, max_new_tokens=24, do_sample=False) for p in prompts]
+        stats = handle.stats["draft_model"]
+    for ref, out in zip(expected, got):
+        assert torch.equal(ref, out)
+    assert stats["fallback"] is None and stats["drafters"]["draft_model"]["accepted_tokens"] > 0
