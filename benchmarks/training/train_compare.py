@@ -97,6 +97,21 @@ def load_or_train_adapters(model, tokenizer, correct, wrong, path: Path | None, 
     return (positive, negative), False
 
 
+def extend_samples(path: Path, model, tokenizer, problems, args) -> int:
+    """Sample the problems of ``problems`` that the samples file ``path`` lacks (same settings, seed
+    ``args.seed0 + 1`` so the new answers are not a replay of the first call's random stream) and add them to
+    the file; returns how many problems were added. Lets a larger run reuse a smaller run's answers."""
+    samples = json.loads(path.read_text())
+    missing = [p for p in problems if p.id not in samples]
+    if missing:
+        print(f"sampling {len(missing)} problems missing from {path}", flush=True)
+        samples.update(rd.sample_answers(model, tokenizer, missing, n_samples=args.samples,
+                                         temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                                         seed=args.seed0 + 1, progress=False))
+        path.write_text(json.dumps(samples))
+    return len(missing)
+
+
 # --------------------------------------------------------------------------------------------------
 # evaluation
 
@@ -146,6 +161,33 @@ def pair_preference(model, tokenizer, pairs) -> dict:
             "mean_margin": round(sum(margins) / max(1, len(margins)), 4)}
 
 
+def answer_format(answer: str) -> dict:
+    """How closely one greedy answer keeps the prompt's step format (the answer as `greedy_answers` cuts it):
+
+    - ``answer_line``: it has an ``Answer: N`` line (what `reasoning_data.is_correct` reads);
+    - ``step_format``: every non-empty line is an ``a op b [op c ...] = r`` step, except a final ``Answer: N``
+      line, and there is at least one step (the worked example's shape);
+    - ``ends_with_number``: its last non-space character is a digit (a number is the last thing said).
+    """
+    lines = [line.strip() for line in answer.strip().splitlines() if line.strip()]
+    answer_line = rd._final(answer) is not None
+    steps_then_answer = (len(lines) >= 2 and rd._ANSWER.match(lines[-1]) is not None
+                         and all(rd._STEP.match(line) for line in lines[:-1]))
+    text = answer.rstrip()
+    return {"answer_line": answer_line, "step_format": steps_then_answer,
+            "ends_with_number": bool(text) and text[-1].isdigit()}
+
+
+def format_summary(answers: list[str]) -> dict:
+    """Per-problem `answer_format` flags (0/1 lists) and their shares over ``answers``."""
+    flags = [answer_format(a) for a in answers]
+    out = {}
+    for key in ("answer_line", "step_format", "ends_with_number"):
+        values = [int(f[key]) for f in flags]
+        out[key] = {"share": round(sum(values) / max(1, len(values)), 4), "per_problem": values}
+    return out
+
+
 def mcnemar(a: list[bool], b: list[bool]) -> dict:
     """Exact two-sided McNemar test of paired outcomes: b right where a wrong (n10) vs the reverse (n01)."""
     n10 = sum(1 for x, y in zip(a, b) if y and not x)
@@ -165,6 +207,42 @@ def paired_bootstrap(a: list[bool], b: list[bool], seed: int, resamples: int = 2
         diffs.append(sum(b[i] - a[i] for i in idx) / n)
     diffs.sort()
     return [round(diffs[int(0.025 * resamples)], 4), round(diffs[int(0.975 * resamples) - 1], 4)]
+
+
+def sign_test(differences: list[float]) -> dict:
+    """Exact two-sided sign test of per-problem differences (ties, i.e. zero differences, dropped)."""
+    better = sum(1 for d in differences if d > 0)
+    worse = sum(1 for d in differences if d < 0)
+    n = better + worse
+    tail = sum(math.comb(n, k) for k in range(0, min(better, worse) + 1)) / 2 ** n if n else 1.0
+    return {"better": better, "worse": worse, "ties": len(differences) - n, "p": round(min(1.0, 2 * tail), 4)}
+
+
+def per_problem_comparison(a_runs: list[list[int]], b_runs: list[list[int]], seed: int,
+                           resamples: int = 2000) -> dict:
+    """Method b against method a with the problem as the unit: each problem's outcome is its mean over the
+    seeds (the seeds share the problems, so their outcomes are not independent), then an exact sign test over
+    problems (ties dropped), the same test on the majority vote over seeds (McNemar on per-problem majority;
+    an even split counts as wrong), and a 95% bootstrap interval of the accuracy difference resampling problems
+    (every seed of a drawn problem comes with it)."""
+    seeds = len(a_runs)
+    n = len(a_runs[0])
+    mean_a = [sum(run[i] for run in a_runs) / seeds for i in range(n)]
+    mean_b = [sum(run[i] for run in b_runs) / seeds for i in range(n)]
+    differences = [y - x for x, y in zip(mean_a, mean_b)]
+    rng = random.Random(seed)
+    boot = []
+    for _ in range(resamples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        boot.append(sum(differences[i] for i in idx) / n)
+    boot.sort()
+    majority_a = [x > 0.5 for x in mean_a]
+    majority_b = [x > 0.5 for x in mean_b]
+    return {"problems": n, "seeds": seeds, "accuracy_difference": round(sum(differences) / n, 4),
+            "sign_test_on_means": sign_test(differences), "majority_mcnemar": mcnemar(majority_a, majority_b),
+            "majority_accuracy": [round(sum(majority_a) / n, 4), round(sum(majority_b) / n, 4)],
+            "cluster_bootstrap_ci95": [round(boot[int(0.025 * resamples)], 4),
+                                       round(boot[int(0.975 * resamples) - 1], 4)]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,10 +313,14 @@ def main(argv=None) -> int:
                         "evaluation stream; the samples file's evaluation problems are its first ones)")
     parser.add_argument("--samples", type=int, default=6, help="answers sampled per problem (if not in the file)")
     parser.add_argument("--terms", type=int, default=3)
-    parser.add_argument("--digits", type=int, default=1)
+    parser.add_argument("--digits", type=int, default=1, help="most digits per term")
+    parser.add_argument("--min-digits", type=int, default=1, help="fewest digits per term")
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--max-new-tokens", type=int, default=28)
     parser.add_argument("--samples-file", type=Path, help="sampled answers: read if it exists, else written")
+    parser.add_argument("--extend-samples", action="store_true", help="a --samples-file that lacks some of this "
+                        "run's problems (written for fewer of them) gets them sampled, with the same settings and "
+                        "the seed --seed0 + 1, and added to the file; the answers already there are kept")
     parser.add_argument("--adapters-file", type=Path, help="contrastive adapters (safetensors): read if it exists, "
                         "else trained and written")
     parser.add_argument("--adapter-answers", type=int, default=120, help="at most this many correct and this many "
@@ -247,6 +329,8 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--epochs", type=float, help="train this many passes over the pairs instead of --steps "
+                        "(steps = ceil(epochs * pairs / batch size))")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--beta", type=float, default=0.1)
@@ -260,7 +344,14 @@ def main(argv=None) -> int:
                         "process of a split run evaluates them)")
     parser.add_argument("--merge", type=Path, nargs="+", help="only merge these results files of one split run")
     parser.add_argument("--out", type=Path, help="write the results (JSON) here")
+    parser.add_argument("--table", type=Path, help="only print this results file as a Markdown table")
     args = parser.parse_args(argv)
+    if args.table:
+        result = json.loads(args.table.read_text())
+        if "comparisons" not in result:  # an unfinished run: compare the runs it has
+            result["comparisons"] = compare(result.get("runs", []), result["settings"]["seed0"])
+        print(markdown_table(result))
+        return 0
     if args.merge:
         return merge(args.merge, args.out)
     torch.set_num_threads(args.threads)
@@ -280,12 +371,14 @@ def main(argv=None) -> int:
             args.out.write_text(json.dumps(result, indent=2) + "\n")
 
     model, tokenizer = assets.load_smollm2()
-    kwargs = dict(min_terms=args.terms, max_terms=args.terms, max_digits=args.digits)
+    kwargs = dict(min_terms=args.terms, max_terms=args.terms, min_digits=args.min_digits, max_digits=args.digits)
     tuning, evaluation = rd.fixed_splits(rd.arithmetic_problems, n_tuning=args.n_tuning,
                                          n_evaluation=args.n_evaluation, seed=args.seed0, **kwargs)
     _, heldout = rd.fixed_splits(rd.arithmetic_problems, n_tuning=args.n_tuning, n_evaluation=args.n_heldout,
                                  seed=args.seed0, **kwargs)
     t = time.perf_counter()
+    if args.extend_samples and args.samples_file is not None and args.samples_file.exists():
+        extend_samples(args.samples_file, model, tokenizer, tuning + evaluation, args)
     try:
         samples = rd.cached_answers(args.samples_file, model, tokenizer, tuning + evaluation, n_samples=args.samples,
                                     temperature=args.temperature, max_new_tokens=args.max_new_tokens,
@@ -295,8 +388,13 @@ def main(argv=None) -> int:
     timings["sampling_s"] = round(time.perf_counter() - t, 1)
     pairs = rd.build_pairs(tuning, samples)
     eval_pairs = rd.build_pairs(evaluation, samples)
+    if args.epochs is not None:
+        args.steps = max(1, math.ceil(args.epochs * len(pairs) / args.batch_size))
+        result["settings"]["steps"] = args.steps
     result["data"] = {"tuning_problems": len(tuning), "heldout_problems": len(heldout),
-                      "tuning_pairs": len(pairs), "heldout_pairs": len(eval_pairs)}
+                      "tuning_pairs": len(pairs), "heldout_pairs": len(eval_pairs), "steps": args.steps,
+                      "tuning_sample_accuracy": round(sum(rd.is_correct(p, a) for p in tuning for a in samples[p.id])
+                                                      / max(1, sum(len(samples[p.id]) for p in tuning)), 4)}
 
     rows = pairs
     if {"cdpo", "shuffled"} & set(args.methods):
@@ -323,7 +421,8 @@ def main(argv=None) -> int:
         timings["eval_base_s"] = round(time.perf_counter() - t, 1)
         base_correct = [rd.is_correct(p, a) for p, a in zip(heldout, base_answers)]
         result["base"] = {"accuracy": round(sum(base_correct) / len(heldout), 4), "correct": sum(base_correct),
-                          "per_problem": [int(x) for x in base_correct]}
+                          "per_problem": [int(x) for x in base_correct], "format": format_summary(base_answers),
+                          "answers": base_answers}
         print(f"base: {sum(base_correct)}/{len(heldout)} held-out problems right", flush=True)
         save()
 
@@ -337,7 +436,7 @@ def main(argv=None) -> int:
                                      batch_size=args.eval_batch)
             right = [rd.is_correct(p, a) for p, a in zip(heldout, answers)]
             info.update(method=method, seed=seed, accuracy=round(sum(right) / len(heldout), 4), correct=sum(right),
-                        per_problem=[int(x) for x in right],
+                        per_problem=[int(x) for x in right], format=format_summary(answers), answers=answers,
                         heldout_pairs=pair_preference(policy, tokenizer, eval_pairs))
             if base_correct is not None:
                 info.update(vs_base=mcnemar(base_correct, right),
@@ -345,7 +444,8 @@ def main(argv=None) -> int:
             model = policy.unload()  # the base model back, without this run's adapter
             info["total_s"] = round(time.perf_counter() - t, 1)
             result["runs"].append(info)
-            print(json.dumps(info), flush=True)
+            print(json.dumps({k: v for k, v in info.items() if k not in ("per_problem", "answers", "format")}
+                             | {"step_format": info["format"]["step_format"]["share"]}), flush=True)
             save()
     result["comparisons"] = compare(result["runs"], args.seed0)
     timings["total_s"] = round(time.perf_counter() - started, 1)
@@ -355,18 +455,70 @@ def main(argv=None) -> int:
 
 
 def compare(runs: list[dict], seed: int) -> dict:
-    """Each method against DPO, paired over (problem, seed): exact McNemar and a paired bootstrap interval."""
-    outcomes = {(run["method"], run["seed"]): run["per_problem"] for run in runs}
-    seeds = sorted({s for m, s in outcomes if m == "dpo"})
+    """Each method against DPO on the seeds both have.
+
+    Pooled over (problem, seed) outcomes: exact McNemar and a paired bootstrap interval (these treat the seeds'
+    outcomes on one problem as independent, which they are not). With the problem as the unit
+    (`per_problem_comparison`): sign test on per-seed means, majority-vote McNemar, cluster bootstrap. And the
+    answers' format (`answer_format`): the share of greedy answers in the step format, pooled McNemar against
+    DPO's."""
+    outcomes = {(run["method"], run["seed"]): run for run in runs}
+    dpo_seeds = {s for m, s in outcomes if m == "dpo"}
     comparisons = {}
     for method in dict.fromkeys(m for m, _ in outcomes):
-        if method == "dpo" or not seeds or any((method, s) not in outcomes for s in seeds):
+        seeds = sorted(s for s in dpo_seeds if (method, s) in outcomes)
+        if method == "dpo" or not seeds:
             continue
-        a = [bool(x) for s in seeds for x in outcomes[("dpo", s)]]
-        b = [bool(x) for s in seeds for x in outcomes[(method, s)]]
-        comparisons[f"{method} vs dpo"] = {"seeds": seeds, "accuracy_difference": round((sum(b) - sum(a)) / len(a), 4),
-                                           "mcnemar": mcnemar(a, b), "bootstrap_ci95": paired_bootstrap(a, b, seed)}
+        a = [bool(x) for s in seeds for x in outcomes[("dpo", s)]["per_problem"]]
+        b = [bool(x) for s in seeds for x in outcomes[(method, s)]["per_problem"]]
+        entry = {"seeds": seeds, "accuracy_difference": round((sum(b) - sum(a)) / len(a), 4),
+                 "mcnemar": mcnemar(a, b), "bootstrap_ci95": paired_bootstrap(a, b, seed),
+                 "per_problem": per_problem_comparison([outcomes[("dpo", s)]["per_problem"] for s in seeds],
+                                                       [outcomes[(method, s)]["per_problem"] for s in seeds], seed)}
+        if all("format" in outcomes[(m, s)] for m in ("dpo", method) for s in seeds):
+            fa = [bool(x) for s in seeds for x in outcomes[("dpo", s)]["format"]["step_format"]["per_problem"]]
+            fb = [bool(x) for s in seeds for x in outcomes[(method, s)]["format"]["step_format"]["per_problem"]]
+            entry["step_format"] = {"shares": [round(sum(fa) / len(fa), 4), round(sum(fb) / len(fb), 4)],
+                                    "mcnemar": mcnemar(fa, fb)}
+        comparisons[f"{method} vs dpo"] = entry
     return comparisons
+
+
+def markdown_table(result: dict) -> str:
+    """The results file as a Markdown table: per-seed correct counts, mean accuracy, the answers' step-format
+    share, pooled McNemar and the per-problem sign test / cluster bootstrap against DPO, held-out pairs."""
+    runs = result.get("runs", [])
+    seeds = sorted({run["seed"] for run in runs})
+    n = result["data"]["heldout_problems"]
+    head = (["method"] + [f"seed {s}" for s in seeds] +
+            ["accuracy", "step format", "vs DPO pooled (better/worse, McNemar p)",
+             "vs DPO per problem (better/worse problems, sign p)", "diff. vs DPO, points (cluster bootstrap 95%)",
+             "held-out pairs preferred"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = result.get("base")
+    if base:
+        lines.append("| " + " | ".join(["base model (greedy)"] + [f"{base['correct']}/{n}"] * len(seeds) +
+                                      [f"{100 * base['accuracy']:.1f}%",
+                                       f"{100 * base['format']['step_format']['share']:.1f}%", "", "", "", ""]) + " |")
+    for method in dict.fromkeys(run["method"] for run in runs):
+        mine = {run["seed"]: run for run in runs if run["method"] == method}
+        correct = sum(r["correct"] for r in mine.values())
+        fmt = sum(r["format"]["step_format"]["share"] for r in mine.values()) / len(mine) if all(
+            "format" in r for r in mine.values()) else None
+        cmp = result.get("comparisons", {}).get(f"{method} vs dpo")
+        cells = [method] + [f"{mine[s]['correct']}/{n}" if s in mine else "" for s in seeds]
+        cells += [f"{100 * correct / (n * len(mine)):.1f}%", "" if fmt is None else f"{100 * fmt:.1f}%"]
+        if cmp:
+            m, pp = cmp["mcnemar"], cmp["per_problem"]
+            sign = pp["sign_test_on_means"]
+            low, high = pp["cluster_bootstrap_ci95"]
+            cells += [f"{m['better']}/{m['worse']}, p = {m['p']}", f"{sign['better']}/{sign['worse']}, p = {sign['p']}",
+                      f"{100 * pp['accuracy_difference']:+.1f} ({100 * low:+.1f} to {100 * high:+.1f})"]
+        else:
+            cells += ["", "", ""]
+        cells.append(" / ".join(f"{mine[s]['heldout_pairs']['prefers_chosen']:.2f}" for s in seeds if s in mine))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def merge(paths: list[Path], out: Path | None) -> int:
