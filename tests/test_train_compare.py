@@ -95,3 +95,16 @@ def test_markdown_table_has_a_row_per_method_and_the_base():
     assert len(lines) == 5 and lines[2].startswith("| base model")
     assert lines[3].startswith("| dpo | 1/2 | 1/2 | 50.0% | 50.0% |")
     assert "| cdpo | 2/2 | 2/2 | 100.0% |" in lines[4] and "+50.0" in lines[4]
+
+
+def test_table_of_an_unfinished_run_keeps_only_finished_seeds(tmp_path, capsys):
+    import json
+
+    fmt = {"step_format": {"share": 1.0, "per_problem": [1, 1]}}
+    runs = [{"method": m, "seed": s, "per_problem": [1, 0], "correct": 1, "format": fmt,
+             "heldout_pairs": {"prefers_chosen": 0.5}} for s in (0, 1) for m in ("dpo", "cdpo")][:3]  # seed 1: dpo only
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"settings": {"seed0": 0}, "data": {"heldout_problems": 2}, "runs": runs}))
+    assert tc.main(["--table", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "seed 1" not in out.splitlines()[0] and "left out, their seed unfinished: dpo/1" in out

@@ -18,7 +18,11 @@ same base model, the same LoRA initialisation seed, the same data order and the 
 
 Then greedy accuracy on held-out EVALUATION problems (another generator stream, no question shared with the
 tuning split) for the base model and each trained model, and a paired comparison against DPO over problems:
-exact McNemar p-value on the discordant problems and a paired bootstrap interval of the accuracy difference.
+exact McNemar p-value on the discordant problems and a paired bootstrap interval of the accuracy difference,
+both pooled over (problem, seed) outcomes, and, because the seeds share the problems, the same comparison with
+the problem as the unit (`per_problem_comparison`: a sign test on each problem's mean over seeds, McNemar on
+the majority vote, a bootstrap resampling problems). Each greedy answer's format is scored too
+(`answer_format`: steps then an ``Answer: N`` line, an answer line at all, ends with a number).
 A cheaper, more sensitive secondary number: on held-out preference pairs (built the same way from the
 evaluation problems' samples) the fraction where the trained policy's implicit reward prefers the correct
 answer (log-ratio to the base model, chosen > rejected).
@@ -29,6 +33,7 @@ trains and evaluates.
 
     python benchmarks/training/train_compare.py --samples-file /tmp/samples_80.json \\
         --adapters-file /tmp/cdpo_adapters.safetensors --out /tmp/train_compare.json
+    python benchmarks/training/train_compare.py --table /tmp/train_compare.json   # the Markdown table
 """
 from __future__ import annotations
 
@@ -348,9 +353,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.table:
         result = json.loads(args.table.read_text())
-        if "comparisons" not in result:  # an unfinished run: compare the runs it has
-            result["comparisons"] = compare(result.get("runs", []), result["settings"]["seed0"])
+        # an unfinished run: only the seeds every method finished, so each row has the same seeds
+        runs = result.get("runs", [])
+        methods = set(run["method"] for run in runs)
+        complete = {s for s in {run["seed"] for run in runs}
+                    if methods <= {run["method"] for run in runs if run["seed"] == s}}
+        dropped = [f"{run['method']}/{run['seed']}" for run in runs if run["seed"] not in complete]
+        result["runs"] = [run for run in runs if run["seed"] in complete]
+        result["comparisons"] = compare(result["runs"], result["settings"]["seed0"])
         print(markdown_table(result))
+        if dropped:
+            print(f"\n(left out, their seed unfinished: {', '.join(dropped)})")
         return 0
     if args.merge:
         return merge(args.merge, args.out)
