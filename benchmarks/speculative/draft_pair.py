@@ -214,7 +214,8 @@ def _side_by_side(target, encoded: dict, methods, rounds: int, new_tokens: int) 
                         # transformers' own methods: new tokens per target forward (prefill included, as in
                         # the engine's MAT)
                         row["mat"].append((out.shape[1] - ids.shape[1]) / forwards[0])
-                print(f"round {round_} {name:10s} {label:30s} {seconds:6.2f}s", flush=True)
+                mat = (stats or {}).get("mean_accepted_tokens_per_forward") or (out.shape[1] - ids.shape[1]) / forwards[0]
+                print(f"round {round_} {name:10s} {label:30s} {seconds:6.2f}s  MAT {mat:.2f}", flush=True)
     plain = rows["plain greedy"]["seconds"]
     return {label: {"speed_vs_plain": round(plain / row["seconds"], 3), "identical": row["identical"],
                     "mat": round(statistics.mean(row["mat"]), 3) if row["mat"] else None,
