@@ -31,7 +31,9 @@ def test_format_summary_shares_and_flags():
 def test_sign_test_exact_and_ties_dropped():
     # 6 better, 0 worse: two-sided p = 2 / 2^6
     out = tc.sign_test([1, 0.5, 1, 1, 0.25, 1, 0, 0])
-    assert out == {"better": 6, "worse": 0, "ties": 2, "p": round(2 / 64, 4)}
+    assert out == {"better": 6, "worse": 0, "ties": 2, "p": 0.0312}
+    # small p-values keep their digits (not rounded to 0)
+    assert tc.sign_test([1] * 30)["p"] == float(f"{2 / 2 ** 30:.3g}") > 0
     assert tc.sign_test([0, 0])["p"] == 1.0
 
 
@@ -59,6 +61,11 @@ def test_compare_adds_per_problem_and_format_to_each_method():
     assert out["seeds"] == [0, 1] and out["accuracy_difference"] == 0.5
     assert out["per_problem"]["sign_test_on_means"]["better"] == 1
     assert out["step_format"] == {"shares": [0.5, 1.0], "mcnemar": {"better": 2, "worse": 0, "p": 0.5}}
+    # cDPO is also compared with its shuffled-weights control
+    assert "cdpo vs shuffled" not in tc.compare(runs, seed=0)
+    shuffled = [{**run, "method": "shuffled", "per_problem": [0, 1]} for run in runs if run["method"] == "cdpo"]
+    vs_control = tc.compare(runs + shuffled, seed=0)["cdpo vs shuffled"]
+    assert vs_control["accuracy_difference"] == 0.5 and vs_control["per_problem"]["sign_test_on_means"]["better"] == 1
     # a method with only some of DPO's seeds is compared on the seeds both have
     partial = tc.compare(runs[:2] + runs[2:3], seed=0)["cdpo vs dpo"]
     assert partial["seeds"] == [0]

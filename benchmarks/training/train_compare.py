@@ -193,13 +193,18 @@ def format_summary(answers: list[str]) -> dict:
     return out
 
 
+def _p(p: float) -> float:
+    """A p-value to 3 significant figures (a fixed number of decimals would print small ones as 0)."""
+    return float(f"{min(1.0, p):.3g}")
+
+
 def mcnemar(a: list[bool], b: list[bool]) -> dict:
     """Exact two-sided McNemar test of paired outcomes: b right where a wrong (n10) vs the reverse (n01)."""
     n10 = sum(1 for x, y in zip(a, b) if y and not x)
     n01 = sum(1 for x, y in zip(a, b) if x and not y)
     n = n10 + n01
     tail = sum(math.comb(n, k) for k in range(0, min(n10, n01) + 1)) / 2 ** n if n else 1.0
-    return {"better": n10, "worse": n01, "p": round(min(1.0, 2 * tail), 4)}
+    return {"better": n10, "worse": n01, "p": _p(2 * tail)}
 
 
 def paired_bootstrap(a: list[bool], b: list[bool], seed: int, resamples: int = 2000) -> list[float]:
@@ -220,7 +225,7 @@ def sign_test(differences: list[float]) -> dict:
     worse = sum(1 for d in differences if d < 0)
     n = better + worse
     tail = sum(math.comb(n, k) for k in range(0, min(better, worse) + 1)) / 2 ** n if n else 1.0
-    return {"better": better, "worse": worse, "ties": len(differences) - n, "p": round(min(1.0, 2 * tail), 4)}
+    return {"better": better, "worse": worse, "ties": len(differences) - n, "p": _p(2 * tail)}
 
 
 def per_problem_comparison(a_runs: list[list[int]], b_runs: list[list[int]], seed: int,
@@ -494,6 +499,16 @@ def compare(runs: list[dict], seed: int) -> dict:
             entry["step_format"] = {"shares": [round(sum(fa) / len(fa), 4), round(sum(fb) / len(fb), 4)],
                                     "mcnemar": mcnemar(fa, fb)}
         comparisons[f"{method} vs dpo"] = entry
+    # cDPO against its own control: the same weights at the wrong positions (does *where* the weight sits matter?)
+    seeds = sorted(s for m, s in outcomes if m == "cdpo" and ("shuffled", s) in outcomes)
+    if seeds:
+        a = [bool(x) for s in seeds for x in outcomes[("shuffled", s)]["per_problem"]]
+        b = [bool(x) for s in seeds for x in outcomes[("cdpo", s)]["per_problem"]]
+        comparisons["cdpo vs shuffled"] = {
+            "seeds": seeds, "accuracy_difference": round((sum(b) - sum(a)) / len(a), 4), "mcnemar": mcnemar(a, b),
+            "bootstrap_ci95": paired_bootstrap(a, b, seed),
+            "per_problem": per_problem_comparison([outcomes[("shuffled", s)]["per_problem"] for s in seeds],
+                                                  [outcomes[("cdpo", s)]["per_problem"] for s in seeds], seed)}
     return comparisons
 
 
@@ -531,6 +546,13 @@ def markdown_table(result: dict) -> str:
             cells += ["", "", ""]
         cells.append(" / ".join(f"{mine[s]['heldout_pairs']['prefers_chosen']:.2f}" for s in seeds if s in mine))
         lines.append("| " + " | ".join(cells) + " |")
+    control = result.get("comparisons", {}).get("cdpo vs shuffled")
+    if control:
+        m, pp = control["mcnemar"], control["per_problem"]
+        sign, (low, high) = pp["sign_test_on_means"], pp["cluster_bootstrap_ci95"]
+        lines.append(f"\ncdpo vs its shuffled control: pooled {m['better']}/{m['worse']}, McNemar p = {m['p']}; per "
+                     f"problem {sign['better']}/{sign['worse']}, sign p = {sign['p']}; "
+                     f"{100 * pp['accuracy_difference']:+.1f} points ({100 * low:+.1f} to {100 * high:+.1f})")
     return "\n".join(lines)
 
 
