@@ -37,6 +37,15 @@ def test_sign_test_exact_and_ties_dropped():
     assert tc.sign_test([0, 0])["p"] == 1.0
 
 
+def test_sign_flip_test_weighs_how_much_each_problem_changed():
+    # 3 problems a bit better, 1 problem much worse: the mean difference is 0, so no evidence either way,
+    # although the sign test counts 3 problems against 1
+    differences = [0.25, 0.25, 0.25, -0.75]
+    assert tc.sign_flip_test(differences, seed=0, resamples=500) == 1.0
+    assert tc.sign_flip_test([1.0] * 12, seed=0, resamples=2000) < 0.002  # all 12 better: 2 of 4096 sign patterns
+    assert tc.sign_flip_test([0, 0], seed=0, resamples=10) == 1.0
+
+
 def test_per_problem_comparison_counts_a_problem_once_over_seeds():
     # 3 seeds x 4 problems. Pooled, b is right 3 more times (all on problem 0); per problem, only one problem
     # differs, so the sign test has one discordant problem (p = 1), while pooled McNemar sees 3 discordant pairs.

@@ -228,11 +228,24 @@ def sign_test(differences: list[float]) -> dict:
     return {"better": better, "worse": worse, "ties": len(differences) - n, "p": _p(2 * tail)}
 
 
+def sign_flip_test(differences: list[float], seed: int, resamples: int = 10000) -> float:
+    """Two-sided paired randomisation test of the mean of per-problem differences: under the null each problem's
+    difference is as likely to have either sign, so flip signs at random and count sums at least as far from 0
+    as the observed one. Unlike the sign test it weighs each problem by how much it changed, so it tests the
+    accuracy difference itself (the sign test can favour a method that is right on more problems once but
+    wrong more often in total)."""
+    observed = abs(sum(differences)) - 1e-9
+    nonzero = [d for d in differences if d]
+    rng = random.Random(seed)
+    hits = sum(abs(sum(d if rng.random() < 0.5 else -d for d in nonzero)) >= observed for _ in range(resamples))
+    return _p((hits + 1) / (resamples + 1))
+
+
 def per_problem_comparison(a_runs: list[list[int]], b_runs: list[list[int]], seed: int,
                            resamples: int = 2000) -> dict:
     """Method b against method a with the problem as the unit: each problem's outcome is its mean over the
-    seeds (the seeds share the problems, so their outcomes are not independent), then an exact sign test over
-    problems (ties dropped), the same test on the majority vote over seeds (McNemar on per-problem majority;
+    seeds (the seeds share the problems, so their outcomes are not independent), then a sign-flip randomisation
+    test of the mean difference over problems, an exact sign test over problems (ties dropped), the same test on the majority vote over seeds (McNemar on per-problem majority;
     an even split counts as wrong), and a 95% bootstrap interval of the accuracy difference resampling problems
     (every seed of a drawn problem comes with it)."""
     seeds = len(a_runs)
@@ -249,7 +262,7 @@ def per_problem_comparison(a_runs: list[list[int]], b_runs: list[list[int]], see
     majority_a = [x > 0.5 for x in mean_a]
     majority_b = [x > 0.5 for x in mean_b]
     return {"problems": n, "seeds": seeds, "accuracy_difference": round(sum(differences) / n, 4),
-            "sign_test_on_means": sign_test(differences), "majority_mcnemar": mcnemar(majority_a, majority_b),
+            "permutation_p": sign_flip_test(differences, seed), "sign_test_on_means": sign_test(differences), "majority_mcnemar": mcnemar(majority_a, majority_b),
             "majority_accuracy": [round(sum(majority_a) / n, 4), round(sum(majority_b) / n, 4)],
             "cluster_bootstrap_ci95": [round(boot[int(0.025 * resamples)], 4),
                                        round(boot[int(0.975 * resamples) - 1], 4)]}
@@ -520,7 +533,7 @@ def markdown_table(result: dict) -> str:
     n = result["data"]["heldout_problems"]
     head = (["method"] + [f"seed {s}" for s in seeds] +
             ["accuracy", "step format", "vs DPO pooled (better/worse, McNemar p)",
-             "vs DPO per problem (better/worse problems, sign p)", "diff. vs DPO, points (cluster bootstrap 95%)",
+             "vs DPO per problem (permutation p; better/worse problems, sign p)", "diff. vs DPO, points (cluster bootstrap 95%)",
              "held-out pairs preferred"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = result.get("base")
@@ -540,7 +553,8 @@ def markdown_table(result: dict) -> str:
             m, pp = cmp["mcnemar"], cmp["per_problem"]
             sign = pp["sign_test_on_means"]
             low, high = pp["cluster_bootstrap_ci95"]
-            cells += [f"{m['better']}/{m['worse']}, p = {m['p']}", f"{sign['better']}/{sign['worse']}, p = {sign['p']}",
+            cells += [f"{m['better']}/{m['worse']}, p = {m['p']}",
+                      f"p = {pp['permutation_p']}; {sign['better']}/{sign['worse']}, p = {sign['p']}",
                       f"{100 * pp['accuracy_difference']:+.1f} ({100 * low:+.1f} to {100 * high:+.1f})"]
         else:
             cells += ["", "", ""]
@@ -551,7 +565,8 @@ def markdown_table(result: dict) -> str:
         m, pp = control["mcnemar"], control["per_problem"]
         sign, (low, high) = pp["sign_test_on_means"], pp["cluster_bootstrap_ci95"]
         lines.append(f"\ncdpo vs its shuffled control: pooled {m['better']}/{m['worse']}, McNemar p = {m['p']}; per "
-                     f"problem {sign['better']}/{sign['worse']}, sign p = {sign['p']}; "
+                     f"problem permutation p = {pp['permutation_p']}, {sign['better']}/{sign['worse']}, "
+                     f"sign p = {sign['p']}; "
                      f"{100 * pp['accuracy_difference']:+.1f} points ({100 * low:+.1f} to {100 * high:+.1f})")
     return "\n".join(lines)
 
