@@ -47,6 +47,12 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def call_cache(kwargs):
+    """The cache object a forward or ``generate`` call was given, under either keyword (5.24's ``cache`` or the
+    older ``past_key_values``); an explicit ``cache=`` wins, as the model's own forward decides."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
 def output_cache(outputs):
     """The cache object of a model output, under whichever field name this version uses."""
     cache = getattr(outputs, "cache", None)

@@ -145,7 +145,7 @@ def _auto_compile_off(model, kwargs) -> bool:
         return False
     if getattr(model, "device", torch.device("cpu")).type == "cpu":
         return False  # transformers compiles only on accelerators unless a compile_config says otherwise
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    cache = compat.call_cache(kwargs)
     if cache is not None:
         return bool(getattr(cache, "is_compileable", False))
     implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
@@ -324,7 +324,7 @@ class SparseAttentionTechnique(Technique):
     def _see_cache(self, module, args, kwargs) -> None:
         """Forward pre-hook of the language model: note whether this forward runs on a static cache (a type
         fact, no device read)."""
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = compat.call_cache(kwargs)
         self._static_forward = bool(getattr(cache, "is_compileable", False))
 
     def _prefix(self, attention_mask, batch: int, q_len: int, length: int) -> tuple[int, torch.Tensor | None]:

@@ -398,7 +398,7 @@ class VisionPruningTechnique(Technique):
 
     def _forward(self, model, original, args, kwargs):
         inputs = _bind(original, args, kwargs)
-        cache = inputs.get("cache", inputs.get("past_key_values"))
+        cache = compat.call_cache(inputs)
         past = int(cache.get_seq_length()) if cache is not None else 0
         glue = self.glue
         skip = self._skip or (_unprunable_call(inputs, cache) if past == 0 else None)

@@ -364,7 +364,7 @@ class InLLMPruner:
     def _layer_pre_hook(self, index: int):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            cache = compat.call_cache(kwargs)
             if index == 0:
                 if cache is None or compat.cache_layer_length(cache, 0) == 0:
                     self._start_prefill(hidden.shape[0], hidden.shape[1], cache)
