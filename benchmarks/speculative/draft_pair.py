@@ -205,16 +205,15 @@ def _side_by_side(target, encoded: dict, methods, rounds: int, new_tokens: int) 
                 row["identical"] &= torch.equal(out, reference[name])
                 if stats and stats.get("fallback"):
                     row["fallbacks"].add(stats["fallback"])
+                new = out.shape[1] - ids.shape[1]
+                served = bool(stats) and stats.get("fallback") is None
+                # the engine's MAT, else new tokens per target forward (prefill included, as the engine counts)
+                mat = stats["mean_accepted_tokens_per_forward"] if served else new / forwards[0]
                 if round_ or rounds == 0:  # rounds 0: the one round is measured (after the short warm-up above)
                     row["seconds"] += seconds
-                    row["tokens"] += out.shape[1] - ids.shape[1]
-                    if stats and stats.get("fallback") is None:
-                        row["mat"].append(stats["mean_accepted_tokens_per_forward"])
-                    elif not recipe and label != "plain greedy":
-                        # transformers' own methods: new tokens per target forward (prefill included, as in
-                        # the engine's MAT)
-                        row["mat"].append((out.shape[1] - ids.shape[1]) / forwards[0])
-                mat = (stats or {}).get("mean_accepted_tokens_per_forward") or (out.shape[1] - ids.shape[1]) / forwards[0]
+                    row["tokens"] += new
+                    if served or (not recipe and label != "plain greedy"):  # transformers' own methods too
+                        row["mat"].append(mat)
                 print(f"round {round_} {name:10s} {label:30s} {seconds:6.2f}s  MAT {mat:.2f}", flush=True)
     plain = rows["plain greedy"]["seconds"]
     return {label: {"speed_vs_plain": round(plain / row["seconds"], 3), "identical": row["identical"],
