@@ -202,30 +202,39 @@ def mcnemar(a: list[bool], b: list[bool]) -> dict:
     """Exact two-sided McNemar test of paired outcomes: b right where a wrong (n10) vs the reverse (n01)."""
     n10 = sum(1 for x, y in zip(a, b) if y and not x)
     n01 = sum(1 for x, y in zip(a, b) if x and not y)
-    n = n10 + n01
-    tail = sum(math.comb(n, k) for k in range(0, min(n10, n01) + 1)) / 2 ** n if n else 1.0
-    return {"better": n10, "worse": n01, "p": _p(2 * tail)}
+    return {"better": n10, "worse": n01, "p": _two_sided_binomial(n10, n01)}
+
+
+def _two_sided_binomial(better: int, worse: int) -> float:
+    """Exact two-sided p of a ``better`` / ``worse`` split under a fair coin (McNemar's and the sign test's)."""
+    n = better + worse
+    tail = sum(math.comb(n, k) for k in range(0, min(better, worse) + 1)) / 2 ** n if n else 1.0
+    return _p(2 * tail)
 
 
 def paired_bootstrap(a: list[bool], b: list[bool], seed: int, resamples: int = 2000) -> list[float]:
     """95% interval of accuracy(b) - accuracy(a) over problems resampled with replacement."""
+    return _bootstrap_ci([y - x for x, y in zip(a, b)], seed, resamples)
+
+
+def _bootstrap_ci(differences: list[float], seed: int, resamples: int) -> list[float]:
+    """95% percentile interval of the mean of ``differences`` over resamples drawn with replacement."""
     rng = random.Random(seed)
-    n = len(a)
-    diffs = []
+    n = len(differences)
+    means = []
     for _ in range(resamples):
         idx = [rng.randrange(n) for _ in range(n)]
-        diffs.append(sum(b[i] - a[i] for i in idx) / n)
-    diffs.sort()
-    return [round(diffs[int(0.025 * resamples)], 4), round(diffs[int(0.975 * resamples) - 1], 4)]
+        means.append(sum(differences[i] for i in idx) / n)
+    means.sort()
+    return [round(means[int(0.025 * resamples)], 4), round(means[int(0.975 * resamples) - 1], 4)]
 
 
 def sign_test(differences: list[float]) -> dict:
     """Exact two-sided sign test of per-problem differences (ties, i.e. zero differences, dropped)."""
     better = sum(1 for d in differences if d > 0)
     worse = sum(1 for d in differences if d < 0)
-    n = better + worse
-    tail = sum(math.comb(n, k) for k in range(0, min(better, worse) + 1)) / 2 ** n if n else 1.0
-    return {"better": better, "worse": worse, "ties": len(differences) - n, "p": _p(2 * tail)}
+    return {"better": better, "worse": worse, "ties": len(differences) - better - worse,
+            "p": _two_sided_binomial(better, worse)}
 
 
 def sign_flip_test(differences: list[float], seed: int, resamples: int = 10000) -> float:
@@ -253,19 +262,12 @@ def per_problem_comparison(a_runs: list[list[int]], b_runs: list[list[int]], see
     mean_a = [sum(run[i] for run in a_runs) / seeds for i in range(n)]
     mean_b = [sum(run[i] for run in b_runs) / seeds for i in range(n)]
     differences = [y - x for x, y in zip(mean_a, mean_b)]
-    rng = random.Random(seed)
-    boot = []
-    for _ in range(resamples):
-        idx = [rng.randrange(n) for _ in range(n)]
-        boot.append(sum(differences[i] for i in idx) / n)
-    boot.sort()
     majority_a = [x > 0.5 for x in mean_a]
     majority_b = [x > 0.5 for x in mean_b]
     return {"problems": n, "seeds": seeds, "accuracy_difference": round(sum(differences) / n, 4),
             "permutation_p": sign_flip_test(differences, seed), "sign_test_on_means": sign_test(differences), "majority_mcnemar": mcnemar(majority_a, majority_b),
             "majority_accuracy": [round(sum(majority_a) / n, 4), round(sum(majority_b) / n, 4)],
-            "cluster_bootstrap_ci95": [round(boot[int(0.025 * resamples)], 4),
-                                       round(boot[int(0.975 * resamples) - 1], 4)]}
+            "cluster_bootstrap_ci95": _bootstrap_ci(differences, seed, resamples)}
 
 
 # --------------------------------------------------------------------------------------------------
